@@ -1,0 +1,7 @@
+"""``python -m edm_fast`` (also under ``torchrun -m edm_fast``) is the ``edm-fast`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""edm-fast command line: sample, train, export, convert, bench, compare, serve.
+
+Examples:
+    edm-fast sample --steps 18 --out samples.png                 # bundled digits model
+    edm-fast sample --model toy-gmm --steps 18 --seeds 0-999 --out samples.png
+    edm-fast sample --ckpt run/ --class 3 --guidance 2 --seeds 0-63 --out grid.png
+    edm-fast train --data digits --preset tiny --loss edm --kimg 200 --out runs/edm --cond
+Run ``edm-fast <command> --help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["main", "build_parser"]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _float_or_inf(text: str) -> float:
+    return float("inf") if text.lower() in ("inf", "infinity") else float(text)
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Algorithm 2's options, shared by sample, bench and serve."""
+    g = p.add_argument_group("sampler (EDM Algorithm 2)")
+    g.add_argument("--steps", type=int, default=18, metavar="N",
+                   help="number of sampling steps N (Heun: 2N-1 network evaluations)")
+    g.add_argument("--solver", choices=["heun", "euler"], default="heun",
+                   help="second-order Heun (Alg. 1/2) or first-order Euler steps")
+    g.add_argument("--sigma-min", type=float, default=None, metavar="S",
+                   help="lowest noise level (default: the model's, else 0.002)")
+    g.add_argument("--sigma-max", type=float, default=None, metavar="S",
+                   help="highest noise level (default: the model's, else 80)")
+    g.add_argument("--rho", type=float, default=7.0, help="schedule exponent rho (Eq. 5)")
+    g.add_argument("--S-churn", type=float, default=0.0, dest="S_churn",
+                   help="stochasticity; 0 = deterministic Algorithm 1")
+    g.add_argument("--S-min", type=float, default=0.0, dest="S_min",
+                   help="churn only where sigma >= S_min")
+    g.add_argument("--S-max", type=_float_or_inf, default=float("inf"), dest="S_max",
+                   help="churn only where sigma <= S_max")
+    g.add_argument("--S-noise", type=float, default=1.0, dest="S_noise",
+                   help="noise inflation of the churn step")
+    r = p.add_argument_group("execution")
+    r.add_argument("--backend", choices=["auto", "reference", "compiled", "cpp", "onnx"],
+                   default="auto", help="sampling backend; auto picks the fastest available")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    r.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="dtype of the sampler state (float64 = golden reference)")
+    r.add_argument("--batch", type=int, default=64, metavar="B", help="images per batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edm-fast", description=__doc__, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("sample", formatter_class=_Formatter, help="generate samples",
+                       description="Generate samples with EDM's sampler (Algorithm 2). Each "
+                       "image depends only on its seed, whatever the batch or device.")
+    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
+                   help="checkpoint (.safetensors, run folder, official .pkl) or a model name: "
+                   "default, default-ddpm, toy-gmm, toy-gmm1d")
+    p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9")
+    p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
+                   help="class to generate (conditional models; default: cycle through classes)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance weight (1 = conditional only)")
+    p.add_argument("--out", default="samples.png",
+                   help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot")
+    _add_sampling_options(p)
+    p.set_defaults(func=cmd_sample)
+
+    from . import cli_commands
+
+    cli_commands.add_commands(sub, _Formatter, _add_sampling_options)
+    return parser
+
+
+def _labels_for(args, seeds, label_dim):
+    import torch
+
+    if label_dim == 0:
+        if args.class_label is not None:
+            raise SystemExit("error: --class given, but the model is unconditional")
+        return None
+    if args.class_label is not None:
+        if not 0 <= args.class_label < label_dim:
+            raise SystemExit(f"error: --class must be in 0..{label_dim - 1}")
+        return torch.full((len(seeds),), args.class_label, dtype=torch.long)
+    return torch.tensor([s % label_dim for s in seeds], dtype=torch.long)
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .images import save_samples
+    from .models import model_mixture
+    from .noise import parse_seeds
+    from .sampler import Sampler
+
+    seeds = parse_seeds(args.seeds)
+    from .distributed import shard_seeds
+
+    seeds, rank, world = shard_seeds(seeds)
+    sampler = Sampler(args.ckpt, batch_size=min(args.batch, len(seeds)), solver=args.solver,
+                      num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                      rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
+                      S_noise=args.S_noise, guidance=args.guidance,
+                      dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend)
+    labels = _labels_for(args, seeds, sampler.label_dim)
+    start = time.perf_counter()
+    chunks = []
+    batches = range(0, len(seeds), sampler.batch_size)
+    for lo in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) < 2 or rank > 0):
+        part = seeds[lo:lo + sampler.batch_size]
+        chunks.append(sampler(seeds=part, class_labels=None if labels is None
+                              else labels[lo:lo + sampler.batch_size]).cpu())
+    images = torch.cat(chunks)
+    seconds = time.perf_counter() - start
+    out = args.out if world == 1 else _rank_path(args.out, rank)
+    title = f"{args.ckpt}: {len(seeds)} samples, {args.steps} {args.solver} steps"
+    path = save_samples(images, out, seeds=seeds, labels=labels,
+                        mixture=model_mixture(args.ckpt), title=title)
+    if rank == 0:
+        nfe = sampler.num_evals
+        print(f"{len(seeds) * world} samples ({nfe} NFE each) with the '{sampler.backend_name}' "
+              f"backend on {sampler.device}: {seconds:.2f} s sampling, "
+              f"{sampler.warmup_seconds:.2f} s set-up -> {path}" + (" (rank 0)" if world > 1 else ""))
+    return 0
+
+
+def _rank_path(out: str, rank: int) -> str:
+    from pathlib import Path
+
+    p = Path(out)
+    if p.suffix:
+        return str(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
+    return str(p)  # a folder: every rank writes its own seeds' files into it
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edm-fast {args.command}: interrupted", file=sys.stderr)
+        return 130

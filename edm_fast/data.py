@@ -1,0 +1,638 @@
+"""Training data: image folders, MNIST IDX files, scikit-learn digits and toy 1-D/2-D data.
+
+Every dataset is a ``torch.utils.data.Dataset`` whose items are ``(x, label)``:
+
+    x      float32 in [-1, 1], (C, H, W) for images or (D,) for toy data
+    label  int64 scalar tensor (0 when the data are unlabelled)
+
+and which carries the attributes ``name``, ``shape`` ((C, H, W) or (D,)), ``resolution`` (None
+for toy data), ``num_channels`` (None for toy data), ``dim`` (values per sample), ``num_classes``
+(0 when unlabelled) and ``class_names``. EDM assumes sigma_data = 0.5; ``dataset_stats`` measures
+it. ``load_dataset`` parses the CLI's ``--data`` value; ``infinite_loader`` feeds the training
+loop with an endless, resumable, rank-sharded stream of batches.
+
+Resampling choices: digits (8x8) are upsampled bilinearly (align_corners=False), MNIST is padded
+with background (-1) around the centre when the target is >= 28 (the quick-convergence trick of
+padding 28x28 to 64x64) and resized with antialiasing otherwise; folder images have their shorter
+side resized with Lanczos (Pillow, ``reducing_gap=3``) and are then centre-cropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .toy import bimodal_mixture_1d, ring_mixture_2d
+
+__all__ = [
+    "ArrayDataset", "ImageFolderDataset", "InfiniteSampler", "BatchStream", "IMAGE_EXTENSIONS",
+    "load_dataset", "load_digits", "load_mnist", "load_toy", "read_idx", "gmm1d", "gmm2d",
+    "dataset_stats", "infinite_loader",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+TOY_NAMES = ("gmm1d", "gmm2d", "moons", "swissroll")
+_FOLDER_LAYOUT = "<root>/<label>/<image>.jpg (one subfolder per class, e.g. cat/cat1.jpg)"
+
+#----------------------------------------------------------------------------
+# In-memory datasets (digits, MNIST, toy data, preloaded image folders).
+
+
+def _to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 [-1, 1]; floating data pass through as float32."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32) / 127.5 - 1
+    return x.to(torch.float32)
+
+
+class ArrayDataset(Dataset):
+    """In-memory samples (uint8 0..255 or float in [-1, 1]) with labels and a batch transform.
+
+    data: (N, C, h, w) or (N, D); labels: (N,) int64; transform maps a float batch in [-1, 1]
+    to the final (B, C, H, W) or (B, D) batch (e.g. padding or resizing), applied on access.
+    """
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, *, name: str,
+                 class_names: list[str] | None = None, transform=None):
+        self.data = data
+        self.labels = (torch.zeros(len(data), dtype=torch.int64) if labels is None
+                       else torch.as_tensor(labels, dtype=torch.int64))
+        if len(self.labels) != len(data):
+            raise ValueError(f"{len(data)} samples but {len(self.labels)} labels")
+        self.transform = transform
+        self.name = name
+        self.class_names = list(class_names or [])
+        self.num_classes = len(self.class_names)
+        first, _ = self.get_batch(torch.zeros(1, dtype=torch.int64))
+        _set_shape_attrs(self, tuple(first.shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples at `indices` (B,) -> (x (B, *shape) float32, labels (B,) int64)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        x = _to_unit_range(self.data[indices])
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[indices]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.get_batch(torch.tensor([int(i)]))
+        return x[0], y[0]
+
+
+def _set_shape_attrs(ds, shape: tuple[int, ...]) -> None:
+    """Set shape/resolution/num_channels/dim from one sample's shape."""
+    ds.shape = shape
+    ds.dim = math.prod(shape)
+    is_image = len(shape) == 3
+    ds.resolution = shape[-1] if is_image else None
+    ds.num_channels = shape[0] if is_image else None
+
+
+def _fit_images(x: torch.Tensor, *, pad_to: int | None, resolution: int | None,
+                channels: int | None) -> torch.Tensor:
+    """Pad (centred, with -1) then resize a batch (B, C, h, w) in [-1, 1]; 1 -> 3 channels."""
+    if pad_to is not None:
+        h, w = x.shape[-2:]
+        if pad_to < max(h, w):
+            raise ValueError(f"pad_to={pad_to} is smaller than the images ({h}x{w})")
+        top, left = (pad_to - h) // 2, (pad_to - w) // 2
+        x = F.pad(x, (left, pad_to - w - left, top, pad_to - h - top), value=-1.0)
+    if resolution is not None and tuple(x.shape[-2:]) != (resolution, resolution):
+        shrink = resolution < x.shape[-1]
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear",
+                          align_corners=False, antialias=shrink).clamp(-1, 1)
+    if channels is not None and channels != x.shape[1]:
+        if x.shape[1] != 1 or channels != 3:
+            raise ValueError(f"cannot convert {x.shape[1]} channels to {channels}")
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    return x
+
+
+def _fitter(**kwargs):
+    """The batch transform for these options, or None; picklable for DataLoader workers."""
+    return None if all(v is None for v in kwargs.values()) else partial(_fit_images, **kwargs)
+
+#----------------------------------------------------------------------------
+# scikit-learn digits: 1797 real 8x8 handwritten digits, bundled with scikit-learn.
+
+
+def load_digits(resolution: int = 16, *, pad_to: int | None = None,
+                channels: int | None = None) -> ArrayDataset:
+    """scikit-learn's digits (1797 images, 10 classes) as (1, R, R) in [-1, 1], R in {8, 16, 32}.
+
+    The 8x8 images are upsampled bilinearly to `resolution`; with `pad_to` they are first padded
+    with background around the centre instead (then resized to `resolution` if that differs).
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    if resolution not in (8, 16, 32):
+        raise ValueError(f"digits resolution must be 8, 16 or 32, got {resolution}")
+    bunch = _sk_load_digits()
+    images = torch.from_numpy(bunch.images).to(torch.float32)[:, None] / 8.0 - 1.0  # 0..16
+    labels = torch.from_numpy(bunch.target).to(torch.int64)
+    return ArrayDataset(images, labels, name="digits",
+                        class_names=[str(int(n)) for n in bunch.target_names],
+                        transform=_fitter(pad_to=pad_to, resolution=resolution, channels=channels))
+
+#----------------------------------------------------------------------------
+# MNIST from its IDX files (http://yann.lecun.com/exdb/mnist/ format).
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path, *, ndim: int | None = None) -> np.ndarray:
+    """Parse one IDX file (plain or gzip) into an array of its header's dims; clear errors."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    if len(raw) < 4:
+        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
+    zero, code, n_dims = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or code not in _IDX_DTYPES or n_dims == 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number 0x{raw[:4].hex()}; "
+                         f"expected 0x0000 then a type code in {sorted(_IDX_DTYPES)} and ndim)")
+    if ndim is not None and n_dims != ndim:
+        raise ValueError(f"{path}: IDX file has {n_dims} dimensions, expected {ndim} "
+                         f"(magic 0x{raw[:4].hex()})")
+    header = 4 + 4 * n_dims
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{n_dims}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) - header != expected:
+        what = "truncated" if len(raw) - header < expected else "has trailing bytes"
+        raise ValueError(f"{path}: {what}: header says dims {dims} = {expected} data bytes, "
+                         f"file has {len(raw) - header}")
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    """The IDX file for `stem` in root: stem or stem with '.idx' spelled with a dot, .gz or not."""
+    dotted = stem.replace("-idx", ".idx")
+    candidates = [root / (s + gz) for s in (stem, dotted) for gz in ("", ".gz")]
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"{root}: no MNIST file {stem}[.gz] (looked for "
+                            f"{', '.join(p.name for p in candidates)})")
+
+
+def load_mnist(path, *, split: str = "train", pad_to: int | None = None,
+               resolution: int | None = None, channels: int | None = None) -> ArrayDataset:
+    """MNIST (or Fashion-MNIST) from the IDX files in directory `path` -> (1, R, R) in [-1, 1].
+
+    split: 'train' (train-*), 'test' (t10k-*) or 'all'. pad_to: pad 28x28 around the centre
+    with background (-1); resolution: then resize (bilinear, antialiased) if it differs.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory; expected a folder holding "
+                                "train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]")
+    prefixes = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}
+    if split not in prefixes:
+        raise ValueError(f"split must be one of {sorted(prefixes)}, got {split!r}")
+    images, labels = [], []
+    for prefix in prefixes[split]:
+        img_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+        lab_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+        img, lab = read_idx(img_path, ndim=3), read_idx(lab_path, ndim=1)
+        if len(img) != len(lab):
+            raise ValueError(f"{img_path} has {len(img)} images but {lab_path} has "
+                             f"{len(lab)} labels")
+        images.append(torch.from_numpy(img.astype(np.uint8))[:, None])
+        labels.append(torch.from_numpy(lab.astype(np.int64)))
+    labels = torch.cat(labels)
+    num_classes = max(10, int(labels.max()) + 1) if len(labels) else 10
+    return ArrayDataset(torch.cat(images), labels, name="mnist",
+                        class_names=[str(i) for i in range(num_classes)],
+                        transform=_fitter(pad_to=pad_to, resolution=resolution, channels=channels))
+
+#----------------------------------------------------------------------------
+# Image folder: root/<label>/<file>.{jpg,jpeg,png,bmp,webp}.
+
+
+def _to_mode(im, channels: int):
+    """Any Pillow image -> 'RGB' (channels=3) or 'L' (channels=1); alpha composited on white."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale
+        arr = np.asarray(im, dtype=np.float64)
+        arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        im = Image.fromarray(arr.clip(0, 255).round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return im.convert("RGB" if channels == 3 else "L")
+
+
+def _decode(path: Path, resolution: int, channels: int) -> np.ndarray:
+    """Decode, resize the shorter side to `resolution` (Lanczos), centre-crop -> uint8 (C, R, R)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.draft("RGB" if channels == 3 else "L", (resolution, resolution))  # JPEG DCT scaling
+        im = _to_mode(ImageOps.exif_transpose(im), channels)
+        w, h = im.size
+        s = resolution / min(w, h)
+        size = (max(resolution, round(w * s)), max(resolution, round(h * s)))
+        if size != im.size:
+            im = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        arr = np.array(im.crop((left, top, left + resolution, top + resolution)), np.uint8)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _verify(path: Path) -> str | None:
+    """None if Pillow can open and verify the file cheaply, else the reason it cannot."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 -- any failure means "skip this file"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted subfolders holding images) and (path, label) pairs, sorted."""
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such directory; expected {_FOLDER_LAYOUT}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a directory; expected {_FOLDER_LAYOUT}")
+
+    def is_image(p: Path) -> bool:
+        return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = {d.name: sorted(p for p in d.rglob("*") if is_image(p)) for d in subdirs}
+    class_names = [name for name in found if found[name]]
+    if not class_names:
+        loose = sum(1 for p in root.iterdir() if is_image(p))
+        hint = f" ({loose} images lie directly in it: move them into subfolders)" if loose else ""
+        raise ValueError(f"{root}: no class subfolders with images "
+                         f"({', '.join(IMAGE_EXTENSIONS)}){hint}; expected {_FOLDER_LAYOUT}")
+    for name in found:
+        if not found[name]:
+            warnings.warn(f"{root / name}: no images, folder ignored", stacklevel=3)
+    files = [(p, label) for label, name in enumerate(class_names) for p in found[name]]
+    return class_names, files
+
+
+class ImageFolderDataset(Dataset):
+    """Images in root/<label>/<file> as (C, R, R) float32 in [-1, 1] with labels from folder names.
+
+    Files Pillow cannot open are reported (``warnings.warn``) and listed in ``skipped`` as
+    (path, reason). cache=True decodes everything up front into uint8 (tqdm progress); cache=None
+    does so when that takes at most `cache_limit_bytes`; otherwise images are decoded on access,
+    and one that fails then is reported and replaced by the next readable one (deterministic).
+    """
+
+    def __init__(self, root, *, resolution: int = 64, channels: int = 3,
+                 cache: bool | None = None, cache_limit_bytes: int = 1 << 30,
+                 progress: bool = True, num_threads: int | None = None):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.root = Path(root).expanduser()
+        self.name = self.root.name
+        self.class_names, files = _scan_folder(self.root)
+        self.num_classes = len(self.class_names)
+        self.skipped: list[tuple[str, str]] = []
+        self._channels, self._resolution = channels, resolution
+        self._threads = num_threads or min(8, os.cpu_count() or 1)
+        reasons = self._map(lambda f: _verify(f[0]), files, "verifying", progress)
+        self.files = [f for f, reason in zip(files, reasons) if not self._skip(f[0], reason)]
+        if not self.files:
+            raise ValueError(f"{self.root}: none of the {len(files)} image files could be read")
+        self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
+        self._bad: set[int] = set()
+        self.data = None
+        if cache or (cache is None and
+                     len(self.files) * channels * resolution**2 <= cache_limit_bytes):
+            self._preload(progress)
+        _set_shape_attrs(self, (channels, resolution, resolution))
+
+    def _map(self, fn, items, what: str, progress: bool) -> list:
+        """fn over items in order, on a thread pool (Pillow releases the GIL), with tqdm."""
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(self._threads) as pool:
+            return list(tqdm(pool.map(fn, items), total=len(items), disable=not progress,
+                             desc=f"{what} {self.name}", unit="img", leave=False))
+
+    def _skip(self, path: Path, reason: str | None) -> bool:
+        """Record and warn about an unreadable file; returns whether it was skipped."""
+        if reason is None:
+            return False
+        self.skipped.append((str(path), reason))
+        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
+        return True
+
+    def _try_decode(self, path: Path):
+        try:
+            return _decode(path, self._resolution, self._channels), None
+        except Exception as e:  # noqa: BLE001 -- report and skip, never crash a long run
+            return None, f"{type(e).__name__}: {e}"
+
+    def _preload(self, progress: bool) -> None:
+        """Decode every file into self.data, uint8 (N, C, R, R); drop the ones that fail."""
+        out = self._map(lambda f: self._try_decode(f[0]), self.files, "loading", progress)
+        keep = [i for i, (_, reason) in enumerate(out)
+                if not self._skip(self.files[i][0], reason)]
+        if not keep:
+            raise ValueError(f"{self.root}: none of the image files could be decoded")
+        self.files = [self.files[i] for i in keep]
+        self.labels = self.labels[keep]
+        self.data = torch.from_numpy(np.stack([out[i][0] for i in keep]))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(i)
+        if self.data is not None:
+            return _to_unit_range(self.data[i]), self.labels[i]
+        for k in range(len(self.files)):  # lazy: fall back to the next readable file
+            j = (i + k) % len(self.files)
+            if j in self._bad:
+                continue
+            arr, reason = self._try_decode(self.files[j][0])
+            if arr is not None:
+                return _to_unit_range(torch.from_numpy(arr)), self.labels[j]
+            self._bad.add(j)
+            self._skip(self.files[j][0], reason)
+        raise RuntimeError(f"{self.root}: no readable images left")
+
+    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples at `indices` (B,) -> (x (B, C, R, R) float32, labels (B,) int64)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        if self.data is not None:
+            return _to_unit_range(self.data[indices]), self.labels[indices]
+        items = [self[i] for i in indices.tolist()]
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+#----------------------------------------------------------------------------
+# Toy 1-D / 2-D distributions, scaled so the RMS per-coordinate std is about sigma_data = 0.5.
+
+
+def gmm1d():
+    """The standard 1-D bimodal mixture (``edm_fast.toy.bimodal_mixture_1d``)."""
+    return bimodal_mixture_1d()
+
+
+def gmm2d(num_modes: int = 8, radius: float = 0.7, std: float = 0.05):
+    """The standard 2-D ring mixture (``edm_fast.toy.ring_mixture_2d``)."""
+    return ring_mixture_2d(num_modes, radius, std)
+
+
+def _standardize(x: np.ndarray) -> torch.Tensor:
+    """Centre and scale so the RMS per-coordinate std is 0.5."""
+    x = x - x.mean(axis=0)
+    return torch.from_numpy(x * (0.5 / x.std())).to(torch.float32)
+
+
+def load_toy(name: str, *, num_samples: int = 100_000, seed: int = 0) -> ArrayDataset:
+    """A fixed draw of `num_samples` points (seed `seed`) from a toy distribution -> (D,) items."""
+    if name in ("gmm1d", "gmm2d"):
+        mixture = gmm1d() if name == "gmm1d" else gmm2d()
+        gen = torch.Generator().manual_seed(seed)
+        data = mixture.sample(num_samples, generator=gen).to(torch.float32)
+    elif name == "moons":
+        from sklearn.datasets import make_moons
+
+        data = _standardize(make_moons(num_samples, noise=0.05, random_state=seed)[0])
+    elif name == "swissroll":
+        from sklearn.datasets import make_swiss_roll
+
+        roll = make_swiss_roll(num_samples, noise=0.3, random_state=seed)[0]
+        data = _standardize(roll[:, [0, 2]])  # the (x, z) plane
+    else:
+        raise ValueError(f"unknown toy dataset {name!r}; choose from {', '.join(TOY_NAMES)}")
+    return ArrayDataset(data, None, name=f"toy:{name}")
+
+#----------------------------------------------------------------------------
+# The CLI's --data value.
+
+
+def load_dataset(spec: str, *, resolution: int | None = None, channels: int | None = None,
+                 pad_to: int | None = None, split: str = "train", cache: bool | None = None,
+                 num_samples: int = 100_000, seed: int = 0, progress: bool = True) -> Dataset:
+    """Dataset for a --data value: 'digits[:R]', 'mnist:DIR', 'toy:NAME' or an image folder DIR.
+
+    digits: resolution 8/16/32 (default 16). mnist: native 28x28; a resolution >= 28 pads around
+    the centre (like pad_to), a smaller one resizes. folder: resolution default 64, channels 3.
+    toy: gmm1d, gmm2d, moons, swissroll; `num_samples` points drawn with `seed`.
+    """
+    kind, _, arg = spec.partition(":")
+    kind = kind.lower()
+    if kind == "digits" and (arg == "" or arg.isdigit()):
+        if arg and resolution is not None and int(arg) != resolution:
+            raise ValueError(f"{spec!r} conflicts with resolution={resolution}")
+        res = int(arg) if arg else (resolution or 16)
+        return load_digits(res, pad_to=pad_to, channels=channels)
+    if kind == "mnist" and arg:
+        if pad_to is None and resolution is not None and resolution >= 28:
+            pad_to = resolution
+        return load_mnist(arg, split=split, pad_to=pad_to, resolution=resolution,
+                          channels=channels)
+    if kind == "toy":
+        if resolution is not None or channels is not None or pad_to is not None:
+            raise ValueError(f"{spec!r}: toy data have no resolution, channels or padding")
+        return load_toy(arg, num_samples=num_samples, seed=seed)
+    path = Path(spec).expanduser()
+    looks_like_scheme = len(kind) > 1 and "/" not in kind and "\\" not in kind and arg != ""
+    if not path.exists() and (kind in ("digits", "mnist", "toy") or looks_like_scheme):
+        raise ValueError(f"cannot parse --data {spec!r}; expected 'digits', 'digits:32', "
+                         "'mnist:DIR', 'toy:NAME' or an image folder DIR")
+    if pad_to is not None:
+        raise ValueError("pad_to applies to digits and MNIST only")
+    return ImageFolderDataset(path, resolution=resolution or 64, channels=channels or 3,
+                              cache=cache, progress=progress)
+
+
+def dataset_stats(ds, max_items: int = 10_000, batch_size: int = 512) -> dict:
+    """Per-channel (per-coordinate for toy data) mean/std of up to `max_items` evenly spaced items.
+
+    Returns {'mean': [C], 'std': [C], 'sigma_data': overall std, 'num_items': n}.
+    """
+    n = min(len(ds), max_items)
+    indices = torch.linspace(0, len(ds) - 1, n).round().to(torch.int64).unique()
+    s1 = s2 = 0.0
+    count = 0
+    for start in range(0, len(indices), batch_size):
+        x, _ = _fetch(ds, indices[start:start + batch_size])
+        x = x.to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)  # (C, B*H*W)
+        s1, s2, count = s1 + x.sum(1), s2 + (x**2).sum(1), count + x.shape[1]
+    mean = s1 / count
+    var = (s2 / count - mean**2).clamp_min(0)
+    overall = (s2.sum() / (count * len(mean)) - (s1.sum() / (count * len(mean)))**2).clamp_min(0)
+    return {"mean": mean.tolist(), "std": var.sqrt().tolist(),
+            "sigma_data": float(overall.sqrt()), "num_items": len(indices)}
+
+#----------------------------------------------------------------------------
+# Endless, resumable, rank-sharded batches.
+
+
+def _fetch(ds, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch (x (B, ...), labels (B,)) from a dataset, vectorised when it has get_batch."""
+    if hasattr(ds, "get_batch"):
+        return ds.get_batch(indices)
+    return _collate([ds[i] for i in indices.tolist()])
+
+
+def _collate(items) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.stack([torch.as_tensor(x) for x, _ in items]),
+            torch.stack([torch.as_tensor(y, dtype=torch.int64) for _, y in items]))
+
+
+class InfiniteSampler:
+    """Endless per-rank batches of indices; the order is a permutation per epoch from (seed, epoch).
+
+    The global stream is perm(epoch 0) ++ perm(epoch 1) ++ ...; each step takes the next
+    batch_size * world_size indices and rank r gets slice [r*B, (r+1)*B), so ranks stay in
+    lockstep and see disjoint parts of every epoch. drop_last=True uses only a multiple of the
+    global batch per epoch (the dropped tail differs each epoch); drop_last=False lets a batch run
+    across the epoch boundary. The state (epoch, position) is the same on every rank.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if batch_size < 1 or size < 1 or seed < 0:
+            raise ValueError(f"need size >= 1, batch_size >= 1, seed >= 0 (got {size}, "
+                             f"{batch_size}, {seed})")
+        if drop_last and size < batch_size * world_size:
+            raise ValueError(f"dataset of {size} items is smaller than one global batch "
+                             f"({batch_size} x {world_size} ranks); use drop_last=False")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.drop_last, self.shuffle = drop_last, shuffle
+        self.epoch, self.position = 0, 0
+        self._cached = (None, None)
+
+    @property
+    def per_epoch(self) -> int:
+        """Indices used per epoch (all ranks together)."""
+        g = self.batch_size * self.world_size
+        return self.size - self.size % g if self.drop_last else self.size
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's order of all indices, (size,) int64; depends only on (seed, epoch)."""
+        if self._cached[0] != epoch:
+            if self.shuffle:
+                mixed = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+                gen = torch.Generator().manual_seed(int(mixed) >> 1)
+                perm = torch.randperm(self.size, generator=gen)
+            else:
+                perm = torch.arange(self.size)
+            self._cached = (epoch, perm)
+        return self._cached[1]
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's next batch of indices, (batch_size,) int64."""
+        need, chunks = self.batch_size * self.world_size, []
+        while need:
+            if self.position >= self.per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            take = min(need, self.per_epoch - self.position)
+            chunks.append(self.permutation(self.epoch)[self.position:self.position + take])
+            self.position, need = self.position + take, need - take
+        start = self.rank * self.batch_size
+        return torch.cat(chunks)[start:start + self.batch_size]
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["size"] != self.size:
+            raise ValueError(f"sampler state is for seed {state['seed']} and {state['size']} "
+                             f"items, not seed {self.seed} and {self.size} items")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class BatchStream:
+    """Endless iterator of (x (B, ...), labels (B,)) batches driven by an InfiniteSampler.
+
+    num_workers=0 fetches in this process (vectorised for in-memory data). num_workers>0 wraps
+    a DataLoader whose workers decode ahead; state_dict() still describes the batches handed
+    out, so a resumed run continues with exactly the batches it would have seen. (Files a worker
+    finds unreadable are reported by its warnings but not added to the main dataset's skipped.)
+    """
+
+    def __init__(self, dataset, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, num_workers: int = 0,
+                 pin_memory: bool = False):
+        self.dataset = dataset
+        self.sampler = InfiniteSampler(len(dataset), batch_size, seed=seed, rank=rank,
+                                       world_size=world_size, drop_last=drop_last)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._state = self.sampler.state_dict()  # state after the last batch handed out
+        self._pending: deque[dict] = deque()
+        self._loader_iter = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.num_workers == 0:
+            batch = _fetch(self.dataset, self.sampler.next_batch())
+            self._state = self.sampler.state_dict()
+            return batch
+        if self._loader_iter is None:
+            self._loader_iter = iter(DataLoader(
+                self.dataset, batch_sampler=self._index_batches(), num_workers=self.num_workers,
+                collate_fn=_collate, pin_memory=self.pin_memory))
+        batch = next(self._loader_iter)
+        self._state = self._pending.popleft()
+        return batch
+
+    def _index_batches(self):
+        """Index lists for the DataLoader; remembers the sampler state after each one."""
+        while True:
+            indices = self.sampler.next_batch().tolist()
+            self._pending.append(self.sampler.state_dict())
+            yield indices
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._state = self.sampler.state_dict()
+        self._pending.clear()
+        self._loader_iter = None  # restart workers from the restored position
+
+
+def infinite_loader(ds, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                    drop_last: bool = True, num_workers: int = 0,
+                    pin_memory: bool = False) -> BatchStream:
+    """Endless, deterministic, resumable, rank-sharded batches of `ds` (see InfiniteSampler)."""
+    return BatchStream(ds, batch_size, seed=seed, rank=rank, world_size=world_size,
+                       drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory)

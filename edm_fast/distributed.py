@@ -1,0 +1,42 @@
+"""Multi-process helpers for ``torchrun``: rank discovery, seed sharding, rank-0-only I/O."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["world_info", "init_distributed", "shard_seeds", "is_main", "barrier"]
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    rank, local_rank, world = world_info()
+    if world > 1 and not dist.is_initialized():
+        use_nccl = device is not None and device.type == "cuda" and dist.is_nccl_available()
+        if use_nccl:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return rank, world
+
+
+def shard_seeds(seeds: list[int]) -> tuple[list[int], int, int]:
+    """This rank's seeds (seeds[rank::world]); images depend on seeds only, so any split works."""
+    rank, world = init_distributed()
+    return seeds[rank::world], rank, world
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

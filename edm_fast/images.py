@@ -1,0 +1,138 @@
+"""Writing samples: image grids, per-seed PNGs, .npz arrays, and toy-data scatter plots."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["to_uint8", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy"]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 (values clipped)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(images.shape)}")
+    x = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _pil(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def _atomic_save(save, path: Path) -> None:
+    """Write through a temporary file in the same folder, then rename (never a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 1,
+              scale: int | None = None) -> Path:
+    """Tile (N, C, H, W) images into one PNG, nrow per row (default: a square-ish grid)."""
+    path = Path(path)
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y:y + h, x:x + w] = arr[k]
+    img = _pil(grid)
+    scale = scale or max(1, 256 // max(h, w))
+    if scale > 1:
+        from PIL import Image
+
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    _atomic_save(lambda p: img.save(p, format="PNG"), path)
+    return path
+
+
+def save_per_seed(images: torch.Tensor, seeds, folder) -> list[Path]:
+    """One PNG per sample, named seed<seed:06d>.png."""
+    folder = Path(folder)
+    paths = []
+    for array, seed in zip(to_uint8(images), seeds):
+        p = folder / f"seed{int(seed):06d}.png"
+        _atomic_save(lambda q, a=array: _pil(a).save(q, format="PNG"), p)
+        paths.append(p)
+    return paths
+
+
+def save_npz(samples: torch.Tensor, path, **arrays) -> Path:
+    """Samples as float32 (N, ...) under 'samples', plus any extra named arrays."""
+    path = Path(path)
+    extra = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
+    data = samples.detach().float().cpu().numpy()
+    _atomic_save(lambda p: np.savez(open(p, "wb"), samples=data, **extra), path)
+    return path
+
+
+def plot_toy(samples: torch.Tensor, path, mixture=None, *, title: str = "") -> Path:
+    """Scatter (2-D) or histogram (1-D) of samples over the true density when it is known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = samples.detach().double().cpu().reshape(samples.shape[0], -1)
+    fig, ax = plt.subplots(figsize=(5, 5) if x.shape[1] == 2 else (6, 3.5), dpi=120)
+    if x.shape[1] == 2:
+        lim = float(x.abs().quantile(0.995)) * 1.15 + 0.1
+        if mixture is not None:
+            g = torch.linspace(-lim, lim, 240, dtype=torch.float64)
+            xx, yy = torch.meshgrid(g, g, indexing="xy")
+            dens = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).exp()
+            ax.contourf(xx, yy, dens.reshape(xx.shape), levels=20, cmap="Blues")
+        ax.scatter(x[:, 0], x[:, 1], s=2, c="crimson", alpha=0.5, label="samples")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    elif x.shape[1] == 1:
+        ax.hist(x[:, 0].numpy(), bins=100, density=True, alpha=0.6, color="crimson",
+                label="samples")
+        if mixture is not None:
+            g = torch.linspace(float(x.min()) - 0.2, float(x.max()) + 0.2, 400, dtype=torch.float64)
+            ax.plot(g, mixture.log_prob(g[:, None]).exp(), color="navy", label="true density")
+    else:
+        raise ValueError("plot_toy draws 1-D or 2-D samples only")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    _atomic_save(lambda p: fig.savefig(p, format="png"), path)
+    plt.close(fig)
+    return path
+
+
+def save_samples(samples: torch.Tensor, out, *, seeds, labels=None, mixture=None,
+                 title: str = "") -> Path:
+    """Dispatch on ``out``: *.npz -> arrays; *.png -> grid (images) or scatter (toy data);
+    anything else -> a folder of per-seed PNGs."""
+    out = Path(out)
+    if out.suffix == ".npz":
+        return save_npz(samples, out, seeds=np.asarray(list(seeds)),
+                        labels=None if labels is None else np.asarray(labels))
+    if samples.ndim == 2:
+        if out.suffix != ".png":
+            raise ValueError("toy samples are written as a .png plot or an .npz file")
+        return plot_toy(samples, out, mixture, title=title)
+    if out.suffix == ".png":
+        return save_grid(samples, out)
+    if out.suffix:
+        raise ValueError(f"unsupported output {out}: use .png (grid), .npz or a folder")
+    save_per_seed(samples, seeds, out)
+    return out

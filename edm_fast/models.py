@@ -1,0 +1,58 @@
+"""Model names and paths -> ready denoisers D(x, sigma, class_labels).
+
+    toy-gmm, toy-gmm2d   the exact denoiser of the 2-D ring mixture (edm_fast.toy)
+    toy-gmm1d            the exact denoiser of the 1-D bimodal mixture
+    default              the bundled class-conditional EDM model trained on the digits
+    default-ddpm         the bundled DDPM model (same net and data) for comparisons
+    PATH.safetensors     an edm-fast checkpoint (config in its metadata)
+    PATH (folder)        a training run folder: its latest checkpoint
+    PATH.pkl             an official NVlabs EDM snapshot (loaded without executing its code)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .toy import MIXTURES
+
+__all__ = ["load_denoiser", "MODEL_NAMES", "ASSETS", "bundled_path", "model_mixture"]
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED = {"default": "edm-digits.safetensors", "default-ddpm": "ddpm-digits.safetensors"}
+TOYS = {"toy-gmm": "gmm2d", "toy-gmm2d": "gmm2d", "toy-gmm1d": "gmm1d"}
+MODEL_NAMES = sorted([*BUNDLED, *TOYS])
+
+
+def bundled_path(name: str) -> Path:
+    return ASSETS / BUNDLED[name]
+
+
+def model_mixture(spec: str):
+    """The GaussianMixture behind a toy model name, else None."""
+    return MIXTURES[TOYS[spec]]() if spec in TOYS else None
+
+
+def load_denoiser(spec, *, device="cpu", ema: bool = True):
+    """Load a denoiser by name or path (see the module docstring) onto ``device``, eval mode."""
+    spec_str = str(spec)
+    if spec_str in TOYS:
+        return model_mixture(spec_str).as_denoiser()
+    if spec_str in BUNDLED:
+        path = bundled_path(spec_str)
+        if not path.exists():
+            raise FileNotFoundError(f"the bundled model {spec_str!r} is missing from this install "
+                                    f"({path}); reinstall edm-fast or pass --ckpt PATH")
+    else:
+        path = Path(spec_str).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"no model or checkpoint at {spec_str!r}; use a path or one "
+                                    f"of {', '.join(MODEL_NAMES)}")
+    if path.suffix == ".pkl":
+        from .checkpoints import load_official
+
+        return load_official(path, device=device)
+    from .checkpoints import load_denoiser_checkpoint
+
+    return load_denoiser_checkpoint(path, device=device, ema=ema)

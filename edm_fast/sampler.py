@@ -1,0 +1,149 @@
+"""``Sampler``: build once (plan, allocation, compilation, export, graph capture), call many times.
+
+    sampler = Sampler("default", num_steps=18, batch_size=64, device="cuda")
+    images = sampler(seeds=range(64), class_labels=3)   # (64, C, H, W) in [-1, 1]
+
+Thread safety: one lock per instance serialises calls, so a Sampler may be shared by the threads
+of an inference server (requests queue on it); for parallel throughput create one Sampler per
+worker (each owns its buffers, compiled graphs and model sessions).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .backends import resolve_backend
+from .backends.plan import SamplingPlan
+from .device import resolve_device
+from .guidance import one_hot_labels
+from .noise import SeedNoise, parse_seeds
+
+__all__ = ["Sampler"]
+
+
+class Sampler:
+    """EDM sampling (Alg. 2) of one denoiser at a fixed batch size, shape and dtype.
+
+    Args:
+        model: a denoiser module D(x, sigma, class_labels), or a checkpoint path / model name
+            understood by ``edm_fast.models.load_denoiser`` ('default', 'toy-gmm', ...).
+        shape: one sample's shape, e.g. (1, 16, 16); taken from the model when omitted.
+        batch_size: samples per backend call; larger requests run in chunks of this size (the
+            last chunk is padded, which cannot change results: noise is per seed).
+        solver, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise: Alg. 2's
+            options (sigma range defaults to the model's, else EDM's 0.002 .. 80).
+        guidance: classifier-free guidance weight (None: off; 1: conditional only).
+        dtype: dtype of the sampler state (float32, or float64 for the golden reference).
+        device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ...
+        backend: 'auto', 'reference', 'compiled', 'cpp' or 'onnx' (see edm_fast.backends).
+    """
+
+    def __init__(self, model, shape: Sequence[int] | None = None, *, batch_size: int = 64,
+                 solver: str = "heun", num_steps: int = 18, sigma_min: float | None = None,
+                 sigma_max: float | None = None, rho: float = 7.0, S_churn: float = 0.0,
+                 S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+                 guidance: float | None = None, dtype: torch.dtype = torch.float32,
+                 device="auto", backend: str = "auto", backend_options: dict | None = None):
+        start = time.perf_counter()
+        self.device = resolve_device(device)
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from .models import load_denoiser
+
+            model = load_denoiser(model, device=self.device)
+        self.denoiser = model.to(self.device).eval() if hasattr(model, "to") else model
+        self.shape = tuple(shape) if shape is not None else _model_shape(self.denoiser)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.dtype = dtype
+        self.label_dim = int(getattr(self.denoiser, "label_dim", 0))
+        if guidance is not None and self.label_dim == 0:
+            raise ValueError("guidance needs a class-conditional model")
+        self.plan = SamplingPlan.build(
+            num_steps=num_steps,
+            sigma_min=max(sigma_min or 0.002, getattr(self.denoiser, "sigma_min", 0.0)),
+            sigma_max=min(sigma_max or 80.0, getattr(self.denoiser, "sigma_max", float("inf"))),
+            rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,
+            guidance=guidance, round_sigma=getattr(self.denoiser, "round_sigma", None))
+        backend_cls = resolve_backend(backend, self.device)
+        self.backend = backend_cls(self.denoiser, self.plan, (self.batch_size, *self.shape),
+                                   dtype=dtype, device=self.device, label_dim=self.label_dim,
+                                   **(backend_options or {}))
+        self.backend_name = backend_cls.name
+        self.warmup_seconds = time.perf_counter() - start
+        self._lock = threading.Lock()
+
+    @property
+    def num_evals(self) -> int:
+        """Denoiser evaluations per image (NFE); guidance runs them at twice the batch."""
+        return self.plan.num_evals
+
+    def __call__(self, seeds: Iterable[int] | str | None = None, class_labels=None, *,
+                 noise: torch.Tensor | None = None, churn_noise: torch.Tensor | None = None):
+        """Sample images for ``seeds`` (per-seed noise) or for explicit ``noise`` (N, *shape).
+
+        class_labels: None (unconditional / zero labels), an int for all, (N,) ints or
+        (N, label_dim) floats. Returns (N, *shape) in the sampler's dtype, on its device.
+        """
+        latents, churn = self._noise(seeds, noise, churn_noise)
+        n = latents.shape[0]
+        if isinstance(class_labels, int):
+            class_labels = torch.full((n,), class_labels, dtype=torch.long)
+        labels = one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
+                                dtype=self.dtype)
+        if self.label_dim == 0:
+            labels = None
+        with self._lock:
+            return torch.cat([self._chunk(latents, churn, labels, lo, min(lo + self.batch_size, n))
+                              for lo in range(0, n, self.batch_size)])
+
+    def _noise(self, seeds, noise, churn_noise):
+        k = len(self.plan.churn_steps)
+        if (seeds is None) == (noise is None):
+            raise ValueError("pass exactly one of seeds= or noise=")
+        if seeds is not None:
+            stream = SeedNoise(parse_seeds(seeds), self.shape, device=self.device)
+            return stream.draw(), stream.draw_many(k)
+        if tuple(noise.shape[1:]) != self.shape:
+            raise ValueError(f"noise must be (N, {', '.join(map(str, self.shape))}), "
+                             f"got {tuple(noise.shape)}")
+        if churn_noise is None:
+            churn_noise = torch.randn((k, *noise.shape), device=noise.device, dtype=noise.dtype)
+        elif churn_noise.shape != (k, *noise.shape):
+            raise ValueError(f"churn_noise must be {(k, *noise.shape)} for this plan, "
+                             f"got {tuple(churn_noise.shape)}")
+        return noise.to(self.device), churn_noise.to(self.device)
+
+    def _chunk(self, latents, churn, labels, lo, hi):
+        """Run one backend call on rows lo:hi, padded to the batch size."""
+        pad = self.batch_size - (hi - lo)
+
+        def take(t, dim=0):
+            if t is None:
+                return None
+            part = t.narrow(dim, lo, hi - lo)
+            if pad:
+                part = torch.cat([part, part.narrow(dim, 0, 1).expand_as(part.narrow(dim, 0, 1))
+                                  .repeat_interleave(pad, dim=dim)], dim=dim)
+            return part.contiguous()
+
+        out = self.backend.run(take(latents), take(churn, 1) if churn.shape[0] else None,
+                               take(labels))
+        return out[: hi - lo]
+
+
+def _model_shape(denoiser) -> tuple[int, ...]:
+    """(C, H, W) or (D,) from the model's attributes."""
+    shape = getattr(denoiser, "sample_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    model = getattr(denoiser, "model", denoiser)
+    res = getattr(model, "img_resolution", None)
+    chans = getattr(model, "img_channels", None)
+    if res is not None and chans is not None:
+        return (int(chans), int(res), int(res))
+    raise ValueError("cannot tell the sample shape from this model: pass shape=")

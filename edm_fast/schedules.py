@@ -1,0 +1,198 @@
+"""Noise schedules: sigma_i discretisations and the sigma(t), s(t) families of EDM Table 1.
+
+Notation (EDM Sec. 2-3): the ODE is dx = [s'(t)/s(t) x - s(t)^2 sigma'(t) sigma(t)
+grad log p(x/s(t); sigma(t))] dt (Eq. 4); its time steps are t_i with sigma_i = sigma(t_i),
+sigma_N = 0.
+
+Discretisations (return num_steps + 1 float64 values, decreasing, the last one 0):
+    edm_sigmas   sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho  (Eq. 5)
+    vp_sigmas    t_i = 1 + i/(N-1) (eps_s - 1), sigma_i = sigma_vp(t_i)          (Table 1, VP)
+    ve_sigmas    t_i = smax^2 (smin^2/smax^2)^(i/(N-1)), sigma_i = sqrt(t_i)     (Table 1, VE)
+    iddpm_sigmas sigma_i = u_floor(j0 + (M-1-j0)/(N-1) i + 1/2)                   (Table 1, iDDPM)
+    ddpm_sigmas  the DDPM levels sigma_t at N evenly strided timesteps t = T-1 .. 0
+
+Families (Table 1, "Schedule" and "Scaling" rows; each with its derivative and inverse):
+    sigma(t): 'linear' sigma = t (EDM, DDIM), 've' sigma = sqrt(t), 'vp' sigma = sigma_vp(t)
+    s(t):     'none' s = 1, 'vp' s = 1/sqrt(1 + sigma(t)^2)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .precond import ddpm_alpha_bars, iDDPMPrecond, vp_sigma, vp_sigma_inv
+
+__all__ = [
+    "edm_sigmas", "vp_sigmas", "ve_sigmas", "iddpm_sigmas", "ddpm_sigmas", "SIGMA_SCHEDULES",
+    "get_sigmas", "SigmaFunction", "ScaleFunction", "sigma_function", "scale_function",
+    "validate_sigmas",
+]
+
+
+def _check_steps(num_steps: int) -> int:
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    return int(num_steps)
+
+
+def _fraction(num_steps: int) -> torch.Tensor:
+    """i / (N - 1) for i = 0 .. N-1 (just [0] when N = 1)."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    return i / max(num_steps - 1, 1)
+
+
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])  # sigma_N = 0
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> None:
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, "
+                         f"sigma_max={sigma_max}")
+
+
+def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+               rho: float = 7.0) -> torch.Tensor:
+    """EDM's time steps (Eq. 5): rho-warped interpolation between sigma_max and sigma_min."""
+    num_steps = _check_steps(num_steps)
+    _check_range(sigma_min, sigma_max)
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _append_zero((a + _fraction(num_steps) * (b - a)) ** rho)
+
+
+def vp_sigmas(num_steps: int, beta_d: float = 19.9, beta_min: float = 0.1,
+              epsilon_s: float = 1e-3) -> torch.Tensor:
+    """VP time steps (Table 1): t uniform from 1 to epsilon_s, sigma_i = sigma_vp(t_i)."""
+    num_steps = _check_steps(num_steps)
+    t = 1 + _fraction(num_steps) * (epsilon_s - 1)
+    return _append_zero(vp_sigma(t, beta_d, beta_min))
+
+
+def ve_sigmas(num_steps: int, sigma_min: float = 0.02, sigma_max: float = 100.0) -> torch.Tensor:
+    """VE time steps (Table 1): geometric in sigma^2 from sigma_max^2 to sigma_min^2."""
+    num_steps = _check_steps(num_steps)
+    _check_range(sigma_min, sigma_max)
+    t = sigma_max**2 * (sigma_min**2 / sigma_max**2) ** _fraction(num_steps)
+    return _append_zero(t.sqrt())
+
+
+def iddpm_sigmas(num_steps: int, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
+                 j_0: int = 8) -> torch.Tensor:
+    """iDDPM time steps (Table 1): u_j at j = floor(j_0 + (M-1-j_0)/(N-1) i + 1/2)."""
+    num_steps = _check_steps(num_steps)
+    u = iDDPMPrecond(C_1, C_2, M).u
+    j = torch.floor(j_0 + (M - 1 - j_0) * _fraction(num_steps) + 0.5).long()
+    return _append_zero(u[j])
+
+
+def ddpm_sigmas(num_steps: int, num_timesteps: int = 1000, beta_start: float = 1e-4,
+                beta_end: float = 0.02) -> torch.Tensor:
+    """DDPM's discrete levels sigma_t = sqrt((1 - abar_t)/abar_t) at N evenly strided t."""
+    num_steps = _check_steps(num_steps)
+    if num_steps > num_timesteps:
+        raise ValueError(f"num_steps ({num_steps}) cannot exceed num_timesteps ({num_timesteps})")
+    abar = ddpm_alpha_bars(num_timesteps, beta_start, beta_end)
+    t = torch.round((num_timesteps - 1) * (1 - _fraction(num_steps))).long()
+    return _append_zero(((1 - abar[t]) / abar[t]).sqrt())
+
+
+SIGMA_SCHEDULES = {"edm": edm_sigmas, "vp": vp_sigmas, "ve": ve_sigmas, "iddpm": iddpm_sigmas,
+                   "ddpm": ddpm_sigmas}
+
+
+def get_sigmas(name: str, num_steps: int, **kwargs) -> torch.Tensor:
+    """Look up a discretisation by name ('edm', 'vp', 've', 'iddpm', 'ddpm')."""
+    if name not in SIGMA_SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose from {sorted(SIGMA_SCHEDULES)}")
+    return SIGMA_SCHEDULES[name](num_steps, **kwargs)
+
+
+def validate_sigmas(sigmas) -> list[float]:
+    """Check a sigma grid (strictly decreasing, finite, positive but for a final 0); as floats."""
+    values = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+    if values.ndim != 1 or values.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D sequence of at least 2 values, got shape "
+                         f"{tuple(values.shape)}")
+    if not torch.isfinite(values).all():
+        raise ValueError("sigmas must be finite")
+    if (values[:-1] <= 0).any() or values[-1] < 0:
+        raise ValueError("sigmas must be positive (only the last may be 0)")
+    if not (values[1:] < values[:-1]).all():
+        raise ValueError(f"sigmas must be strictly decreasing, got {values.tolist()}")
+    return values.tolist()
+
+
+@dataclass(frozen=True)
+class SigmaFunction:
+    """sigma(t), its derivative sigma'(t) and inverse sigma^{-1}(sigma) (Table 1, "Schedule")."""
+
+    name: str
+    beta_d: float = 19.9
+    beta_min: float = 0.1
+
+    def __post_init__(self):
+        if self.name not in ("linear", "ve", "vp"):
+            raise ValueError(f"unknown sigma(t) {self.name!r}; choose 'linear', 've' or 'vp'")
+
+    def __call__(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.name == "linear":
+            return t
+        if self.name == "ve":
+            return t.sqrt()
+        return vp_sigma(t, self.beta_d, self.beta_min)
+
+    def deriv(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.name == "linear":
+            return torch.ones_like(t)
+        if self.name == "ve":
+            return 0.5 / t.sqrt()
+        # d/dt sqrt(e^(beta_d t^2/2 + beta_min t) - 1) = (beta_d t + beta_min) e^(...) / (2 sigma)
+        exponent = 0.5 * self.beta_d * t**2 + self.beta_min * t
+        return 0.5 * (self.beta_d * t + self.beta_min) * exponent.exp() / self(t)
+
+    def inv(self, sigma):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if self.name == "linear":
+            return sigma
+        if self.name == "ve":
+            return sigma**2
+        return vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+
+
+@dataclass(frozen=True)
+class ScaleFunction:
+    """s(t) and s'(t) for a given sigma(t) (Table 1, "Scaling"): 'none' or 'vp'."""
+
+    name: str
+    sigma: SigmaFunction
+
+    def __post_init__(self):
+        if self.name not in ("none", "vp"):
+            raise ValueError(f"unknown s(t) {self.name!r}; choose 'none' or 'vp'")
+
+    def __call__(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.name == "none":
+            return torch.ones_like(t)
+        return 1 / (1 + self.sigma(t) ** 2).sqrt()  # s = 1/sqrt(1 + sigma^2)
+
+    def deriv(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.name == "none":
+            return torch.zeros_like(t)
+        return -self.sigma(t) * self.sigma.deriv(t) * self(t) ** 3  # d/dt (1 + sigma^2)^(-1/2)
+
+
+def sigma_function(name: str, **kwargs) -> SigmaFunction:
+    return SigmaFunction(name, **kwargs)
+
+
+def scale_function(name: str, sigma: SigmaFunction) -> ScaleFunction:
+    return ScaleFunction(name, sigma)

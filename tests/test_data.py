@@ -1,0 +1,312 @@
+"""Tests for edm_fast.data: IDX parsing, image folders, digits, toy data, the infinite loader."""
+
+import gzip
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edm_fast import data
+
+#----------------------------------------------------------------------------
+# MNIST IDX files, written here byte by byte (independently of the parser).
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _write_mnist(root: Path, images: np.ndarray, labels: np.ndarray, *, prefix="train",
+                 gz=False) -> None:
+    for kind, arr, n in (("images", images, 3), ("labels", labels, 1)):
+        name = f"{prefix}-{kind}-idx{n}-ubyte" + (".gz" if gz else "")
+        raw = _idx_bytes(arr)
+        (root / name).write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def _fake_mnist(n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    return images, rng.integers(0, 10, size=n).astype(np.uint8)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_round_trip(tmp_path, gz):
+    images, labels = _fake_mnist()
+    _write_mnist(tmp_path, images, labels, gz=gz)
+    ds = data.load_mnist(tmp_path)
+    assert len(ds) == 5 and ds.shape == (1, 28, 28) and ds.num_classes == 10
+    x, y = ds[3]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and y.ndim == 0
+    np.testing.assert_allclose(((x[0] + 1) * 127.5).round().numpy(), images[3])
+    assert int(y) == labels[3]
+    parsed = data.read_idx(tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else "")))
+    np.testing.assert_array_equal(parsed, images)
+
+
+def test_mnist_padding_centres_digit(tmp_path):
+    images = np.full((2, 28, 28), 255, dtype=np.uint8)  # a "digit" that fills its 28x28 box
+    _write_mnist(tmp_path, images, np.array([3, 7], dtype=np.uint8))
+    ds = data.load_dataset(f"mnist:{tmp_path}", resolution=64)  # resolution >= 28 pads
+    x, y = ds[1]
+    assert x.shape == (1, 64, 64) and ds.resolution == 64 and int(y) == 7
+    assert torch.all(x[:, 18:46, 18:46] == 1.0)  # 18 = (64 - 28) / 2 on every side
+    border = torch.ones_like(x, dtype=torch.bool)
+    border[:, 18:46, 18:46] = False
+    assert torch.all(x[border] == -1.0)
+    assert data.load_mnist(tmp_path, pad_to=32, resolution=16)[0][0].shape == (1, 16, 16)
+
+
+def test_mnist_split_all_and_test(tmp_path):
+    _write_mnist(tmp_path, *_fake_mnist(5))
+    _write_mnist(tmp_path, *_fake_mnist(3, seed=1), prefix="t10k", gz=True)
+    assert len(data.load_mnist(tmp_path, split="test")) == 3
+    assert len(data.load_mnist(tmp_path, split="all")) == 8
+
+
+def test_idx_errors(tmp_path):
+    images, labels = _fake_mnist()
+    good = _idx_bytes(images)
+    bad_magic = tmp_path / "bad"
+    bad_magic.write_bytes(b"\x12\x34" + good[2:])
+    with pytest.raises(ValueError, match="magic"):
+        data.read_idx(bad_magic)
+    truncated = tmp_path / "trunc"
+    truncated.write_bytes(good[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_idx(truncated)
+    labels_file = tmp_path / "labels"
+    labels_file.write_bytes(_idx_bytes(labels))
+    with pytest.raises(ValueError, match="dimensions"):
+        data.read_idx(labels_file, ndim=3)  # a labels file where images are expected
+    corrupt_gz = tmp_path / "corrupt.gz"
+    corrupt_gz.write_bytes(gzip.compress(good)[:-20])
+    with pytest.raises(ValueError, match="corrupt.gz"):
+        data.read_idx(corrupt_gz)
+    mismatch = tmp_path / "mismatch"
+    mismatch.mkdir()
+    _write_mnist(mismatch, images, labels[:4])
+    with pytest.raises(ValueError, match="5 images .* 4 labels"):
+        data.load_mnist(mismatch)
+    with pytest.raises(FileNotFoundError, match="train-images"):
+        data.load_mnist(tmp_path)  # a folder without MNIST files
+
+#----------------------------------------------------------------------------
+# Image folders.
+
+
+def _make_folder(root: Path) -> dict[str, tuple[str, int]]:
+    """Two classes, files of several sizes/modes/formats; returns {file: (class, label)}."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    specs = {
+        "cat/a.jpg": ("RGB", (80, 60), 200),   # bright
+        "cat/b.png": ("RGBA", (40, 50), 200),
+        "cat/sub/c.bmp": ("L", (64, 64), 200),
+        "dog/d.JPEG": ("RGB", (30, 90), 30),   # dark
+        "dog/e.png": ("P", (70, 70), 30),
+        "dog/f.webp": ("RGB", (100, 100), 30),
+    }
+    for name, (mode, size, level) in specs.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.clip(level + rng.integers(-20, 20, size=(size[1], size[0], 3)), 0, 255)
+        im = Image.fromarray(arr.astype(np.uint8))
+        if mode == "RGBA":
+            im = im.convert("RGBA")  # opaque alpha
+        elif mode == "P":
+            im = im.quantize(16)
+        elif mode == "L":
+            im = im.convert("L")
+        im.save(path)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return {name: (name.split("/")[0], 0 if name.startswith("cat") else 1) for name in specs}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_image_folder(tmp_path, cache):
+    _make_folder(tmp_path)
+    ds = data.load_dataset(str(tmp_path), resolution=32, cache=cache, progress=False)
+    assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2 and len(ds) == 6
+    assert ds.shape == (3, 32, 32) and ds.resolution == 32 and ds.num_channels == 3
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.min() >= -1 and x.max() <= 1
+        expect = 0 if "/cat/" in ds.files[i][0].as_posix() else 1
+        assert int(y) == expect
+        assert (x.mean() > 0.3) if expect == 0 else (x.mean() < -0.5)  # pixels match labels
+    assert ds.skipped == []
+    gray = data.ImageFolderDataset(tmp_path, resolution=16, channels=1, progress=False)
+    assert gray[0][0].shape == (1, 16, 16)
+
+
+def test_image_folder_skips_corrupt_files(tmp_path):
+    from PIL import Image
+
+    _make_folder(tmp_path)
+    junk = tmp_path / "dog" / "junk.jpg"
+    junk.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    full = tmp_path / "full.jpg"
+    noise = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(full)
+    truncated = tmp_path / "cat" / "truncated.jpg"
+    truncated.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    full.unlink()
+    for cache in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = data.ImageFolderDataset(tmp_path, resolution=16, cache=cache, progress=False)
+            if not cache:  # lazy: the truncated file fails only on access and is replaced
+                i_bad = [str(p) for p, _ in ds.files].index(str(truncated))
+                x, y = ds[i_bad]
+                i_next = (i_bad + 1) % len(ds)
+                assert x.shape == (3, 16, 16) and torch.equal(x, ds[i_next][0])
+                assert int(y) == int(ds.labels[i_next])
+                assert torch.equal(ds[i_bad][0], x)  # deterministic fallback, reported once
+        messages = [str(w.message) for w in caught]
+        for bad in (junk, truncated):  # reported by path
+            assert sum(str(bad) in m for m in messages) == 1, messages
+        skipped = {Path(p).name for p, _ in ds.skipped}
+        assert skipped == {"junk.jpg", "truncated.jpg"}
+        assert all(reason for _, reason in ds.skipped)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        data.load_dataset(str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="<label>"):
+        data.load_dataset(str(empty))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="directly"):
+        data.load_dataset(str(flat))
+    (flat / "only_bad").mkdir()
+    (flat / "only_bad" / "y.jpg").write_bytes(b"garbage")
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="none of the"):
+        warnings.simplefilter("ignore")
+        data.load_dataset(str(flat))
+    with pytest.raises(ValueError, match="cannot parse"):
+        data.load_dataset("toyy:gmm")
+
+#----------------------------------------------------------------------------
+# scikit-learn digits (real data).
+
+
+def test_digits():
+    ds = data.load_dataset("digits")
+    assert len(ds) == 1797 and ds.num_classes == 10 and ds.shape == (1, 16, 16)
+    x, y = ds.get_batch(torch.arange(len(ds)))
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.99 and x.max() > 0.99
+    means = torch.stack([x[y == c].mean(0).flatten() for c in range(10)])  # (10, 256)
+    dist = torch.cdist(means, means)
+    assert dist[~torch.eye(10, dtype=torch.bool)].min() > 1.0  # every class looks different
+    assert data.load_dataset("digits:32")[0][0].shape == (1, 32, 32)
+    assert data.load_dataset("digits", resolution=8)[5][0].shape == (1, 8, 8)
+    assert data.load_dataset("digits", resolution=32, channels=3)[0][0].shape == (3, 32, 32)
+    raw = data.load_digits(8)[0][0]
+    padded = data.load_digits(16, pad_to=16)[0][0]
+    assert torch.equal(padded[:, 4:12, 4:12], raw) and padded[:, :4].eq(-1).all()
+    with pytest.raises(ValueError):
+        data.load_dataset("digits", resolution=12)
+    stats = data.dataset_stats(ds, max_items=500)
+    assert stats["num_items"] == 500 and len(stats["mean"]) == 1
+    assert 0.3 < stats["sigma_data"] < 0.9 and -1 < stats["mean"][0] < 0
+
+#----------------------------------------------------------------------------
+# Toy distributions.
+
+
+@pytest.mark.parametrize("name,dim", [("gmm1d", 1), ("gmm2d", 2), ("moons", 2),
+                                      ("swissroll", 2)])
+def test_toy(name, dim):
+    ds = data.load_dataset(f"toy:{name}", num_samples=4000, seed=3)
+    x, y = ds[0]
+    assert x.shape == (dim,) and ds.dim == dim and ds.resolution is None and ds.num_classes == 0
+    assert int(y) == 0 and y.dtype == torch.int64
+    again = data.load_dataset(f"toy:{name}", num_samples=4000, seed=3)
+    assert torch.equal(ds.data, again.data)
+    stats = data.dataset_stats(ds)
+    assert 0.4 < stats["sigma_data"] < 0.6
+
+
+def test_toy_mixtures_match_their_definition():
+    m1, m2 = data.gmm1d(), data.gmm2d()
+    assert m1.dim == 1 and m2.dim == 2
+    x = data.load_toy("gmm2d", num_samples=20000).data.double()
+    np.testing.assert_allclose(x.norm(dim=1).mean(), 0.7, atol=0.01)  # the ring of modes
+    np.testing.assert_allclose(x.mean(0), m2.mean(), atol=0.02)
+    x1 = data.load_toy("gmm1d", num_samples=20000).data.double()
+    np.testing.assert_allclose((x1 < 0).double().mean(), 0.4, atol=0.02)  # weights 0.4 / 0.6
+    with pytest.raises(ValueError, match="toy data have no resolution"):
+        data.load_dataset("toy:gmm2d", resolution=64)
+    with pytest.raises(ValueError, match="unknown toy"):
+        data.load_dataset("toy:nope")
+
+#----------------------------------------------------------------------------
+# The infinite loader.
+
+
+def test_rank_shards_disjoint_and_cover_epoch():
+    size, b, world = 48, 4, 3
+    seen = []
+    for rank in range(world):
+        s = data.InfiniteSampler(size, b, seed=7, rank=rank, world_size=world)
+        seen.append(torch.cat([s.next_batch() for _ in range(size // (b * world))]))
+    flat = torch.cat(seen)
+    assert sorted(flat.tolist()) == list(range(size))  # disjoint and covering
+    s0 = data.InfiniteSampler(size, b, seed=7)
+    s0.next_batch()
+    assert s0.state_dict()["position"] == b
+
+
+def test_epochs_reshuffle_and_drop_last():
+    s = data.InfiniteSampler(10, 3, seed=0)  # 9 of 10 used per epoch
+    epochs = [torch.cat([s.next_batch() for _ in range(3)]) for _ in range(3)]
+    assert all(len(set(e.tolist())) == 9 for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    assert s.epoch == 2 and s.position == 9
+    t = data.InfiniteSampler(10, 3, seed=0, drop_last=False)  # batches run across epochs
+    stream = torch.cat([t.next_batch() for _ in range(10)])  # 30 = 3 whole epochs
+    for e in range(3):
+        assert sorted(stream[10 * e:10 * e + 10].tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        data.InfiniteSampler(5, 3, world_size=2)
+
+
+def test_resume_reproduces_batches():
+    ds = data.load_toy("gmm2d", num_samples=50)
+    a = data.infinite_loader(ds, 8, seed=11)
+    for _ in range(9):  # past the first epoch boundary (6 batches per epoch)
+        next(a)
+    state = a.state_dict()
+    expected = [next(a) for _ in range(5)]
+    b = data.infinite_loader(ds, 8, seed=11)
+    b.load_state_dict(state)
+    for (xe, ye), (xb, yb) in zip(expected, (next(b) for _ in range(5))):
+        assert torch.equal(xe, xb) and torch.equal(ye, yb)
+    other = data.infinite_loader(ds, 8, seed=12)
+    assert not torch.equal(next(other)[0], next(data.infinite_loader(ds, 8, seed=11))[0])
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(state)
+
+
+def test_resume_with_workers_matches_in_process(tmp_path):
+    ds = data.load_digits(8)
+    ref = data.infinite_loader(ds, 16, seed=1)
+    batches = [next(ref) for _ in range(6)]
+    w = data.infinite_loader(data.load_digits(8), 16, seed=1, num_workers=1)
+    first = [next(w) for _ in range(3)]
+    state = w.state_dict()  # describes the 3 batches handed out, not the workers' prefetch
+    resumed = data.infinite_loader(ds, 16, seed=1)
+    resumed.load_state_dict(state)
+    for (x, y), (xr, yr) in zip(first + [next(resumed) for _ in range(3)], batches):
+        assert torch.equal(x, xr) and torch.equal(y, yr)
