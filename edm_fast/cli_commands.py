@@ -6,4 +6,69 @@ __all__ = ["add_commands"]
 
 
 def add_commands(sub, formatter, add_sampling_options) -> None:
-    """Register train, export, convert, bench, compare and serve on the subparsers ``sub``."""
+    """Register train and the other commands on the subparsers ``sub``."""
+    _add_train(sub, formatter)
+
+
+def _add_train(sub, formatter) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train", formatter_class=formatter, help="train an EDM (or DDPM/VP/VE) model",
+        description="Train a denoiser with the EDM loss (EDM Sec. 5) or a baseline loss on the "
+        "same net. Checkpoints are atomic and hold everything needed to resume bit for bit; "
+        "use torchrun --nproc_per_node=K -m edm_fast train ... for data parallelism.")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default=d.data,
+                   help="digits[:RES], mnist:PATH, toy:gmm1d|gmm2d|moons|swissroll, or an "
+                   "image folder root/<label>/<file>.jpg")
+    g.add_argument("--resolution", type=int, default=None, help="image size (default: data's)")
+    g.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="image channels (default: data's)")
+    g.add_argument("--preset", default=d.preset, help="network preset (edm_fast.nets.PRESETS)")
+    g.add_argument("--loss", choices=["edm", "ddpm", "vp", "ve"], default=d.loss,
+                   help="training objective; also selects the preconditioning")
+    g.add_argument("--cond", action="store_true", help="class-conditional on the data's labels")
+    g.add_argument("--label-dropout", type=float, default=d.label_dropout,
+                   help="label dropout probability (enables classifier-free guidance)")
+    g.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    g.add_argument("--augment", type=float, default=d.augment, metavar="P",
+                   help="non-leaking augmentation probability (EDM App. F.2); 0 = off")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--kimg", type=float, default=d.kimg, help="training length, thousands of images")
+    o.add_argument("--batch", type=int, default=d.batch, help="global batch size")
+    o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    o.add_argument("--lr-rampup-kimg", type=float, default=d.lr_rampup_kimg)
+    o.add_argument("--ema-kimg", type=float, default=d.ema_halflife_kimg, dest="ema_halflife_kimg",
+                   help="EMA half-life in thousands of images")
+    o.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
+    o.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp,
+                   help="mixed precision autocast")
+    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", default=d.out, help="run folder")
+    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    r.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    r.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    r.add_argument("--ckpt-every", type=float, default=d.ckpt_every_kimg,
+                   dest="ckpt_every_kimg", help="checkpoint period in kimg")
+    r.add_argument("--sample-every", type=float, default=d.sample_every_kimg,
+                   dest="sample_every_kimg", help="sample-grid period in kimg (0: end only)")
+    r.add_argument("--no-progress", action="store_false", dest="progress")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    summary = train(cfg, resume=args.resume)
+    if summary.get("checkpoint"):
+        print(f"trained {summary['steps']} steps ({summary['kimg']:.1f} kimg), final loss "
+              f"{summary['final_loss']:.4f} -> {summary['checkpoint']}")
+    return 0

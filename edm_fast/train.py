@@ -1,0 +1,438 @@
+"""Training loop for EDM (and the VP, VE and DDPM baselines on the same nets and data).
+
+What it does (EDM App. F.1 habits): Adam with a learning-rate ramp-up, an EMA of the weights
+with a half-life measured in images (and a ramp-up), optional gradient clipping, bf16/fp16
+autocast, skipping of steps whose gradients are NaN/Inf (and a clear stop after too many),
+tqdm progress with loss and images/s, a JSONL loss log and a loss-curve plot, periodic sample
+grids, atomic safetensors checkpoints holding everything needed to resume bit for bit, and
+multi-process data parallelism under torchrun (DistributedDataParallel, rank-0-only I/O).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import (
+    CheckpointError, build_denoiser, latest_checkpoint, net_spec, read_checkpoint,
+    save_checkpoint,
+)
+from .device import resolve_device
+from .distributed import barrier, init_distributed, is_main
+from .losses import make_loss
+
+__all__ = ["TrainConfig", "train", "TrainingDiverged", "LOSS_PRECOND"]
+
+LOSS_PRECOND = {"edm": "edm", "ddpm": "ddpm", "vp": "vp", "ve": "ve"}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with non-finite gradients."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (stored in each checkpoint)."""
+
+    data: str = "digits"                 # digits[:RES] | mnist:PATH | toy:NAME | image folder
+    out: str = "runs/edm"                # run folder (checkpoints, log, samples)
+    preset: str = "tiny"                 # network preset (edm_fast.nets.PRESETS)
+    loss: str = "edm"                    # edm | ddpm | vp | ve (sets the preconditioning too)
+    cond: bool = False                   # class-conditional on the data's labels
+    kimg: float = 200.0                  # training length in thousands of images
+    batch: int = 128                     # global batch size (split over ranks)
+    lr: float = 1e-3                     # Adam learning rate after the ramp-up
+    lr_rampup_kimg: float = 10.0         # linear ramp-up length
+    ema_halflife_kimg: float = 50.0      # EMA half-life in thousands of images
+    ema_rampup_ratio: float | None = 0.05  # half-life <= ratio * images seen (None: off)
+    grad_clip: float | None = None       # max gradient 2-norm (None: no clipping)
+    dropout: float | None = None         # override the preset's dropout
+    label_dropout: float = 0.0           # label dropout for classifier-free guidance
+    augment: float = 0.0                 # augmentation probability (EDM App. F.2); 0 = off
+    amp: str = "none"                    # none | bf16 | fp16 autocast
+    resolution: int | None = None        # image size (default: the data's / preset's)
+    channels: int | None = None          # 1 or 3 for image data (default: the data's)
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0                     # data loader worker processes
+    ckpt_every_kimg: float = 50.0
+    keep_ckpts: int = 3                  # how many recent checkpoints to keep
+    sample_every_kimg: float = 50.0      # sample grid period (0: only at the end)
+    log_every: int = 20                  # steps between log records
+    max_nonfinite: int = 20              # consecutive skipped steps before giving up
+    progress: bool = True
+    max_steps: int | None = None         # stop early after this many steps (tests, budgets)
+    net_overrides: dict = field(default_factory=dict)
+
+
+class EMA:
+    """theta_ema <- beta theta_ema + (1 - beta) theta, beta = 0.5^(batch / half-life) (App. F.1)."""
+
+    def __init__(self, model: torch.nn.Module, halflife_kimg: float, rampup_ratio: float | None):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.halflife_nimg = halflife_kimg * 1000
+        self.rampup_ratio = rampup_ratio
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, nimg: int, batch: int) -> None:
+        halflife = self.halflife_nimg
+        if self.rampup_ratio is not None:
+            halflife = min(halflife, nimg * self.rampup_ratio)
+        beta = 0.5 ** (batch / max(halflife, 1e-8))
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1 - beta)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def _load_data(cfg: TrainConfig):
+    from .data import load_dataset
+
+    kwargs = {}
+    if not cfg.data.startswith("toy:"):
+        kwargs = {"resolution": cfg.resolution, "channels": cfg.channels}
+    return load_dataset(cfg.data, **kwargs)
+
+
+def _build(cfg: TrainConfig, dataset, device):
+    """(denoiser, meta, augment_pipe) for a new run."""
+    from .augment import AugmentPipe
+
+    pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
+    label_dim = dataset.num_classes if cfg.cond else 0
+    if cfg.cond and label_dim == 0:
+        raise ValueError(f"--cond asked for, but {cfg.data!r} has no class labels")
+    overrides = dict(cfg.net_overrides)
+    if cfg.dropout is not None:
+        overrides["dropout"] = cfg.dropout
+    if cfg.label_dropout:
+        overrides["label_dropout"] = cfg.label_dropout
+    toy = dataset.resolution is None
+    spec = net_spec(cfg.preset, img_resolution=None if toy else dataset.resolution,
+                    img_channels=dataset.dim if toy else dataset.num_channels,
+                    label_dim=label_dim, augment_dim=pipe.label_dim if pipe else 0, **overrides)
+    meta = {
+        "net": spec,
+        "precond": {"name": LOSS_PRECOND[cfg.loss]},
+        "loss": {"name": cfg.loss},
+        "sample_shape": list(dataset.shape),
+        "data": {"spec": cfg.data, "name": dataset.name, "num_classes": dataset.num_classes,
+                 "class_names": list(dataset.class_names)},
+        "train": dataclasses.asdict(cfg),
+    }
+    from .data import dataset_stats
+
+    meta["data"]["stats"] = {k: (v.tolist() if torch.is_tensor(v) else v)
+                             for k, v in dataset_stats(dataset, max_items=2000).items()}
+    denoiser = build_denoiser(meta)
+    if meta["precond"]["name"] == "edm":
+        denoiser.precond.sigma_data = 0.5  # EDM's fixed sigma_data (Table 1); stats are logged
+    return denoiser.to(device), meta, pipe
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer):
+    """Adam state as flat tensors plus the JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt, tensors, info) -> None:
+    state: dict = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in info["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def _rng_state(device) -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _set_rng_state(states: dict[str, torch.Tensor], device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+class _Run:
+    """State of one training process (rank)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world = init_distributed(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            from .distributed import world_info
+
+            self.device = torch.device("cuda", world_info()[1])
+        if cfg.batch % self.world:
+            raise ValueError(f"batch {cfg.batch} is not divisible by {self.world} processes")
+        self.out = Path(cfg.out)
+        self.main = is_main()
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _resume_or_start(run: _Run, resume: bool):
+    """Build everything, from the latest checkpoint when resuming."""
+    cfg = run.cfg
+    latest = latest_checkpoint(run.out)
+    if latest is not None and not resume:
+        raise ValueError(f"{run.out} already holds checkpoints ({latest.name}); pass --resume "
+                         "to continue that run or choose another --out")
+    tensors, meta = (None, None)
+    if resume:
+        if latest is None:
+            raise CheckpointError(f"--resume: no checkpoint in {run.out}")
+        tensors, meta = read_checkpoint(latest)
+        saved = meta["train"]
+        for key in ("data", "preset", "loss", "cond", "batch", "augment"):
+            if getattr(cfg, key) != saved[key]:
+                raise ValueError(f"--resume: {key}={getattr(cfg, key)!r} differs from the run's "
+                                 f"{saved[key]!r}")
+    torch.manual_seed(cfg.seed * 1000 + run.rank)
+    dataset = _load_data(cfg)
+    denoiser, new_meta, pipe = _build(cfg, dataset, run.device)
+    meta = meta or new_meta
+    meta["train"] = dataclasses.asdict(cfg)
+    ema = EMA(denoiser.model, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+    opt = torch.optim.Adam(denoiser.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    from .data import BatchStream
+
+    stream = BatchStream(dataset, cfg.batch // run.world, seed=cfg.seed, rank=run.rank,
+                         world_size=run.world, num_workers=cfg.workers,
+                         pin_memory=run.device.type == "cuda")
+    step, nonfinite_total = 0, 0
+    if tensors is not None:
+        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        denoiser.model.load_state_dict(model_sd)
+        ema.model.load_state_dict(ema_sd)
+        _restore_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")},
+                           meta["optimizer"])
+        stream.load_state_dict(meta["stream"])
+        rng = {k.split(".")[2]: v for k, v in tensors.items()
+               if k.startswith(f"rng.rank{run.rank}.")}
+        if not rng:
+            raise CheckpointError(f"{latest}: no RNG state for rank {run.rank} (was the run "
+                                  "started with a different number of processes?)")
+        _set_rng_state(rng, run.device)
+        step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
+    return dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total
+
+
+def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total) -> Path | None:
+    """All ranks gather RNG states; rank 0 writes the checkpoint atomically and prunes old ones."""
+    rng = _rng_state(run.device)
+    all_rng = [rng]
+    if run.world > 1:
+        import torch.distributed as dist
+
+        all_rng = [None] * run.world
+        dist.all_gather_object(all_rng, {k: v.cpu() for k, v in rng.items()})
+    path = None
+    if run.main:
+        optim_tensors, optim_info = _optimizer_tensors(opt)
+        tensors = {f"model.{k}": v for k, v in denoiser.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+        tensors.update(optim_tensors)
+        for r, states in enumerate(all_rng):
+            tensors.update({f"rng.rank{r}.{k}": v for k, v in states.items()})
+        meta = {**meta, "step": step, "kimg": step * run.cfg.batch / 1000,
+                "optimizer": optim_info, "stream": stream.state_dict(),
+                "nonfinite_total": nonfinite_total, "world_size": run.world}
+        path = save_checkpoint(run.out / f"ckpt-{step:08d}.safetensors", tensors, meta)
+        old = sorted(run.out.glob("ckpt-*.safetensors"))[:-max(run.cfg.keep_ckpts, 1)]
+        for p in old:
+            p.unlink(missing_ok=True)
+        _plot_losses(run.out)
+    barrier()
+    return path
+
+
+def _plot_losses(out: Path) -> None:
+    """loss.png from log.jsonl (skipped quietly without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in open(out / "log.jsonl")] if (out / "log.jsonl").exists() else []
+    records = [r for r in records if "loss" in r]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([r["kimg"] for r in records], [r["loss"] for r in records], lw=1)
+    ax.set_xlabel("kimg")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out / "loss.png")
+
+
+@torch.no_grad()
+def _sample_grid(run: _Run, meta, ema, step: int, num: int = 64) -> None:
+    """A grid (or toy scatter) of EMA samples with 18 Heun steps, seeds 0..num-1."""
+    from .images import save_samples
+    from .noise import SeedNoise
+    from .precond import Denoiser, make_precond
+    from .samplers import sample_edm
+    from .schedules import edm_sigmas
+
+    den = Denoiser(ema.model, make_precond(meta["precond"])).eval()
+    shape = tuple(meta["sample_shape"])
+    noise = SeedNoise(range(num), shape, device=run.device)
+    labels = (torch.arange(num, device=run.device) % den.label_dim) if den.label_dim else None
+    sigmas = edm_sigmas(18, max(0.002, den.sigma_min), min(80.0, den.sigma_max))
+    x = sample_edm(den, noise.draw(), sigmas, class_labels=labels)
+    mixture = None
+    if meta["data"]["spec"].startswith("toy:"):
+        from .toy import MIXTURES
+
+        name = meta["data"]["spec"][4:]
+        mixture = MIXTURES[name]() if name in MIXTURES else None
+    out = run.out / f"samples-{step:08d}.png"
+    save_samples(x.cpu(), out, seeds=range(num), mixture=mixture, title=f"step {step}")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or continue) a training run; returns a summary dict. See TrainConfig for options."""
+    from tqdm import tqdm
+
+    run = _Run(cfg)
+    if cfg.loss not in LOSS_PRECOND:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose from {sorted(LOSS_PRECOND)}")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total = _resume_or_start(
+        run, resume)
+    if run.main:
+        (run.out / "config.json").write_text(json.dumps(meta | {"train": dataclasses.asdict(cfg)},
+                                                        indent=2, default=str))
+    loss_fn = make_loss(meta["loss"])
+    train_den = denoiser
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from .precond import Denoiser
+
+        ddp = DDP(denoiser.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        train_den = Denoiser(ddp, denoiser.precond, label_dim=denoiser.label_dim)
+    denoiser.model.train()
+    total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    ckpt_every = max(1, round(cfg.ckpt_every_kimg * 1000 / cfg.batch))
+    sample_every = round(cfg.sample_every_kimg * 1000 / cfg.batch) if cfg.sample_every_kimg else 0
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")
+    local_batch = cfg.batch // run.world
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss}", unit="step",
+               disable=not (cfg.progress and run.main), dynamic_ncols=True)
+    consecutive_bad, smooth, t_last, steps_since_log, loss_sum = 0, None, time.perf_counter(), 0, 0.0
+    start_step = step
+    while step < total_steps:
+        images, labels = next(stream)
+        images = images.to(run.device, non_blocking=True)
+        labels = labels.to(run.device) if denoiser.label_dim else None
+        aug_labels = None
+        if pipe is not None:
+            images, aug_labels = pipe(images)
+            aug_labels = aug_labels.to(run.device)
+        for group in opt.param_groups:  # learning-rate ramp-up (App. F.1)
+            group["lr"] = cfg.lr * min((step * cfg.batch) / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+        with torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(train_den, images, labels, aug_labels).float().mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.model.parameters(), max_norm)
+        if not torch.isfinite(grad_norm):  # identical on every rank: grads are all-reduced
+            consecutive_bad += 1
+            nonfinite_total += 1
+            scaler.update()
+            if consecutive_bad > cfg.max_nonfinite:
+                raise TrainingDiverged(
+                    f"{consecutive_bad} consecutive steps had NaN/Inf gradients (step {step}); "
+                    "lower --lr, use --grad-clip, or try --amp none. The last good checkpoint "
+                    f"is in {run.out}")
+            continue
+        consecutive_bad = 0
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        ema.update(denoiser.model, step * cfg.batch, cfg.batch)
+        loss_value = loss.item()
+        loss_sum += loss_value
+        steps_since_log += 1
+        smooth = loss_value if smooth is None else 0.95 * smooth + 0.05 * loss_value
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            ips = steps_since_log * cfg.batch / max(now - t_last, 1e-9)
+            record = {"step": step, "kimg": step * cfg.batch / 1000,
+                      "loss": loss_sum / steps_since_log, "lr": opt.param_groups[0]["lr"],
+                      "img_per_s": ips, "nonfinite_total": nonfinite_total}
+            run.log(record)
+            bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.0f}")
+            t_last, steps_since_log, loss_sum = now, 0, 0.0
+        if step % ckpt_every == 0 or step == total_steps:
+            _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total)
+        if run.main and ((sample_every and step % sample_every == 0) or step == total_steps):
+            _sample_grid(run, meta, ema, step)
+    bar.close()
+    in_sync = _ranks_in_sync(denoiser.model, run.world)
+    summary = {"steps": step, "steps_this_run": step - start_step, "kimg": step * cfg.batch / 1000,
+               "final_loss": smooth, "nonfinite_total": nonfinite_total,
+               "ranks_in_sync": in_sync, "world_size": run.world,
+               "checkpoint": str(latest_checkpoint(run.out)) if run.main else None}
+    run.log({"summary": summary})
+    return summary
+
+
+def _ranks_in_sync(model: torch.nn.Module, world: int) -> bool:
+    """True when every rank holds bit-identical weights (a DDP sanity check at the end)."""
+    if world == 1:
+        return True
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    index = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device)
+    digest = torch.stack([flat.sum(), (flat * index).sum()])  # on the backend's device
+    gathered = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
