@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint",
     "build_denoiser", "load_denoiser_checkpoint", "net_spec", "load_official",
+    "export_inference_checkpoint",
     "FORMAT_VERSION",
 ]
 
@@ -150,6 +151,25 @@ def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True):
     if "sample_shape" in meta:
         denoiser.sample_shape = tuple(meta["sample_shape"])
     return denoiser.to(device).eval().requires_grad_(False)
+
+
+def export_inference_checkpoint(src, dst, *, dtype: torch.dtype | None = None) -> Path:
+    """Write only the EMA weights (and the config) of a training checkpoint or run folder.
+
+    The result is what ``edm-fast sample --ckpt`` loads and what the bundled models are; its
+    metadata keeps the network, preconditioning, data and training settings, not the optimizer
+    or data-stream state. ``dtype`` (e.g. torch.float16) shrinks the file.
+    """
+    src = Path(src)
+    if src.is_dir():
+        src = latest_checkpoint(src) or src
+    tensors, meta = read_checkpoint(src, prefixes=("ema.", "model."))
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
+    keep = {f"ema.{k[len(prefix):]}": (v.to(dtype) if dtype is not None and v.is_floating_point()
+                                       else v)
+            for k, v in tensors.items() if k.startswith(prefix)}
+    meta = {k: v for k, v in meta.items() if k not in ("optimizer", "stream")}
+    return save_checkpoint(dst, keep, meta)
 
 
 def load_official(path, *, device="cpu"):

@@ -8,6 +8,38 @@ __all__ = ["add_commands"]
 def add_commands(sub, formatter, add_sampling_options) -> None:
     """Register train and the other commands on the subparsers ``sub``."""
     _add_train(sub, formatter)
+    _add_bench(sub, formatter)
+
+
+def _add_bench(sub, formatter) -> None:
+    p = sub.add_parser(
+        "bench", formatter_class=formatter, help="time the sampler backends (short run)",
+        description="Time every available backend against an NVlabs-style eager loop and "
+        "k-diffusion's sample_heun on the same denoiser; prints ms/NFE, img/s and overhead. "
+        "The full benchmark is bench/bench_sampler.py.")
+    p.add_argument("--models", default="mlp,tiny",
+                   help="comma list: mlp, tiny, bundled, or any network preset")
+    p.add_argument("--batches", default="1,16", help="comma list of batch sizes")
+    p.add_argument("--steps", type=int, default=18, help="Heun steps (2N-1 NFE)")
+    p.add_argument("--backends", default=None, help="comma list (default: all that load)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from .benchmark import benchmark_case, format_table
+    from .device import resolve_device
+
+    device = resolve_device(args.device)
+    backends = args.backends.split(",") if args.backends else None
+    rows = []
+    for model in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            rows += benchmark_case(model, batch, device=device, steps=args.steps,
+                                   repeats=args.repeats, backends=backends)
+    print(format_table(rows))
+    return 0
 
 
 def _add_train(sub, formatter) -> None:

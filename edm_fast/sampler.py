@@ -142,6 +142,8 @@ def _model_shape(denoiser) -> tuple[int, ...]:
     if shape is not None:
         return tuple(shape)
     model = getattr(denoiser, "model", denoiser)
+    if getattr(model, "data_shape", None) is not None:
+        return tuple(model.data_shape)
     res = getattr(model, "img_resolution", None)
     chans = getattr(model, "img_channels", None)
     if res is not None and chans is not None:

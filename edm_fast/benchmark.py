@@ -1,0 +1,234 @@
+"""Timing of sampler backends against each other and against outside samplers.
+
+Used by ``edm-fast bench`` (a short run) and bench/bench_sampler.py (the full table). Every
+number of a case is measured in the same process, on the same denoiser and sigma grid:
+  - ours/<backend>: the Sampler with each backend that loads here (warm-up = construction:
+    compilation, export, graph capture; reported apart);
+  - nvlabs-eager: a loop written here to behave like NVlabs' edm_sampler (float64 step math, the
+    per-step host sync of `if S_min <= t_cur <= S_max` on a device scalar, a randn drawn every
+    step whether or not churn is on);
+  - k-diffusion: k_diffusion.sampling.sample_heun from PyPI, when it is installed.
+Columns: total ms per call (median), ms/NFE, images/s, t_F (one denoiser forward in the same
+execution mode: eager, compiled, or the exported model the C++ loop runs), overhead =
+total - NFE x t_F as % of total, and the achieved FLOP rate (FLOPs of one forward counted with
+torch.utils.flop_counter) against the measured rate of a large float32 matmul (the practical
+peak of this device).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+from .backends import available_backends
+from .backends.plan import SamplingPlan
+from .device import synchronize
+from .noise import SeedNoise
+from .precond import Denoiser, EDMPrecond
+from .sampler import Sampler, _model_shape
+
+__all__ = ["benchmark_case", "format_table", "bench_model", "time_call", "peak_flops",
+           "nvlabs_style_sampler", "load_k_diffusion_sampling"]
+
+
+def bench_model(name: str, device):
+    """'bundled' (the packaged digits model), 'mlp', 'tiny' or any preset, random weights."""
+    from .nets import build_net
+
+    torch.manual_seed(0)
+    if name == "bundled":
+        from .models import load_denoiser
+
+        return load_denoiser("default", device=device)
+    net = build_net("toy-mlp" if name == "mlp" else name, dropout=0.0)
+    return Denoiser(net, EDMPrecond()).eval().requires_grad_(False).to(device)
+
+
+def time_call(fn, device, repeats: int = 5) -> float:
+    """Median wall seconds of one fn() call, device-synchronised; each of the ``repeats``
+    measurements runs fn back to back for >= 20 ms (timer resolution, launch smoothing)."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    inner = max(1, min(1000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def load_k_diffusion_sampling():
+    """k_diffusion.sampling without k_diffusion/__init__ (which imports torchvision, clip, ...);
+    its only package-internal need, utils.append_dims, is a one-line reshape given here."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = list(spec.submodule_search_locations)[0]
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = [root]
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, n: x.reshape(*x.shape, *([1] * (n - x.ndim)))
+    pkg.utils = utils
+    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils", "torchsde")}
+    sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
+    if importlib.util.find_spec("torchsde") is None:
+        sys.modules["torchsde"] = types.ModuleType("torchsde")  # only BrownianTree uses it
+    try:
+        file_spec = importlib.util.spec_from_file_location("k_diffusion.sampling",
+                                                           os.path.join(root, "sampling.py"))
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+        return module
+    except Exception:
+        return None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+@torch.no_grad()
+def nvlabs_style_sampler(den, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("inf"),
+                         S_noise=1.0):
+    """Behaves like NVlabs' edm_sampler for timing: float64 state, device-scalar comparisons
+    (one host sync per step) and a randn_like every step even when S_churn = 0."""
+    t_steps = torch.as_tensor(sigmas, dtype=torch.float64, device=latents.device)
+    num_steps = len(t_steps) - 1
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur + (t_hat**2 - t_cur**2).sqrt() * S_noise * torch.randn_like(x_cur)
+        sigma = t_hat.float().expand(len(x_hat))
+        denoised = den(x_hat.to(torch.float32), sigma).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            denoised = den(x_next.to(torch.float32), t_next.float().expand(len(x_hat)))
+            d_prime = (x_next - denoised.to(torch.float64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def count_flops(den, x, sigma, labels=None) -> float:
+    """FLOPs of one denoiser forward (torch.utils.flop_counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        den(x, sigma, labels)
+    return float(counter.get_total_flops())
+
+
+_PEAK: dict = {}
+
+
+def peak_flops(device) -> float:
+    """Measured float32 matmul rate (TF32 off): the practical compute ceiling of ``device``."""
+    key = str(device)
+    if key not in _PEAK:
+        n = 8192 if device.type == "cuda" else 1024
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        seconds = time_call(lambda: a @ b, device)
+        torch.backends.cuda.matmul.allow_tf32 = prev
+        _PEAK[key] = 2 * n**3 / seconds
+    return _PEAK[key]
+
+
+def _row(model, batch, name, total, nfe, t_f, flops, peak, warmup=0.0):
+    overhead = total - nfe * t_f
+    return {"model": model, "batch": batch, "sampler": name, "warm-up s": f"{warmup:.1f}",
+            "total ms": f"{total * 1e3:.1f}", "ms/NFE": f"{total * 1e3 / nfe:.3f}",
+            "img/s": f"{batch / total:.1f}", "t_F ms": f"{t_f * 1e3:.3f}",
+            "overhead %": f"{100 * overhead / total:.1f}",
+            "GFLOP/s": f"{nfe * flops / total / 1e9:.1f}",
+            "% peak": f"{100 * nfe * flops / total / peak:.1f}"}
+
+
+def _single_forward_time(name, sampler, latents, sigma, one_hot, device, t_eager):
+    """t_F for a backend: its own way of running one forward."""
+    backend = sampler.backend
+    if name == "compiled":
+        return time_call(lambda: backend.evaluate_once(latents, sigma, one_hot), device)
+    if name in ("cpp", "onnx") and hasattr(backend, "evaluate_once"):
+        return time_call(lambda: backend.evaluate_once(latents, sigma, one_hot), device)
+    return t_eager
+
+
+def benchmark_case(model_name: str, batch: int, *, device, steps: int = 18, repeats: int = 5,
+                   backends=None, outside: bool = True, log=print) -> list[dict]:
+    """Rows for one (model, batch): ours per backend, then nvlabs-eager and k-diffusion."""
+    den = bench_model(model_name, device)
+    shape = _model_shape(den)
+    plan = SamplingPlan.build(num_steps=steps)
+    nfe = plan.num_evals
+    latents = SeedNoise(range(batch), shape, device=device).draw()
+    sigma = torch.full((batch,), 2.0, device=device)
+    labels = (torch.arange(batch) % den.label_dim) if den.label_dim else None
+    one_hot = (None if labels is None else
+               torch.nn.functional.one_hot(labels.to(device), den.label_dim).float())
+    flops = count_flops(den, latents, sigma, one_hot)
+    peak = peak_flops(device)
+    t_eager = time_call(lambda: den(latents, sigma, one_hot), device, repeats)
+    rows = []
+    for name, reason in available_backends().items():
+        if reason is not None or (backends is not None and name not in backends):
+            continue
+        start = time.perf_counter()
+        try:
+            sampler = Sampler(den, shape=shape, batch_size=batch, num_steps=steps,
+                              device=device, backend=name)
+        except Exception as exc:  # a backend that cannot build this model here: say so
+            log(f"[bench] {model_name} batch {batch} {name}: {type(exc).__name__}: {exc}")
+            continue
+        warm = time.perf_counter() - start
+        total = time_call(lambda s=sampler: s(seeds=range(batch), class_labels=labels), device,
+                          repeats)
+        t_f = _single_forward_time(name, sampler, latents, sigma, one_hot, device, t_eager)
+        rows.append(_row(model_name, batch, f"ours/{name}", total, nfe, t_f, flops, peak, warm))
+    if outside:
+        sigmas = list(plan.sigmas)
+        total = time_call(lambda: nvlabs_style_sampler(lambda x, s: den(x, s, one_hot), latents,
+                                                       sigmas), device, repeats)
+        rows.append(_row(model_name, batch, "nvlabs-eager", total, nfe, t_eager, flops, peak))
+        kd = load_k_diffusion_sampling()
+        if kd is not None:
+            sig_t = torch.tensor(sigmas, dtype=torch.float32, device=device)
+
+            class KModel(torch.nn.Module):
+                def forward(self, x, s):
+                    return den(x, s, one_hot)
+
+            km = KModel()
+            total = time_call(lambda: kd.sample_heun(km, latents * sigmas[0], sig_t,
+                                                     disable=True), device, repeats)
+            rows.append(_row(model_name, batch, "k-diffusion", total, nfe, t_eager, flops, peak))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as a Markdown table."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""Every sampling backend against the float64 reference, and the Sampler interface.
+
+Tolerance rule (stated once, used throughout): a float32 backend must be within
+    rel_err(backend32, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
+where rel_err is the 2-norm relative error over the batch. The first term is the sampler-math
+target; the second accepts the network's own float32 rounding, which the float32 reference
+shows (the flash-attention rule: no worse than twice the reference's own error in that dtype).
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from edm_fast.backends import resolve_backend
+from edm_fast.backends.compiled import CompiledBackend
+from edm_fast.backends.plan import SamplingPlan
+from edm_fast.backends.reference import ReferenceBackend
+from edm_fast.noise import SeedNoise
+from edm_fast.precond import Denoiser, EDMPrecond
+from edm_fast.sampler import Sampler
+from edm_fast.samplers import sample_edm
+from edm_fast.toy import ring_mixture_2d
+
+
+class TinyConvNet(nn.Module):
+    """A small conditional conv net F(x, c_noise, labels) with random weights."""
+
+    def __init__(self, channels=2, label_dim=3):
+        super().__init__()
+        self.img_channels, self.img_resolution, self.label_dim = channels, 5, label_dim
+        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, channels, 3, padding=1)
+        self.emb = nn.Linear(1 + label_dim, 8)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        cond = noise_labels.reshape(-1, 1)
+        if self.label_dim:
+            cond = torch.cat([cond, class_labels], dim=1)
+        h = torch.tanh(self.conv1(x) + self.emb(cond)[:, :, None, None])
+        return self.conv2(h)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_denoiser(label_dim=3, channels=2):
+    torch.manual_seed(0)
+    return Denoiser(TinyConvNet(channels, label_dim), EDMPrecond()).eval()
+
+
+def run_backend(backend_cls, den, plan, shape, dtype, labels, seeds, **opts):
+    noise = SeedNoise(seeds, shape[1:])
+    latents, churn = noise.draw(), noise.draw_many(len(plan.churn_steps))
+    be = backend_cls(den, plan, shape, dtype=dtype, device=torch.device("cpu"),
+                     label_dim=den.label_dim, **opts)
+    return be.run(latents, churn if len(plan.churn_steps) else None, labels)
+
+
+CASES = [
+    # solver, churn, batch, guidance, image (C, H, W)
+    ("heun", 0.0, 1, None, (2, 5, 5)),
+    ("heun", 30.0, 3, None, (2, 5, 5)),
+    ("euler", 0.0, 8, None, (2, 5, 5)),
+    ("euler", 30.0, 3, 2.0, (2, 5, 5)),
+    ("heun", 0.0, 3, 1.5, (3, 7, 9)),
+    ("heun", 30.0, 8, 2.0, (1, 7, 9)),
+]
+
+
+@pytest.mark.parametrize("solver, S_churn, batch, guidance, image", CASES)
+@pytest.mark.parametrize("step_impl", ["torch", "triton"])
+def test_compiled_backend_step_math_matches_reference(solver, S_churn, batch, guidance, image,
+                                                      step_impl):
+    """The compiled backend's loop (eager net here; Triton kernels through the interpreter on
+    the CPU) against the float64 reference, same per-seed noise, labels and guidance."""
+    den = make_denoiser(label_dim=3, channels=image[0])
+    plan = SamplingPlan.build(num_steps=8, S_churn=S_churn, S_min=0.05, S_max=20.0,
+                              solver=solver, guidance=guidance)
+    shape = (batch, *image)
+    labels = nn.functional.one_hot(torch.arange(batch) % 3, 3).float()
+    seeds = range(100, 100 + batch)
+    ref64 = run_backend(ReferenceBackend, den, plan, shape, torch.float64, labels, seeds)
+    ref32 = run_backend(ReferenceBackend, den, plan, shape, torch.float32, labels, seeds)
+    fast = run_backend(CompiledBackend, den, plan, shape, torch.float32, labels, seeds,
+                       compile=False, step_impl=step_impl)
+    assert fast.dtype == torch.float32 and fast.shape == shape
+    bound = max(1e-5, 2 * rel_err(ref32, ref64))
+    assert rel_err(fast, ref64) <= bound, (rel_err(fast, ref64), bound)
+
+
+def test_fused_precond_triton_path_is_used_and_correct():
+    """For an EDM Denoiser without guidance the triton path fuses the preconditioning into the
+    step kernels (precond_in -> F -> precond_out_euler / precond_out_heun)."""
+    den = make_denoiser(label_dim=0)
+    plan = SamplingPlan.build(num_steps=6)
+    be = CompiledBackend(den, plan, (3, 2, 5, 5), dtype=torch.float32, device=torch.device("cpu"),
+                         label_dim=0, compile=False, step_impl="triton")
+    assert be.fused_precond
+    latents = SeedNoise(range(3), (2, 5, 5)).draw()
+    out = be.run(latents)
+    ref = sample_edm(den, latents.double(), plan.sigmas)
+    ref32 = sample_edm(den, latents, plan.sigmas)
+    assert rel_err(out, ref) <= max(1e-5, 2 * rel_err(ref32, ref))
+
+
+def test_inductor_cpu_compile_matches_reference():
+    """torch.compile through Inductor's C++ backend on the CPU (the toy MLP; one compile of the
+    denoiser serves all 35 evaluations: sigma is a tensor, so no recompilation per step)."""
+    import torch._dynamo
+
+    from edm_fast.nets import build_net
+
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    den = Denoiser(build_net("toy-mlp", hidden=32, depth=2), EDMPrecond()).eval()
+    plan = SamplingPlan.build(num_steps=18)
+    latents = SeedNoise(range(16), (2,)).draw()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    be = CompiledBackend(den, plan, (16, 2), dtype=torch.float32, device=torch.device("cpu"),
+                         label_dim=0, compile=True, step_impl="torch")
+    out = be.run(latents)
+    out2 = be.run(latents)
+    assert torch.equal(out, out2)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every sigma
+    ref64 = sample_edm(den, latents.double(), plan.sigmas)
+    ref32 = sample_edm(den, latents, plan.sigmas)
+    assert rel_err(out, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
+
+
+def test_sampler_reference_equals_sample_edm_and_is_batch_invariant():
+    den = ring_mixture_2d().as_denoiser()
+    s = Sampler(den, batch_size=4, S_churn=20, S_min=0.05, S_max=10, dtype=torch.float64,
+                backend="reference", device="cpu")
+    x = s(seeds=range(10))  # 3 chunks of 4, the last one padded
+    noise = SeedNoise(range(10), (2,), dtype=torch.float64)
+    direct = sample_edm(den, noise.draw(), s.plan.sigmas, S_churn=20, S_min=0.05, S_max=10,
+                        randn=noise.randn_like)
+    assert torch.allclose(x, direct, rtol=1e-12, atol=1e-12)
+    one = Sampler(den, batch_size=1, S_churn=20, S_min=0.05, S_max=10, dtype=torch.float64,
+                  backend="reference", device="cpu")
+    assert torch.allclose(one(seeds=[7]), x[7:8], rtol=1e-12, atol=1e-12)
+    assert s.num_evals == 35
+
+
+def test_sampler_labels_and_validation():
+    den = make_denoiser(label_dim=3)
+    s = Sampler(den, shape=(2, 5, 5), batch_size=2, num_steps=4, backend="reference",
+                device="cpu", guidance=2.0)
+    a = s(seeds=[1, 2], class_labels=1)
+    b = s(seeds=[1, 2], class_labels=torch.tensor([1, 1]))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="class labels must lie"):
+        s(seeds=[1], class_labels=5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        s()
+    with pytest.raises(ValueError, match="noise must be"):
+        s(noise=torch.zeros(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="guidance needs"):
+        Sampler(make_denoiser(label_dim=0), shape=(2, 5, 5), guidance=2.0, device="cpu")
+
+
+def test_auto_backend_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
+    monkeypatch.setenv("EDM_FAST_DISABLE_COMPILED", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cls = resolve_backend("auto", torch.device("cpu"))
+    assert cls is ReferenceBackend
+    msgs = [str(w.message) for w in caught if "edm-fast" in str(w.message)]
+    assert len(msgs) == 1 and "EDM_FAST_DISABLE_CPP" in msgs[0]
+    monkeypatch.setenv("EDM_FAST_BACKEND", "reference")
+    assert resolve_backend("compiled", torch.device("cpu")) is ReferenceBackend
+    with pytest.raises(ValueError, match="unknown backend"):
+        monkeypatch.delenv("EDM_FAST_BACKEND")
+        resolve_backend("tensorrt", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S_churn, guidance", [(0.0, None), (30.0, None), (0.0, 2.0)])
+def test_cuda_graph_loop_matches_reference(S_churn, guidance):
+    """On CUDA: torch.compile + Triton fused kernels + the whole loop as one CUDA graph."""
+    from edm_fast.nets import build_net
+
+    torch.manual_seed(0)
+    den = Denoiser(build_net("tiny", label_dim=10, dropout=0.0), EDMPrecond()).eval().cuda()
+    den_cpu64 = Denoiser(build_net("tiny", label_dim=10, dropout=0.0), EDMPrecond()).eval()
+    den_cpu64.load_state_dict(den.state_dict())
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    s = Sampler(den, batch_size=8, num_steps=18, S_churn=S_churn, S_min=0.05, S_max=50,
+                guidance=guidance, device="cuda", backend="compiled")
+    assert s.backend.graph is not None
+    labels = torch.arange(8) % 10
+    out = s(seeds=range(8), class_labels=labels).cpu()
+    ref64 = Sampler(den_cpu64.double(), batch_size=8, num_steps=18, S_churn=S_churn, S_min=0.05,
+                    S_max=50, guidance=guidance, device="cpu", backend="reference",
+                    dtype=torch.float64)(seeds=range(8), class_labels=labels)
+    ref32 = Sampler(den, batch_size=8, num_steps=18, S_churn=S_churn, S_min=0.05, S_max=50,
+                    guidance=guidance, device="cuda", backend="reference")(
+                        seeds=range(8), class_labels=labels).cpu()
+    assert rel_err(out, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
+    again = s(seeds=range(8), class_labels=labels).cpu()
+    assert torch.equal(out, again)
+
+
+@pytest.mark.gpu
+def test_reference_loop_has_no_host_sync_on_cuda():
+    """The reference loop issues no CUDA synchronisation until its single final check."""
+    den = make_denoiser(label_dim=0).cuda()
+    latents = torch.randn(4, 2, 5, 5, device="cuda")
+    sigmas = torch.linspace(10, 0, 9, dtype=torch.float64).tolist()
+    import edm_fast.samplers as S
+
+    finish = S._Loop.finish
+    seen = {}
+
+    def spy_finish(self, x):
+        seen["mode"] = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        return finish(self, x)
+
+    S._Loop.finish = spy_finish
+    try:
+        torch.cuda.set_sync_debug_mode(2)  # error on any synchronising call
+        S.sample_edm(den, latents, sigmas)
+    finally:
+        S._Loop.finish = finish
+        torch.cuda.set_sync_debug_mode(0)
+    assert seen["mode"] == 2
