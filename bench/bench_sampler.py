@@ -30,6 +30,7 @@ MODELS = os.environ.get("EDM_BENCH_MODELS", "mlp,tiny,bundled,cifar10-ddpmpp").s
 BATCHES = [int(b) for b in os.environ.get(
     "EDM_BENCH_BATCHES", "1,16,64,256,1024" if GPU else "1,16,64").split(",")]
 REPEATS = int(os.environ.get("EDM_BENCH_REPEATS", "5"))
+BACKENDS = os.environ.get("EDM_BENCH_BACKENDS")  # comma list; default: all that load
 ROWS: list[dict] = []
 # the 56M-parameter net takes ~0.7 s per forward on this 2-core CPU: batch 1 only there
 CASES = [(m, b) for m in MODELS for b in BATCHES if GPU or m != "cifar10-ddpmpp" or b == 1]
@@ -42,7 +43,8 @@ def test_sampler_backends(benchmark, model_name, batch):
 
         if not bundled_path("default").exists():
             pytest.skip("bundled model not built")
-    rows = benchmark_case(model_name, batch, device=DEVICE, steps=STEPS, repeats=REPEATS)
+    rows = benchmark_case(model_name, batch, device=DEVICE, steps=STEPS, repeats=REPEATS,
+                          backends=BACKENDS.split(",") if BACKENDS else None)
     benchmark.extra_info["rows"] = rows
     benchmark.pedantic(lambda: None, rounds=1)  # the rows above are the measurement
     ROWS.extend(rows)
@@ -58,7 +60,8 @@ def teardown_module(module):
             f"steps). % peak: against the measured float32 matmul rate, "
             f"{peak_flops(DEVICE) / 1e9:.0f} GFLOP/s. Overhead can be negative when the loop's "
             "forwards run faster than an isolated forward (warm caches, no launch gaps).")
-    cmd = (f"EDM_BENCH_MODELS={','.join(MODELS)} EDM_BENCH_BATCHES="
+    cmd = (f"EDM_BENCH_BACKENDS={BACKENDS or ''} EDM_BENCH_MODELS={','.join(MODELS)} "
+           f"EDM_BENCH_BATCHES="
            f"{','.join(map(str, BATCHES))} EDM_BENCH_STEPS={STEPS} "
            "python -m pytest bench/bench_sampler.py -q -s")
     append_results("Sampler backends: latency per NFE, img/s, overhead (bench/bench_sampler.py)",

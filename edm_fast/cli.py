@@ -112,7 +112,8 @@ def cmd_sample(args) -> int:
                       num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                       rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
                       S_noise=args.S_noise, guidance=args.guidance,
-                      dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend)
+                      dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
+                      expected_images=len(seeds))
     labels = _labels_for(args, seeds, sampler.label_dim)
     start = time.perf_counter()
     chunks = []

@@ -40,6 +40,8 @@ class Sampler:
         dtype: dtype of the sampler state (float32, or float64 for the golden reference).
         device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ...
         backend: 'auto', 'reference', 'compiled', 'cpp' or 'onnx' (see edm_fast.backends).
+        expected_images: optional workload hint; with 'auto' on the CPU a small job keeps the
+            reference loop rather than paying a compile/export it cannot amortise.
     """
 
     def __init__(self, model, shape: Sequence[int] | None = None, *, batch_size: int = 64,
@@ -47,7 +49,8 @@ class Sampler:
                  sigma_max: float | None = None, rho: float = 7.0, S_churn: float = 0.0,
                  S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
                  guidance: float | None = None, dtype: torch.dtype = torch.float32,
-                 device="auto", backend: str = "auto", backend_options: dict | None = None):
+                 device="auto", backend: str = "auto", backend_options: dict | None = None,
+                 expected_images: int | None = None):
         start = time.perf_counter()
         self.device = resolve_device(device)
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -69,7 +72,7 @@ class Sampler:
             sigma_max=min(sigma_max or 80.0, getattr(self.denoiser, "sigma_max", float("inf"))),
             rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,
             guidance=guidance, round_sigma=getattr(self.denoiser, "round_sigma", None))
-        backend_cls = resolve_backend(backend, self.device)
+        backend_cls = resolve_backend(backend, self.device, expected_images)
         self.backend = backend_cls(self.denoiser, self.plan, (self.batch_size, *self.shape),
                                    dtype=dtype, device=self.device, label_dim=self.label_dim,
                                    **(backend_options or {}))

@@ -1,0 +1,244 @@
+// edm_fast_sample: EDM sampling (Karras et al. 2022, Algorithm 2) without Python.
+//
+// Loads a denoiser exported by edm_fast/export.py (AOTInductor .pt2 or TorchScript), computes
+// the schedule (Eq. 5), the churn (Alg. 2 l.4-5), per-seed noise (bit-identical to
+// edm_fast.noise.SeedNoise) and the sampling loop in C++, and writes the samples as a float32
+// .npy of shape (N, *sample_shape). Built by CMakeLists.txt at the repository root.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "denoiser_runner.h"
+#include "sampler_loop.h"
+#include "schedule.h"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: edm_fast_sample --model PATH [options]
+
+Sample images with EDM's sampler (Karras et al. 2022, Alg. 2) from an exported denoiser.
+
+  --model PATH         .pt2 from edm_fast.export.export_aoti, or a TorchScript file
+  --kind K             auto | aoti | torchscript                       [auto: by suffix]
+  --seeds LIST         e.g. 0-7 or 1,5,9 or 0-3,10 (one image per seed)  [0-7]
+  --batch B            images per denoiser batch (results do not depend on it)  [64]
+  --steps N            number of steps                                 [18]
+  --sigma-min S        smallest noise level                            [0.002]
+  --sigma-max S        largest noise level                             [80]
+  --rho R              schedule exponent (Eq. 5)                       [7]
+  --S-churn S          stochasticity (Alg. 2)                          [0]
+  --S-min S            churn only where t >= S_min                     [0]
+  --S-max S            churn only where t <= S_max                     [inf]
+  --S-noise S          noise inflation                                 [1]
+  --solver S           heun | euler                                    [heun]
+  --class K            class index for every image (conditional models; default: zero
+                       labels, i.e. unconditional)
+  --guidance W         classifier-free guidance weight (needs --class)
+  --shape C,H,W        sample shape (default: from the model's metadata; must match it)
+  --device D           cpu | cuda | cuda:I                             [cpu]
+  --tf32 0|1           allow TF32 convolutions/matmuls on CUDA (faster, ~1e-3 error)  [0]
+  --out PATH           output .npy, float32 (N, *shape)                [out.npy]
+)";
+
+using Options = std::map<std::string, std::string>;
+
+Options parse_args(int argc, char** argv) {
+  Options opts{{"kind", "auto"},     {"seeds", "0-7"},    {"batch", "64"},  {"steps", "18"},
+               {"sigma-min", "0.002"}, {"sigma-max", "80"}, {"rho", "7"},    {"S-churn", "0"},
+               {"S-min", "0"},       {"S-max", "inf"},    {"S-noise", "1"}, {"solver", "heun"},
+               {"device", "cpu"},    {"out", "out.npy"},  {"tf32", "0"}};
+  const std::vector<std::string> known{"model", "kind", "seeds", "batch", "steps", "sigma-min",
+                                       "sigma-max", "rho", "S-churn", "S-min", "S-max",
+                                       "S-noise", "solver", "class", "guidance", "shape",
+                                       "device", "out", "tf32"};
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    TORCH_CHECK(arg.rfind("--", 0) == 0, "unexpected argument '", arg, "' (see --help)");
+    std::string key = arg.substr(2), value;
+    const auto eq = key.find('=');
+    if (eq != std::string::npos) {
+      value = key.substr(eq + 1);
+      key = key.substr(0, eq);
+    } else {
+      TORCH_CHECK(i + 1 < argc, "option --", key, " needs a value (see --help)");
+      value = argv[++i];
+    }
+    TORCH_CHECK(std::find(known.begin(), known.end(), key) != known.end(), "unknown option --",
+                key, " (see --help)");
+    opts[key] = value;
+  }
+  TORCH_CHECK(opts.count("model"), "--model PATH is required (see --help)");
+  return opts;
+}
+
+double to_double(const Options& opts, const std::string& key) {
+  try {
+    size_t used = 0;
+    const double value = std::stod(opts.at(key), &used);
+    TORCH_CHECK(used == opts.at(key).size(), "");
+    return value;
+  } catch (const std::exception&) {
+    TORCH_CHECK(false, "--", key, " expects a number, got '", opts.at(key), "'");
+  }
+}
+
+int64_t to_int(const std::string& text, const std::string& what) {
+  try {
+    size_t used = 0;
+    const long long value = std::stoll(text, &used);
+    TORCH_CHECK(used == text.size(), "");
+    return value;
+  } catch (const std::exception&) {
+    TORCH_CHECK(false, what, " expects an integer, got '", text, "'");
+  }
+}
+
+// "0-3,10" -> {0, 1, 2, 3, 10} (inclusive ranges, as edm_fast.noise.parse_seeds).
+std::vector<uint64_t> parse_seeds(const std::string& spec) {
+  std::vector<uint64_t> seeds;
+  std::stringstream parts(spec);
+  std::string part;
+  while (std::getline(parts, part, ',')) {
+    if (part.empty()) continue;
+    const auto dash = part.find('-', 1);
+    const int64_t lo = to_int(part.substr(0, dash), "--seeds");
+    const int64_t hi = dash == std::string::npos ? lo : to_int(part.substr(dash + 1), "--seeds");
+    TORCH_CHECK(lo >= 0 && hi >= lo, "bad seed list '", spec, "': use e.g. 0-63 or 1,5,9");
+    for (int64_t s = lo; s <= hi; ++s) seeds.push_back(static_cast<uint64_t>(s));
+  }
+  TORCH_CHECK(!seeds.empty(), "bad seed list '", spec, "': no seeds");
+  return seeds;
+}
+
+std::vector<int64_t> parse_shape(const std::string& spec) {
+  std::vector<int64_t> shape;
+  std::stringstream parts(spec);
+  std::string part;
+  while (std::getline(parts, part, ',')) {
+    shape.push_back(to_int(part, "--shape"));
+    TORCH_CHECK(shape.back() >= 1, "--shape sizes must be >= 1, got '", spec, "'");
+  }
+  return shape;
+}
+
+// NumPy .npy format 1.0: magic, version, little-endian header length, a Python-literal dict
+// padded with spaces to a multiple of 64 bytes, then the raw little-endian float32 data.
+void write_npy(const std::string& path, const at::Tensor& images) {
+  const uint16_t probe = 1;
+  TORCH_CHECK(*reinterpret_cast<const uint8_t*>(&probe) == 1, "write_npy needs a little-endian "
+              "host");
+  const at::Tensor data = images.to(at::kCPU, at::kFloat).contiguous();
+  std::string shape = "(";
+  for (int64_t d = 0; d < data.dim(); ++d) {
+    shape += std::to_string(data.size(d)) + (data.dim() == 1 || d + 1 < data.dim() ? ", " : "");
+  }
+  shape += ")";
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }";
+  const size_t unpadded = 6 + 2 + 2 + header.size() + 1;  // magic, version, length, '\n'
+  header += std::string((64 - unpadded % 64) % 64, ' ') + "\n";
+  std::ofstream out(path, std::ios::binary);
+  TORCH_CHECK(out.good(), "cannot write '", path, "'");
+  const uint16_t header_len = static_cast<uint16_t>(header.size());
+  out.write("\x93NUMPY\x01\x00", 8);
+  out.write(reinterpret_cast<const char*>(&header_len), 2);
+  out.write(header.data(), static_cast<std::streamsize>(header.size()));
+  out.write(static_cast<const char*>(data.data_ptr()),
+            static_cast<std::streamsize>(data.numel() * sizeof(float)));
+  TORCH_CHECK(out.good(), "writing '", path, "' failed");
+}
+
+int run(const Options& opts) {
+  const c10::Device device(opts.at("device"));
+  TORCH_CHECK(opts.at("tf32") == "0" || opts.at("tf32") == "1", "--tf32 expects 0 or 1");
+  at::globalContext().setAllowTF32CuDNN(opts.at("tf32") == "1");
+  at::globalContext().setAllowTF32CuBLAS(opts.at("tf32") == "1");
+  auto denoiser = edm_fast::load_denoiser(opts.at("model"), opts.at("kind"), device);
+  const edm_fast::ModelInfo& info = denoiser->info();
+
+  std::vector<int64_t> shape = info.sample_shape;
+  if (opts.count("shape")) {
+    const auto given = parse_shape(opts.at("shape"));
+    TORCH_CHECK(shape.empty() || given == shape, "--shape ", opts.at("shape"),
+                " does not match the model's sample shape ", c10::IntArrayRef(shape));
+    shape = given;
+  }
+  TORCH_CHECK(!shape.empty(), "the model has no edm_fast metadata; pass --shape C,H,W");
+  TORCH_CHECK(info.precond.empty() || info.precond == "edm" || info.precond == "vp" ||
+                  info.precond == "ve",
+              "the '", info.precond, "' preconditioning rounds sigma to discrete levels, which "
+              "this binary does not do; sample it from Python");
+
+  std::optional<double> guidance;
+  if (opts.count("guidance")) guidance = to_double(opts, "guidance");
+  const auto plan = edm_fast::make_edm_plan(
+      to_int(opts.at("steps"), "--steps"), to_double(opts, "sigma-min"),
+      to_double(opts, "sigma-max"), to_double(opts, "rho"), to_double(opts, "S-churn"),
+      to_double(opts, "S-min"), to_double(opts, "S-max"), to_double(opts, "S-noise"),
+      opts.at("solver"), guidance);
+
+  const auto seeds = parse_seeds(opts.at("seeds"));
+  const int64_t batch = to_int(opts.at("batch"), "--batch");
+  TORCH_CHECK(batch >= 1, "--batch must be >= 1");
+  const auto options = at::TensorOptions().dtype(info.dtype.value_or(at::kFloat)).device(device);
+  int64_t class_idx = -1;
+  if (opts.count("class")) {
+    class_idx = to_int(opts.at("class"), "--class");
+    TORCH_CHECK(info.label_dim > 0, "--class given but the model is unconditional");
+    TORCH_CHECK(class_idx >= 0 && class_idx < info.label_dim, "--class must lie in [0, ",
+                info.label_dim, "), got ", class_idx);
+  }
+  TORCH_CHECK(!guidance || class_idx >= 0, "--guidance needs --class K");
+
+  std::vector<at::Tensor> chunks;
+  const auto start = std::chrono::steady_clock::now();
+  for (size_t first = 0; first < seeds.size(); first += batch) {
+    const std::vector<uint64_t> chunk(
+        seeds.begin() + first, seeds.begin() + std::min(seeds.size(), first + batch));
+    std::optional<at::Tensor> labels;
+    if (class_idx >= 0) {
+      labels = at::zeros({static_cast<int64_t>(chunk.size()), info.label_dim}, options);
+      labels->select(1, class_idx).fill_(1.0);  // one-hot
+    }
+    chunks.push_back(
+        edm_fast::sample_from_seeds(*denoiser, plan, chunk, shape, options, labels).cpu());
+  }
+  const at::Tensor images = at::cat(chunks);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  write_npy(opts.at("out"), images);
+  std::cerr << "edm_fast_sample: " << seeds.size() << " samples " << c10::IntArrayRef(shape)
+            << ", " << plan.num_evals() << " NFE per batch, " << seconds << " s -> "
+            << opts.at("out") << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_args(argc, argv));
+  } catch (const c10::Error& e) {
+    std::cerr << "edm_fast_sample: error: " << e.what_without_backtrace() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "edm_fast_sample: error: " << e.what() << "\n";
+  }
+  return 1;
+}

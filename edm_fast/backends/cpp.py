@@ -1,0 +1,111 @@
+"""The 'cpp' backend: EDM Algorithm 2 as one C++ loop (csrc/) over an exported denoiser.
+
+At construction the denoiser D(x; sigma, labels) is exported once (AOTInductor .pt2 by default,
+or TorchScript) and loaded into ``torch.classes.edm_fast.Sampler``; the export time is reported
+as ``warmup_seconds``. ``run`` then executes a ``SamplingPlan`` entirely in C++: per-step
+scalars are host doubles, sigma vectors are preallocated, noise is injected only on steps with
+gamma_i > 0, and classifier-free guidance runs conditional + unconditional as one batch of 2N.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import weakref
+
+import torch
+
+from .. import ops
+from ..export import export_aoti, export_torchscript, read_metadata
+from ..guidance import one_hot_labels
+from .plan import SamplingPlan
+
+__all__ = ["CppBackend"]
+
+_SUFFIX = {"aoti": ".pt2", "torchscript": ".ts"}
+
+
+class CppBackend:
+    """Run a SamplingPlan with the C++ loop.
+
+    Args:
+        denoiser: a ``precond.Denoiser`` (a ``GuidedDenoiser`` is unwrapped; its weight is used
+            when ``plan.guidance`` is None).
+        plan: the host scalars of the run (``SamplingPlan.build``).
+        batch_shape: (N, *sample_shape) of the latents ``run`` will get; other batch sizes work
+            too (the export has a dynamic batch).
+        dtype, device: the loop's dtype (float32 or float64) and device ('cpu' or 'cuda').
+        label_dim: defaults to the denoiser's.
+        model_path: where to write the exported model (default: a private temporary directory,
+            removed with the backend). With ``reuse_model=True`` an existing file there is
+            loaded instead of re-exported (its metadata must match).
+        kind: 'aoti' (torch.export + AOTInductor) or 'torchscript' (torch.jit.trace).
+    """
+
+    name = "cpp"
+
+    def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *,
+                 dtype: torch.dtype = torch.float32, device="cpu", label_dim: int | None = None,
+                 model_path: str | os.PathLike | None = None, kind: str = "aoti",
+                 reuse_model: bool = False):
+        ops.require_cpp()
+        if kind not in _SUFFIX:
+            raise ValueError(f"kind must be 'aoti' or 'torchscript', got {kind!r}")
+        inner = getattr(denoiser, "denoiser", None)
+        if inner is not None and hasattr(denoiser, "guidance"):  # GuidedDenoiser
+            if plan.guidance is None:
+                plan = SamplingPlan(plan.sigmas, plan.t_hats, plan.gammas, plan.solver,
+                                    plan.S_noise, float(denoiser.guidance))
+            denoiser = inner
+        self.plan = plan
+        self.batch_shape = tuple(int(n) for n in batch_shape)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.label_dim = int(denoiser.label_dim if label_dim is None else label_dim)
+        self.kind = kind
+        if plan.guidance is not None and self.label_dim <= 0:
+            raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
+        if model_path is None:
+            workdir = tempfile.mkdtemp(prefix="edm_fast_cpp_")
+            self._cleanup = weakref.finalize(self, shutil.rmtree, workdir, ignore_errors=True)
+            model_path = os.path.join(workdir, "denoiser" + _SUFFIX[kind])
+        self.model_path = os.fspath(model_path)
+
+        start = time.perf_counter()
+        if not (reuse_model and os.path.exists(self.model_path)
+                and self._metadata_matches(read_metadata(self.model_path))):
+            export = export_aoti if kind == "aoti" else export_torchscript
+            export(denoiser, self.batch_shape, label_dim=self.label_dim, device=self.device,
+                   dtype=dtype, path=self.model_path)
+        self.sampler = ops.load_sampler(self.model_path, kind=kind, device=self.device)
+        self.warmup_seconds = time.perf_counter() - start
+
+    def _metadata_matches(self, meta: dict) -> bool:
+        return (meta.get("edm_fast.label_dim") == str(self.label_dim)
+                and meta.get("edm_fast.sample_shape") == ",".join(map(str, self.batch_shape[1:]))
+                and meta.get("edm_fast.dtype") == str(self.dtype).removeprefix("torch.")
+                and meta.get("edm_fast.device") == self.device.type)
+
+    def run(self, latents: torch.Tensor, churn_noise: torch.Tensor | None = None,
+            class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Alg. 2 from x_0 = latents * t_0.
+
+        latents: (N, *sample_shape) unit-variance noise; churn_noise: (K, N, *sample_shape) with
+        K = len(plan.churn_steps) (the k-th slice is used at the k-th step with gamma_i > 0), or
+        None when K = 0; class_labels: (N, label_dim) float, (N,) int, or None (zeros).
+        Returns (N, *sample_shape) in the backend's dtype on its device.
+        """
+        latents = latents.to(self.device, self.dtype).contiguous()
+        n = latents.shape[0]
+        labels = None
+        if class_labels is not None:
+            labels = one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
+                                    dtype=self.dtype)
+        if churn_noise is not None:
+            churn_noise = churn_noise.to(self.device, self.dtype).contiguous()
+        p = self.plan
+        return self.sampler.sample(latents, list(p.sigmas), list(p.t_hats), list(p.gammas),
+                                   p.S_noise, p.solver, churn_noise, labels, p.guidance)
+
+    __call__ = run

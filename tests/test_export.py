@@ -1,0 +1,198 @@
+"""edm_fast.export: the branch-free D(x, sigma[, labels]) and its AOTInductor / TorchScript files.
+
+The exported function must equal ``precond.Denoiser`` for every batch size (dynamic batch),
+carry the edm_fast metadata the C++ loader checks, and follow the labels convention (a labels
+input only when label_dim > 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from edm_fast import ops
+from edm_fast.export import (
+    METADATA_FILE, ExportableDenoiser, export_aoti, export_torchscript, read_metadata,
+)
+from edm_fast.guidance import GuidedDenoiser
+from edm_fast.nets import MLP
+from edm_fast.precond import Denoiser, EDMPrecond, VEPrecond, VPPrecond
+
+DIM, LABEL_DIM = 5, 3
+REQUIRE_CPP = os.environ.get("EDM_FAST_REQUIRE_CPP", "0") == "1"
+needs_cpp = pytest.mark.skipif(not ops._load() and not REQUIRE_CPP,
+                               reason=f"edm_fast._C not built ({ops.load_error()})")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny test nets run ~100x faster on one thread than on a shared, busy pair."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_denoiser(label_dim=LABEL_DIM, precond=None, device="cpu") -> Denoiser:
+    """edm_fast.nets.MLP with re-drawn weights (its output layer starts at 1e-5 scale, which
+    would leave F out of the comparison)."""
+    torch.manual_seed(7)
+    net = MLP(DIM, hidden=16, depth=2, label_dim=label_dim)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    return Denoiser(net.eval(), precond or EDMPrecond()).to(device)
+
+
+def batch_inputs(batch, label_dim=LABEL_DIM, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, DIM, generator=g, dtype=torch.float64)
+    sigma = torch.exp(torch.randn(batch, generator=g, dtype=torch.float64) * 2.0)
+    labels = None
+    if label_dim:
+        labels = nn.functional.one_hot(torch.arange(batch) % label_dim, label_dim).double()
+        labels = labels.to(device, dtype)
+    return x.to(device, dtype), sigma.to(device, dtype), labels
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def aoti_device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def aoti_package(tmp_path_factory, aoti_device):
+    """The conditional MLP compiled once per device (tens of seconds on a CPU)."""
+    path = str(tmp_path_factory.mktemp("export") / f"mlp_{aoti_device.type}.pt2")
+    export_aoti(make_denoiser(device=aoti_device), (4, DIM), device=aoti_device, path=path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# The branch-free wrapper.
+
+@pytest.mark.parametrize("precond", [EDMPrecond(), EDMPrecond(sigma_data=1.3), VPPrecond(),
+                                     VEPrecond()], ids=["edm", "edm_sd1.3", "vp", "ve"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("label_dim", [0, LABEL_DIM])
+def test_exportable_equals_denoiser(precond, dtype, label_dim):
+    denoiser = make_denoiser(label_dim, precond)
+    module = ExportableDenoiser(denoiser)
+    for batch in (1, 4):
+        x, sigma, labels = batch_inputs(batch, label_dim, dtype)
+        with torch.no_grad():
+            out = module(x, sigma, labels)
+            ref = denoiser(x, sigma, labels)
+        assert out.dtype == dtype
+        assert torch.equal(out, ref)  # the same ATen ops in the same order
+
+
+def test_exportable_rejects_guided_wrapper_and_others():
+    with pytest.raises(TypeError, match="Denoiser"):
+        ExportableDenoiser(GuidedDenoiser(make_denoiser(), 2.0))
+    with pytest.raises(TypeError, match="Denoiser"):
+        ExportableDenoiser(nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------------------
+# TorchScript.
+
+@pytest.mark.parametrize("label_dim", [0, LABEL_DIM])
+def test_torchscript_dynamic_batch_and_metadata(tmp_path, label_dim, device):
+    denoiser = make_denoiser(label_dim, device=device)
+    path = export_torchscript(denoiser, (3, DIM), device=device, path=tmp_path / "d.ts")
+    module = torch.jit.load(path, map_location=device)
+    for batch in (1, 2, 5, 16):
+        x, sigma, labels = batch_inputs(batch, label_dim, device=device)
+        args = (x, sigma) if labels is None else (x, sigma, labels)
+        with torch.no_grad():
+            assert rel_err(module(*args), denoiser(x, sigma, labels)) < 1e-6
+    meta = read_metadata(path)
+    assert meta["edm_fast.label_dim"] == str(label_dim)
+    assert meta["edm_fast.sample_shape"] == str(DIM)
+    assert meta["edm_fast.dtype"] == "float32" and meta["edm_fast.precond"] == "edm"
+    assert meta["edm_fast.device"] == device.type
+    files = {METADATA_FILE: ""}
+    torch.jit.load(path, _extra_files=files)
+    assert b"edm_fast.label_dim=" in files[METADATA_FILE]
+
+
+def test_export_restores_training_mode_and_unwraps_guidance(tmp_path):
+    denoiser = make_denoiser()
+    denoiser.model.train()
+    export_torchscript(GuidedDenoiser(denoiser, 2.0), (2, DIM), path=tmp_path / "g.ts")
+    assert denoiser.model.training
+    module = torch.jit.load(str(tmp_path / "g.ts"))
+    x, sigma, labels = batch_inputs(3)
+    denoiser.eval()
+    with torch.no_grad():
+        assert rel_err(module(x, sigma, labels), denoiser(x, sigma, labels)) < 1e-6
+
+
+def test_export_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="label_dim"):
+        export_torchscript(make_denoiser(), (2, DIM), label_dim=7, path=tmp_path / "a.ts")
+    with pytest.raises(ValueError, match="batch shape"):
+        export_torchscript(make_denoiser(), (DIM,), path=tmp_path / "b.ts")
+    with pytest.raises(ValueError, match=".pt2"):
+        export_aoti(make_denoiser(), (2, DIM), path=tmp_path / "c.zip")
+
+
+# ------------------------------------------------------------------------------------------
+# AOTInductor.
+
+def test_aoti_dynamic_batch_matches_eager(aoti_package, aoti_device):
+    device = aoti_device
+    loaded = torch._inductor.aoti_load_package(aoti_package)
+    denoiser = make_denoiser(device=device)
+    for batch in (1, 3, 4, 16):
+        x, sigma, labels = batch_inputs(batch, device=device)
+        with torch.no_grad():
+            out = loaded(x, sigma, labels)
+            # Inductor fuses and reorders the float32 arithmetic: a few ulps per value.
+            assert rel_err(out, denoiser(x, sigma, labels)) < 1e-5
+
+
+def test_aoti_metadata(aoti_package, aoti_device):
+    meta = read_metadata(aoti_package)
+    assert meta["AOTI_DEVICE_KEY"] == aoti_device.type
+    assert meta["edm_fast.label_dim"] == str(LABEL_DIM)
+    assert meta["edm_fast.sample_shape"] == str(DIM)
+    assert meta["edm_fast.dynamic_batch"] == "1"
+
+
+@needs_cpp
+def test_aoti_loads_in_cpp_for_vector_data(aoti_package, aoti_device):
+    """The C++ loader reads the metadata and runs (N, D) data (not just images)."""
+    device = aoti_device
+    sampler = ops.load_sampler(aoti_package, device=device)
+    assert sampler.label_dim() == LABEL_DIM and sampler.sample_shape() == [DIM]
+    x, sigma, labels = batch_inputs(6, device=device)
+    ref = make_denoiser(device=device)(x, sigma, labels)
+    assert rel_err(sampler.denoise(x, sigma, labels), ref) < 1e-5
+
+
+@needs_cpp
+def test_aoti_static_batch(tmp_path):
+    """dynamic_batch=False bakes the batch in; the C++ loop says how to fix a mismatch."""
+    path = export_aoti(make_denoiser(0), (2, DIM), dynamic_batch=False,
+                       path=tmp_path / "static.pt2")
+    assert read_metadata(path)["edm_fast.dynamic_batch"] == "0"
+    sampler = ops.load_sampler(path)
+    sigmas, t_hats, gammas = [2.0, 1.0, 0.0], [2.0, 1.0], [0.0, 0.0]
+    out = sampler.sample(torch.randn(2, DIM), sigmas, t_hats, gammas, 1.0, "heun", None, None,
+                         None)
+    assert out.shape == (2, DIM)
+    with pytest.raises(RuntimeError, match="static batch of 2"):
+        sampler.sample(torch.randn(3, DIM), sigmas, t_hats, gammas, 1.0, "heun", None, None,
+                       None)
