@@ -7,8 +7,11 @@ __all__ = ["add_commands"]
 
 def add_commands(sub, formatter, add_sampling_options) -> None:
     """Register train and the other commands on the subparsers ``sub``."""
+    from .cli_serve import add_serve_command
+
     _add_train(sub, formatter)
     _add_bench(sub, formatter)
+    add_serve_command(sub, formatter)
 
 
 def _add_bench(sub, formatter) -> None:

@@ -1,0 +1,399 @@
+"""edm_fast.serve: batching through HTTP, bad requests, deadlines, disconnects, shutdown.
+
+Every server here listens on 127.0.0.1 on an ephemeral port and every client call has a timeout.
+Images come from the bundled digits model at 4 steps; the deadline and disconnect tests wrap
+the exact toy model in a sampler that sleeps, so their timing is under the test's control.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edm_fast.images import to_uint8
+from edm_fast.sampler import Sampler
+from edm_fast.serve import InferenceServer, make_sampler_factory
+
+STEPS = 4
+TOL = 1e-4  # batch-size-dependent float rounding is ~1e-5; a wrong seed or class is ~1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the dispatcher and the reference run on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def request(url, method="GET", path="/generate", body=None, headers=None, timeout=30):
+    """(status, headers dict, body bytes) of one request on a fresh connection."""
+    conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=timeout)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def generate(url, **body):
+    return request(url, "POST", body=body)
+
+
+def metrics(url) -> dict:
+    return json.loads(request(url, path="/metrics")[2])
+
+
+def npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def digits_server():
+    factory = make_sampler_factory("default", device="cpu", backend="reference")
+    server = InferenceServer(factory, max_batch=16, max_wait_ms=200, max_seeds=32,
+                             default_steps=STEPS, request_timeout_s=60).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """seed, class -> the image of Sampler(...)(seeds=[seed]) run alone (batch size 1)."""
+    sampler = Sampler("default", num_steps=STEPS, batch_size=1, device="cpu",
+                      backend="reference")
+    return lambda seed, c=None: sampler(seeds=[seed], class_labels=c)[0].numpy()
+
+
+#----------------------------------------------------------------------------
+# Batching: concurrent requests form batches, and each gets exactly its seed's image.
+
+def test_concurrent_requests_are_batched_and_match_the_sampler(digits_server, reference):
+    before = metrics(digits_server.url)["batches"]
+    jobs = [(seed, seed % 10 if seed % 3 else None) for seed in range(12)]
+    barrier = threading.Barrier(len(jobs))
+    results = {}
+
+    def client(seed, c):
+        barrier.wait(timeout=10)
+        results[seed] = generate(digits_server.url, seeds=[seed], **{"class": c},
+                                 steps=STEPS, format="npy")
+
+    threads = [threading.Thread(target=client, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for seed, c in jobs:
+        status, headers, body = results[seed]
+        assert status == 200, body
+        assert headers["X-Seeds"] == str(seed)
+        got = npy(body)
+        assert got.shape == (1, 1, 16, 16) and got.dtype == np.float32
+        np.testing.assert_allclose(got[0], reference(seed, c), rtol=0, atol=TOL)
+    m = metrics(digits_server.url)
+    assert m["batches"] - before < len(jobs), m  # fewer sampler calls than requests
+    assert max(int(k) for k in m["batch_size_histogram"]) > 1, m
+    assert m["queue_depth"] == 0
+
+
+def test_png_and_multi_seed_formats_match_the_sampler(digits_server, reference):
+    status, headers, body = generate(digits_server.url, seeds=5, **{"class": 3})
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    png = np.asarray(Image.open(io.BytesIO(body)))
+    want = to_uint8(torch.from_numpy(reference(5, 3))[None])[0, ..., 0]
+    assert png.shape == (16, 16) and np.abs(png.astype(int) - want).max() <= 1
+
+    status, _, body = generate(digits_server.url, seeds="7-9", **{"class": [1, None, 2]})
+    assert status == 200
+    out = json.loads(body)
+    assert out["seeds"] == [7, 8, 9] and out["classes"] == [1, None, 2] and out["steps"] == STEPS
+    for b64, seed, c in zip(out["images"], out["seeds"], out["classes"]):
+        img = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+        want = to_uint8(torch.from_numpy(reference(seed, c))[None])[0, ..., 0]
+        assert np.abs(img.astype(int) - want).max() <= 1
+
+    status, _, body = generate(digits_server.url, seeds=[4, 4], format="json")
+    samples = np.asarray(json.loads(body)["samples"], dtype=np.float32)
+    assert status == 200 and samples.shape == (2, 1, 16, 16)
+    np.testing.assert_allclose(samples[1], reference(4), atol=TOL)
+
+
+def test_healthz_reports_the_model(digits_server):
+    status, _, body = request(digits_server.url, path="/healthz")
+    info = json.loads(body)
+    assert status == 200 and info["status"] == "ok"
+    assert info["model"]["shape"] == [1, 16, 16] and info["model"]["label_dim"] == 10
+    assert info["limits"]["max_batch"] == 16 and info["limits"]["default_steps"] == STEPS
+
+
+#----------------------------------------------------------------------------
+# Bad requests: the right 4xx with a JSON message, and the server keeps serving.
+
+def _json_body(obj):
+    return json.dumps(obj).encode()
+
+
+BAD_REQUESTS = [  # (id, method, path, body bytes, extra headers, status, words in the message)
+    ("malformed-json", "POST", "/generate", b'{"seeds": [1,', {}, 400, "malformed JSON"),
+    ("not-utf8", "POST", "/generate", b"\xff\xfe\x00{", {}, 400, "malformed JSON"),
+    ("deep-nesting", "POST", "/generate", b"[" * 30000 + b"]" * 30000, {}, 400, "malformed"),
+    ("not-an-object", "POST", "/generate", _json_body([1, 2]), {}, 400, "JSON object"),
+    ("no-seeds", "POST", "/generate", _json_body({"steps": 4}), {}, 400, "missing 'seeds'"),
+    ("unknown-field", "POST", "/generate", _json_body({"seeds": 1, "sede": 2}), {}, 400,
+     "unknown field"),
+    ("seeds-float", "POST", "/generate", _json_body({"seeds": [1.5]}), {}, 400, "'seeds'"),
+    ("seeds-bool", "POST", "/generate", _json_body({"seeds": True}), {}, 400, "'seeds'"),
+    ("seeds-bad-range", "POST", "/generate", _json_body({"seeds": "9-1"}), {}, 400, "seed"),
+    ("steps-string", "POST", "/generate", _json_body({"seeds": 1, "steps": "4"}), {}, 400,
+     "'steps'"),
+    ("steps-bool", "POST", "/generate", _json_body({"seeds": 1, "steps": True}), {}, 400,
+     "'steps'"),
+    ("class-string", "POST", "/generate", _json_body({"seeds": 1, "class": "3"}), {}, 400,
+     "'class'"),
+    ("format-type", "POST", "/generate", _json_body({"seeds": 1, "format": 3}), {}, 400,
+     "'format'"),
+    ("steps-zero", "POST", "/generate", _json_body({"seeds": 1, "steps": 0}), {}, 422,
+     "[1, 256]"),
+    ("steps-257", "POST", "/generate", _json_body({"seeds": 1, "steps": 257}), {}, 422,
+     "[1, 256]"),
+    ("unknown-class", "POST", "/generate", _json_body({"seeds": 1, "class": 10}), {}, 422,
+     "unknown class 10"),
+    ("negative-class", "POST", "/generate", _json_body({"seeds": 1, "class": -1}), {}, 422,
+     "unknown class"),
+    ("class-count", "POST", "/generate", _json_body({"seeds": [1, 2], "class": [1]}), {}, 422,
+     "entries"),
+    ("too-many-seeds", "POST", "/generate", _json_body({"seeds": list(range(33))}), {}, 422,
+     "too many seeds"),
+    ("huge-seed-range", "POST", "/generate", _json_body({"seeds": "0-999999999999"}), {}, 422,
+     "too many seeds"),
+    ("empty-seeds", "POST", "/generate", _json_body({"seeds": []}), {}, 422, "empty"),
+    ("negative-seed", "POST", "/generate", _json_body({"seeds": [-1]}), {}, 422, "2**64"),
+    ("format-gif", "POST", "/generate", _json_body({"seeds": 1, "format": "gif"}), {}, 422,
+     "'format'"),
+    ("body-too-large", "POST", "/generate", b" " * 70000, {}, 413, "over the limit"),
+    ("no-length", "POST", "/generate", None, {}, 411, "Content-Length"),
+    ("chunked", "POST", "/generate", None, {"Transfer-Encoding": "chunked"}, 411, "chunked"),
+    ("bad-length", "POST", "/generate", None, {"Content-Length": "abc"}, 400, "Content-Length"),
+    ("wrong-path", "POST", "/nope", _json_body({"seeds": 1}), {}, 404, "not supported"),
+    ("get-generate", "GET", "/generate", None, {}, 405, "POST"),
+    ("unknown-get", "GET", "/nope", None, {}, 404, "no such endpoint"),
+    ("put", "PUT", "/generate", None, {}, 501, "Unsupported method"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_4xx_and_server_keeps_serving(digits_server, case):
+    _, method, path, body, headers, want, words = case
+    if body is None and method == "POST" and "Content-Length" not in headers:
+        status, resp_headers, data = _raw_request(digits_server.url, method, path, headers)
+    else:
+        status, resp_headers, data = request(digits_server.url, method, path, body, headers)
+    assert status == want, data
+    assert resp_headers["Content-Type"] == "application/json"
+    err = json.loads(data)
+    assert err["status"] == want and words in err["error"], err
+    status, _, data = generate(digits_server.url, seeds=1, format="npy")
+    assert status == 200 and npy(data).shape == (1, 1, 16, 16)
+
+
+def _raw_request(url, method, path, headers):
+    """A request with no Content-Length at all (http.client would add one)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    with socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), 10) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        return resp.status, dict(resp.getheaders()), resp.read()
+
+
+def test_errors_on_a_keep_alive_connection_do_not_break_it(digits_server):
+    url = urlsplit(digits_server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        for body, want in [(b"{bad", 400), (_json_body({"seeds": 2, "format": "npy"}), 200),
+                           (_json_body({"seeds": 1, "steps": 999}), 422),
+                           (_json_body({"seeds": 3, "format": "npy"}), 200)]:
+            conn.request("POST", "/generate", body=body)
+            resp = conn.getresponse()
+            assert resp.status == want
+            resp.read()
+    finally:
+        conn.close()
+
+
+#----------------------------------------------------------------------------
+# Deadlines and disconnects: a sampler that sleeps when steps >= 100.
+
+class SlowSampler:
+    """A real (toy) Sampler that records its calls and sleeps ``delay`` s before each."""
+
+    def __init__(self, inner, delay, calls):
+        self.inner, self.delay, self.calls = inner, delay, calls
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, seeds, class_labels=None):
+        self.calls.append(list(seeds))
+        time.sleep(self.delay)
+        return self.inner(seeds=seeds, class_labels=class_labels)
+
+
+def slow_server(calls, *, delay=1.2, **kwargs):
+    toy = make_sampler_factory("toy-gmm", device="cpu", backend="reference")
+
+    def factory(steps, batch_size):
+        return SlowSampler(toy(steps, batch_size), delay if steps >= 100 else 0.0, calls)
+
+    return InferenceServer(factory, max_batch=8, max_wait_ms=5, default_steps=STEPS,
+                           **kwargs).start()
+
+
+def wait_for(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_timed_out_request_gets_504_and_its_queued_work_is_dropped():
+    calls = []
+    server = slow_server(calls, request_timeout_s=0.4, max_queue=16, max_seeds=64)
+    try:
+        results = {}
+
+        def client(name, **body):
+            results[name] = generate(server.url, format="npy", **body)
+
+        running = threading.Thread(target=client, args=("running",),
+                                   kwargs={"seeds": [1], "steps": 200})
+        running.start()
+        assert wait_for(lambda: calls)  # the slow batch has started
+        client("queued", seeds="100-109", steps=200)  # waits behind it, then times out
+        running.join(timeout=10)
+        for name in ("running", "queued"):
+            status, _, body = results[name]
+            assert status == 504 and "timed out" in json.loads(body)["error"], name
+        m = metrics(server.url)
+        assert m["timeouts"] == 2 and m["queue_depth"] == 0 and m["dropped_items"] >= 10
+        status, _, body = generate(server.url, seeds="0-16", steps=200)
+        assert status == 503 and "busy" in json.loads(body)["error"]  # 17 > max_queue
+        assert wait_for(lambda: metrics(server.url)["batches"] >= 1)  # slow batch finished
+        status, _, body = generate(server.url, seeds=[2, 3], format="npy")
+        assert status == 200 and npy(body).shape == (2, 2)
+        assert all(s < 100 for call in calls for s in call)  # the queued seeds never ran
+    finally:
+        server.shutdown()
+
+
+def test_client_disconnect_mid_request_does_not_block_others():
+    calls = []
+    server = slow_server(calls, request_timeout_s=30)
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    try:
+        body = _json_body({"seeds": [1], "steps": 200})
+        running = socket.create_connection((host, port), 10)  # its batch runs, then it leaves
+        running.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert wait_for(lambda: calls)
+        body = _json_body({"seeds": "100-109", "steps": 200})
+        queued = socket.create_connection((host, port), 10)  # queued behind it, then it leaves
+        queued.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                       + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert wait_for(lambda: metrics(server.url)["queue_depth"] == 10)
+        partial = socket.create_connection((host, port), 10)  # leaves while sending its body
+        partial.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        for s in (queued, partial, running):
+            s.close()
+        status, _, data = generate(server.url, seeds=[5], format="npy")
+        assert status == 200 and npy(data).shape == (1, 2)
+        assert wait_for(lambda: metrics(server.url)["client_disconnects"] >= 2)
+        m = metrics(server.url)
+        assert m["queue_depth"] == 0 and m["dropped_items"] >= 10
+        assert wait_for(lambda: metrics(server.url)["client_disconnects"] == 3)
+        assert all(s < 100 for call in calls for s in call)
+    finally:
+        server.shutdown()
+
+
+#----------------------------------------------------------------------------
+# Shutdown: pending requests are answered, threads joined, the port closed.
+
+def test_shutdown_answers_pending_joins_threads_and_closes_the_port():
+    threads_before = set(threading.enumerate())
+    calls = []
+    server = slow_server(calls, request_timeout_s=30)
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    idle = http.client.HTTPConnection(host, port, timeout=10)  # an idle keep-alive connection
+    idle.request("GET", "/healthz")
+    assert idle.getresponse().read()
+    results = {}
+
+    def client(name, seeds):
+        results[name] = generate(server.url, seeds=seeds, steps=200, format="npy")
+
+    clients = [threading.Thread(target=client, args=("running", [1]))]
+    clients[0].start()
+    assert wait_for(lambda: calls)
+    clients.append(threading.Thread(target=client, args=("queued", [2])))
+    clients[1].start()
+    assert wait_for(lambda: metrics(server.url)["queue_depth"] == 1)
+    start = time.monotonic()
+    server.shutdown()
+    assert time.monotonic() - start < 5  # the idle connection did not hold it up
+    for t in clients:
+        t.join(timeout=10)
+    assert results["running"][0] == 200  # the batch in progress finished
+    assert results["queued"][0] == 503 and b"shut down" in results["queued"][2]
+    assert set(threading.enumerate()) <= threads_before
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), 2).close()
+    idle.close()
+
+
+def test_cli_serve_stops_cleanly_on_sigterm():
+    script = ("import argparse, sys\n"
+              "from edm_fast.cli_serve import add_serve_command\n"
+              "p = argparse.ArgumentParser(); sub = p.add_subparsers()\n"
+              "add_serve_command(sub, argparse.HelpFormatter)\n"
+              "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, "serve", "--ckpt", "toy-gmm",
+                             "--port", "0", "--device", "cpu", "--steps", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # "edm-fast serve: toy-gmm on http://127.0.0.1:PORT ..."
+        url = next(w for w in line.split() if w.startswith("http://"))
+        status, _, body = generate(url, seeds=[1, 2], format="json")
+        assert status == 200 and len(json.loads(body)["samples"]) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+        with pytest.raises(OSError):
+            socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), 2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
