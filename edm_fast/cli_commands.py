@@ -7,9 +7,13 @@ __all__ = ["add_commands"]
 
 def add_commands(sub, formatter, add_sampling_options) -> None:
     """Register train and the other commands on the subparsers ``sub``."""
+    from .cli_convert import add_convert_command
+    from .cli_export import add_export_command
     from .cli_serve import add_serve_command
 
     _add_train(sub, formatter)
+    add_export_command(sub, formatter)
+    add_convert_command(sub, formatter)
     _add_bench(sub, formatter)
     add_serve_command(sub, formatter)
 

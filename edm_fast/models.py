@@ -6,7 +6,8 @@
     default-ddpm         the bundled DDPM model (same net and data) for comparisons
     PATH.safetensors     an edm-fast checkpoint (config in its metadata)
     PATH (folder)        a training run folder: its latest checkpoint
-    PATH.pkl             an official NVlabs EDM snapshot (loaded without executing its code)
+    PATH.pkl, PATH.pt    an official NVlabs EDM snapshot or training-state archive (loaded
+                         without executing the code it embeds)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
         if not path.exists():
             raise FileNotFoundError(f"no model or checkpoint at {spec_str!r}; use a path or one "
                                     f"of {', '.join(MODEL_NAMES)}")
-    if path.suffix == ".pkl":
+    if path.suffix in (".pkl", ".pt"):  # official snapshot / training-state archive
         from .checkpoints import load_official
 
         return load_official(path, device=device)

@@ -29,6 +29,7 @@ BACKENDS = {
 }
 
 # what 'auto' tries, best first, per device type
+# (onnx is never picked by 'auto': it is for deployments that ask for it by name)
 AUTO_ORDER = {"cuda": ["compiled", "cpp", "reference"], "cpu": ["cpp", "compiled", "reference"]}
 
 

@@ -1,0 +1,54 @@
+"""``edm-fast convert``: an official NVlabs/edm snapshot (or an edm-fast training checkpoint) to
+an edm-fast inference checkpoint: safetensors with the EMA weights as ``ema.*`` and the config
+(network, preconditioning, sample shape) as metadata, which ``edm-fast sample --ckpt`` loads.
+
+Examples:
+    edm-fast convert edm-cifar10-32x32-cond-vp.pkl --out cifar10-cond-vp.safetensors
+    edm-fast convert edm-imagenet-64x64-cond-adm.pkl --out imagenet64.safetensors --dtype float16
+    edm-fast convert runs/edm/ --out digits.safetensors        # latest checkpoint of a run
+"""
+
+from __future__ import annotations
+
+__all__ = ["add_convert_command", "cmd_convert"]
+
+OFFICIAL_SUFFIXES = (".pkl", ".pt")  # network-snapshot-*.pkl, edm-*.pkl, training-state-*.pt
+
+
+def add_convert_command(sub, formatter) -> None:
+    """Register ``convert`` on the subparsers ``sub`` (argparse) with help ``formatter``."""
+    p = sub.add_parser(
+        "convert", formatter_class=formatter, help="convert an official EDM snapshot to an "
+        "edm-fast checkpoint", description=__doc__)
+    p.add_argument("src", metavar="SRC",
+                   help="official .pkl snapshot or training-state-*.pt (read without running "
+                   "its code), or an edm-fast .safetensors checkpoint or run folder")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the inference checkpoint to write (.safetensors)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="store floating-point weights in this dtype (default: as in SRC); "
+                   "they are loaded back into float32 networks")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    """Write ``args.out`` from ``args.src`` and print what it holds."""
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoints import export_inference_checkpoint, read_checkpoint
+    from .official import convert_official
+
+    src = Path(args.src)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    if src.suffix in OFFICIAL_SUFFIXES:
+        path = convert_official(src, args.out, dtype=dtype)
+    else:
+        path = export_inference_checkpoint(src, args.out, dtype=dtype)
+    tensors, meta = read_checkpoint(path, prefixes=("ema.",))
+    count = sum(t.numel() for t in tensors.values())
+    print(f"{src} -> {path}: {meta['net']['arch']} network ({len(tensors)} tensors, {count:,} "
+          f"values), {meta['precond']['name']} preconditioning, samples "
+          f"{tuple(meta['sample_shape'])}")
+    return 0

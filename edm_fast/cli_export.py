@@ -1,0 +1,123 @@
+"""``edm-fast export``: write a model for deployment (ONNX, AOTInductor, TorchScript, safetensors).
+
+Examples:
+    edm-fast export --format onnx --out digits.onnx             # bundled model, dynamic batch
+    edm-fast export --ckpt run/ --format onnx --dtype float16 --out d16.onnx
+    edm-fast export --format aoti --batch 16 --out digits.pt2         # static batch of 16
+    edm-fast export --format torchscript --out digits.ts
+    edm-fast export --ckpt run/ --format safetensors --dtype float16 --out digits.safetensors
+
+onnx, aoti and torchscript export the preconditioned denoiser D(x; sigma, class_labels) (EDM
+Eq. 7) with float32 inputs and outputs; ``--dtype float16`` runs the network inside in half
+precision. safetensors writes the EMA weights and config
+(``checkpoints.export_inference_checkpoint``) with the weights in ``--dtype``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+__all__ = ["add_export_command"]
+
+FORMATS = ("onnx", "aoti", "torchscript", "safetensors")
+
+
+def add_export_command(sub, formatter) -> None:
+    """Register ``export`` on the subparsers ``sub`` (``formatter``: the help formatter class)."""
+    p = sub.add_parser(
+        "export", formatter_class=formatter, help="export a model for deployment",
+        description=__doc__)
+    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
+                   help="checkpoint, run folder or bundled model name ('default')")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="output format")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file")
+    p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (onnx only)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of the network's weights and activations")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="static batch size (None: dynamic batch; not for safetensors)")
+    p.add_argument("--device", default="cpu",
+                   help="device of the aoti / torchscript export (cpu, cuda, cuda:N)")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                   help="torch.onnx exporter (onnx only; see edm_fast.onnx_export)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare ONNX Runtime with PyTorch after the export (onnx only)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    start = time.perf_counter()
+    if args.format == "safetensors":
+        path = _export_safetensors(args)
+    else:
+        path = _EXPORTERS[args.format](args, *_load(args))
+    print(f"wrote {path} ({args.format}, {args.dtype}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _load(args):
+    """(Denoiser on the CPU, sample shape) of --ckpt."""
+    from .models import load_denoiser
+    from .precond import Denoiser
+    from .sampler import _model_shape
+
+    denoiser = load_denoiser(args.ckpt, device="cpu")
+    if not isinstance(denoiser, Denoiser):  # a ValueError: the CLI reports those as usage errors
+        raise ValueError(  # noqa: TRY004
+            f"{args.ckpt!r} is not a network checkpoint (an exact toy denoiser has nothing "
+            "to export)")
+    return denoiser.eval(), _model_shape(denoiser)
+
+
+def _export_onnx(args, denoiser, shape) -> str:
+    from .onnx_export import OnnxCheckError, export_onnx
+
+    try:
+        report = export_onnx(denoiser, args.out, sample_shape=shape, opset=args.opset,
+                             dtype=args.dtype, dynamic_batch=args.batch is None,
+                             batch=args.batch or 2, check=args.check,
+                             exporter=args.exporter)
+    except OnnxCheckError as exc:
+        raise ValueError(str(exc)) from exc
+    batch = "dynamic" if report.dynamic_batch else str(args.batch)
+    print(f"inputs {', '.join(report.input_names)} (batch {batch}); opset {report.opset}, "
+          f"{report.exporter} exporter, {report.export_seconds:.1f} s")
+    if report.checks:
+        print(f"ONNX Runtime vs PyTorch: max relative error {report.max_rel_err:.2e} "
+              f"(tolerance {report.tolerance:g}, {len(report.checks)} cases)")
+    return report.path
+
+
+def _export_torch(args, denoiser, shape) -> str:
+    """aoti / torchscript via edm_fast.export, with the network in --dtype."""
+    import torch
+
+    from .export import export_aoti, export_torchscript
+    from .onnx_export import NET_DTYPES, _net_in_dtype
+
+    denoiser = _net_in_dtype(denoiser, NET_DTYPES[args.dtype])
+    example = (args.batch or 2, *shape)
+    if args.format == "aoti":
+        return export_aoti(denoiser, example, device=args.device, dtype=torch.float32,
+                           path=args.out, dynamic_batch=args.batch is None)
+    if args.batch is not None:
+        print("note: a TorchScript trace keeps the batch dynamic; --batch only sets the example")
+    return export_torchscript(denoiser, example, device=args.device, dtype=torch.float32,
+                              path=args.out)
+
+
+def _export_safetensors(args) -> str:
+    from .checkpoints import export_inference_checkpoint
+    from .models import BUNDLED, bundled_path
+    from .onnx_export import NET_DTYPES
+
+    if args.batch is not None:
+        raise ValueError("--batch does not apply to --format safetensors")
+    src = bundled_path(args.ckpt) if args.ckpt in BUNDLED else args.ckpt
+    return str(export_inference_checkpoint(src, args.out, dtype=NET_DTYPES[args.dtype]))
+
+
+_EXPORTERS = {"onnx": _export_onnx, "aoti": _export_torch, "torchscript": _export_torch}

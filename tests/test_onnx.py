@@ -1,0 +1,407 @@
+"""ONNX export of D(x; sigma, labels), the ONNX Runtime backend, and ``edm-fast export``.
+
+Export: SongUNet, DhariwalUNet and the MLP (tiny configs, re-drawn weights so that F matters:
+the nets' output layers start at 1e-5 scale) reproduce PyTorch in ONNX Runtime (relative error
+max|D_ort - D_torch| / max|D_torch| <= 1e-4 in float32, 1e-2 in float16), with sigma and labels
+as graph inputs and a dynamic batch.
+
+Backend: the tolerance rule of tests/test_backends.py,
+    rel_err(onnx32, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64)),
+holds for ONNX Runtime's kernels too (measured on the tiny SongUNet over the 16 cases below:
+rel_err(onnx32, ref64) = 3.5e-7 .. 2.6e-6, 0.96-1.39 times rel_err(ref32, ref64)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edm_fast.backends import available_backends, resolve_backend
+from edm_fast.backends.onnx import OnnxBackend
+from edm_fast.backends.plan import SamplingPlan
+from edm_fast.backends.reference import ReferenceBackend
+from edm_fast.cli_export import add_export_command
+from edm_fast.export import read_metadata
+from edm_fast.guidance import GuidedDenoiser
+from edm_fast.nets import build_net
+from edm_fast.noise import SeedNoise
+from edm_fast.onnx_export import (
+    OnnxCheckError,
+    check_onnx,
+    export_onnx,
+    make_session,
+    read_onnx_metadata,
+)
+from edm_fast.precond import Denoiser, EDMPrecond
+from edm_fast.sampler import Sampler
+
+LABEL_DIM = 3
+IMAGE = (1, 8, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny nets run fastest on one thread of the shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Weights ~ N(0, 1/fan_in), biases and norm gains near their defaults: F of unit scale."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim > 1:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            else:
+                gain = "norm" in name and name.endswith("weight")
+                p.copy_(noise * 0.1 + (1.0 if gain else 0.0))
+    return net.eval()
+
+
+NETS = {
+    "song": (lambda: build_net("tiny", img_resolution=8, channel_mult=[1, 2], attn_resolutions=[4],
+                               label_dim=LABEL_DIM, dropout=0), IMAGE),
+    "adm": (lambda: build_net("tiny-adm", img_resolution=8, channel_mult=[1, 2],
+                              attn_resolutions=[4], label_dim=LABEL_DIM, dropout=0), IMAGE),
+    "mlp": (lambda: build_net("toy-mlp", hidden=32, depth=2, label_dim=LABEL_DIM), (2,)),
+}
+
+
+def make_denoiser(kind: str) -> Denoiser:
+    make, _ = NETS[kind]
+    torch.manual_seed(0)
+    return Denoiser(randomize(make()), EDMPrecond()).eval()
+
+
+@pytest.fixture(scope="module")
+def song():
+    return make_denoiser("song")
+
+
+@pytest.fixture(scope="module")
+def song_onnx(song, tmp_path_factory):
+    """The SongUNet exported once at batch 2 (dynamic batch), with its report."""
+    path = tmp_path_factory.mktemp("onnx") / "song.onnx"
+    return export_onnx(song, path, sample_shape=IMAGE, label_dim=LABEL_DIM, batch=2)
+
+
+def torch_denoise(den, x, sigma, labels):
+    with torch.no_grad():
+        return den(x, sigma, labels)
+
+
+def rel_max(out, ref) -> float:
+    out, ref = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def case_inputs(batch, shape, label_dim=LABEL_DIM, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *shape), generator=gen) * 2.0
+    sigma = torch.exp(torch.randn(batch, generator=gen) * 2.0)
+    labels = nn.functional.one_hot(torch.arange(batch) % label_dim, label_dim).float()
+    return x, sigma, labels
+
+
+# ------------------------------------------------------------------------------------------
+# Export.
+
+def test_song_export_report_and_graph_inputs(song_onnx):
+    """sigma and class_labels are graph inputs (not folded constants), batch is symbolic."""
+    report = song_onnx
+    assert report.exporter == "torchscript" and report.opset == 17
+    assert len(report.checks) == 2 * 5  # batches 1, 3 x five sigmas
+    assert {b for b, _, _ in report.checks} == {1, 3}
+    assert 0 < report.max_rel_err <= report.tolerance == 1e-4
+    model = onnx.load(report.path)
+    onnx.checker.check_model(model)
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == ["x", "sigma", "class_labels"]
+    assert not set(inputs) & {init.name for init in model.graph.initializer}
+    for name, rank in (("x", 4), ("sigma", 1), ("class_labels", 2)):
+        dims = inputs[name].type.tensor_type.shape.dim
+        assert len(dims) == rank and dims[0].dim_param == "batch"
+        assert inputs[name].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.opset_import[0].version == 17
+    meta = read_onnx_metadata(report.path)
+    assert meta["edm_fast.label_dim"] == "3" and meta["edm_fast.sample_shape"] == "1,8,8"
+    assert meta["edm_fast.net_dtype"] == "float32" and meta["edm_fast.dynamic_batch"] == "1"
+
+
+def test_dynamic_batch_and_inputs_drive_the_output(song, song_onnx):
+    """Exported at batch 2, run at 1 and 5; changing sigma or labels changes D as in torch."""
+    session = make_session(song_onnx.path, threads=1)
+    for batch in (1, 5):
+        x, sigma, labels = case_inputs(batch, IMAGE, seed=batch)
+        feeds = {"x": x.numpy(), "sigma": sigma.numpy(), "class_labels": labels.numpy()}
+        out = session.run(None, feeds)[0]
+        assert out.shape == (batch, *IMAGE)
+        assert rel_max(out, torch_denoise(song, x, sigma, labels)) <= 1e-4
+    x, _, labels = case_inputs(2, IMAGE, seed=9)
+    sigma = torch.ones(2)  # c_out(1) = 0.45: F's share of D is large
+    base = session.run(None, {"x": x.numpy(), "sigma": sigma.numpy(),
+                              "class_labels": labels.numpy()})[0]
+    for sigma2, labels2 in ((sigma * 3, labels), (sigma, labels.flip(0))):
+        out = session.run(None, {"x": x.numpy(), "sigma": sigma2.numpy(),
+                                 "class_labels": labels2.numpy()})[0]
+        assert np.abs(out - base).max() > 1e-3 * np.abs(base).max()
+        assert rel_max(out, torch_denoise(song, x, sigma2, labels2)) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["adm", "mlp"])
+def test_dhariwal_and_mlp_export(kind, tmp_path):
+    den = make_denoiser(kind)
+    shape = NETS[kind][1]
+    report = export_onnx(den, tmp_path / f"{kind}.onnx", sample_shape=shape, label_dim=LABEL_DIM)
+    assert 0 < report.max_rel_err <= 1e-4
+    session = make_session(report.path, threads=1)
+    x, sigma, labels = case_inputs(5, shape, seed=5)
+    out = session.run(None, {"x": x.numpy(), "sigma": sigma.numpy(),
+                             "class_labels": labels.numpy()})[0]
+    assert rel_max(out, torch_denoise(den, x, sigma, labels)) <= 1e-4
+
+
+def test_unconditional_static_batch_export(tmp_path):
+    """label_dim = 0: exactly (x, sigma); dynamic_batch=False fixes the batch."""
+    torch.manual_seed(1)
+    den = Denoiser(randomize(build_net("toy-mlp", hidden=32, depth=2)), EDMPrecond()).eval()
+    report = export_onnx(den, tmp_path / "mlp.onnx", sample_shape=(2,), dynamic_batch=False,
+                         batch=3, opset=13)
+    assert report.input_names == ["x", "sigma"] and report.max_rel_err <= 1e-4
+    assert {b for b, _, _ in report.checks} == {3}
+    session = make_session(report.path, threads=1)
+    assert [i.shape for i in session.get_inputs()] == [[3, 2], [3]]
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        session.run(None, {"x": np.zeros((2, 2), np.float32), "sigma": np.ones(2, np.float32)})
+
+
+def test_float16_export(tmp_path):
+    """float16 network inside float32 inputs/outputs; ORT's float16 error is no worse than
+    twice torch's own float16 error against float64 (plus 1e-3), and within 1e-2 of torch."""
+    den = make_denoiser("song")
+    report = export_onnx(den, tmp_path / "song16.onnx", sample_shape=IMAGE, label_dim=LABEL_DIM,
+                         dtype=torch.float16)
+    assert report.dtype == "float16" and report.max_rel_err <= 1e-2
+    x, sigma, labels = case_inputs(3, IMAGE, seed=3)
+    ref64 = torch_denoise(copy.deepcopy(den).double(), x.double(), sigma.double(),
+                          labels.double())
+    ref16 = torch_denoise(copy.deepcopy(den).half(), x, sigma, labels)  # F in float16
+    session = make_session(report.path, threads=1)
+    assert session.get_inputs()[0].type == "tensor(float)"
+    out = session.run(None, {"x": x.numpy(), "sigma": sigma.numpy(),
+                             "class_labels": labels.numpy()})[0]
+    assert rel_max(out, ref64) <= 2 * rel_max(ref16, ref64) + 1e-3
+
+
+def test_check_detects_a_wrong_model(song, song_onnx):
+    """The check can fail: the file against a perturbed copy of the network."""
+    other = make_denoiser("song")
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cases = check_onnx(song, song_onnx.path, sample_shape=IMAGE, label_dim=LABEL_DIM)
+    assert max(err for _, _, err in cases) <= 1e-4
+    with pytest.raises(OnnxCheckError, match="differs from PyTorch"):
+        check_onnx(other, song_onnx.path, sample_shape=IMAGE, label_dim=LABEL_DIM,
+                   tolerance=1e-4)
+
+
+def test_dynamo_exporter(tmp_path):
+    """The dynamo exporter (opset >= 18; asked for 17, it warns and writes 18)."""
+    pytest.importorskip("onnxscript")
+    den = make_denoiser("mlp")
+    with pytest.warns(RuntimeWarning, match="opset 18"):
+        report = export_onnx(den, tmp_path / "mlp_dynamo.onnx", sample_shape=(2,),
+                             label_dim=LABEL_DIM, exporter="dynamo")
+    assert report.exporter == "dynamo" and report.opset == 18
+    assert report.input_names == [i.name for i in onnx.load(report.path).graph.input]
+    assert report.max_rel_err <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# The ONNX Runtime backend.
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run_backend(cls, den, plan, batch, dtype, labels, **opts):
+    noise = SeedNoise(range(50, 50 + batch), IMAGE)
+    latents, churn = noise.draw(), noise.draw_many(len(plan.churn_steps))
+    be = cls(den, plan, (batch, *IMAGE), dtype=dtype, device=torch.device("cpu"),
+             label_dim=LABEL_DIM, **opts)
+    return be.run(latents, churn if len(plan.churn_steps) else None, labels)
+
+
+@pytest.mark.parametrize("solver, S_churn, guidance, batch",
+                         list(itertools.product(["heun", "euler"], [0.0, 30.0], [None, 2.0],
+                                                [1, 3])))
+def test_backend_matches_reference(song, song_onnx, solver, S_churn, guidance, batch):
+    plan = SamplingPlan.build(num_steps=6, S_churn=S_churn, S_min=0.05, S_max=20.0,
+                              solver=solver, guidance=guidance)
+    labels = nn.functional.one_hot(torch.arange(batch) % LABEL_DIM, LABEL_DIM).float()
+    ref64 = run_backend(ReferenceBackend, song, plan, batch, torch.float64, labels)
+    ref32 = run_backend(ReferenceBackend, song, plan, batch, torch.float32, labels)
+    out = run_backend(OnnxBackend, song, plan, batch, torch.float32, labels,
+                      model_path=song_onnx.path, reuse_model=True, threads=1)
+    assert out.dtype == torch.float32 and out.shape == (batch, *IMAGE)
+    bound = max(1e-5, 2 * rel_err(ref32, ref64))
+    assert rel_err(out, ref64) <= bound, (rel_err(out, ref64), bound)
+
+
+def test_backend_exports_at_construction_and_through_sampler(song):
+    """Default construction exports (timed as warm-up) into a private file; the Sampler picks
+    the backend by name; a GuidedDenoiser is unwrapped into the plan's guidance."""
+    assert available_backends()["onnx"] is None
+    assert resolve_backend("onnx", torch.device("cpu")) is OnnxBackend
+    guided = GuidedDenoiser(song, 2.0)
+    opts = {"threads": 1}
+    sampler = Sampler(guided, shape=IMAGE, batch_size=2, num_steps=5, S_churn=10, S_max=20,
+                      device="cpu", backend="onnx", backend_options=opts)
+    be = sampler.backend
+    assert be.plan.guidance == 2.0 and be.export_report.max_rel_err <= 1e-4
+    assert be.warmup_seconds >= be.export_report.export_seconds > 0
+    out = sampler(seeds=range(3), class_labels=torch.tensor([0, 1, 2]))  # 2 chunks, 1 padded
+    ref = Sampler(song, shape=IMAGE, batch_size=3, num_steps=5, S_churn=10, S_max=20,
+                  guidance=2.0, device="cpu", backend="reference", dtype=torch.float64)
+    ref64 = ref(seeds=range(3), class_labels=torch.tensor([0, 1, 2]))
+    assert rel_err(out, ref64) <= 1e-5
+    x, sigma, labels = case_inputs(2, IMAGE)
+    once = be.evaluate_once(x, sigma[0].item(), labels)
+    assert rel_max(once, GuidedDenoiser(song, 2.0)(x, sigma[0].item(), labels)) <= 1e-4
+
+
+def test_backend_device_errors(song, song_onnx):
+    """CUDA without onnxruntime-gpu and unsupported devices fail at construction, clearly."""
+    plan = SamplingPlan.build(num_steps=2)
+    opts = {"model_path": song_onnx.path, "reuse_model": True, "label_dim": LABEL_DIM}
+    with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
+        OnnxBackend(song, plan, (2, *IMAGE), device=torch.device("meta"), **opts)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+            OnnxBackend(song, plan, (2, *IMAGE), device=torch.device("cuda"), **opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S_churn, guidance", [(0.0, None), (30.0, 2.0)])
+def test_backend_cuda_io_binding_matches_reference(song, song_onnx, S_churn, guidance):
+    """The CUDA execution provider with I/O binding on torch's CUDA tensors (TF32 off)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    plan = SamplingPlan.build(num_steps=6, S_churn=S_churn, S_min=0.05, S_max=20.0,
+                              guidance=guidance)
+    batch = 3
+    labels = nn.functional.one_hot(torch.arange(batch) % LABEL_DIM, LABEL_DIM).float()
+    ref64 = run_backend(ReferenceBackend, song, plan, batch, torch.float64, labels)
+    ref32 = run_backend(ReferenceBackend, song, plan, batch, torch.float32, labels)
+    be = OnnxBackend(song, plan, (batch, *IMAGE), dtype=torch.float32,
+                     device=torch.device("cuda"), label_dim=LABEL_DIM,
+                     model_path=song_onnx.path, reuse_model=True)
+    assert be.session.get_providers()[0] == "CUDAExecutionProvider"
+    noise = SeedNoise(range(50, 50 + batch), IMAGE, device="cuda")
+    latents, churn = noise.draw(), noise.draw_many(len(plan.churn_steps))
+    out = be.run(latents, churn if len(plan.churn_steps) else None, labels.cuda())
+    assert out.device.type == "cuda"
+    bound = max(1e-5, 2 * rel_err(ref32, ref64))
+    assert rel_err(out.cpu(), ref64) <= bound, (rel_err(out.cpu(), ref64), bound)
+
+
+def test_backend_unavailable_without_onnxruntime(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert "onnxruntime" in OnnxBackend.unavailable_reason()
+
+
+# ------------------------------------------------------------------------------------------
+# edm-fast export.
+
+def export_cli(*argv):
+    parser = argparse.ArgumentParser(prog="edm-fast")
+    add_export_command(parser.add_subparsers(dest="command"), argparse.HelpFormatter)
+    args = parser.parse_args(["export", *argv])
+    return args.func(args)
+
+
+def test_cli_export_onnx(tmp_path, capsys):
+    out = tmp_path / "digits.onnx"
+    assert export_cli("--ckpt", "default", "--format", "onnx", "--out", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "max relative error" in text and "inputs x, sigma, class_labels" in text
+    error = float(text.split("max relative error ")[1].split()[0])
+    assert 0 < error <= 1e-4
+    session = make_session(out, threads=1)
+    assert [i.shape for i in session.get_inputs()] == [["batch", 1, 16, 16], ["batch"],
+                                                       ["batch", 10]]
+
+
+def test_cli_export_onnx_static_float16(tmp_path, capsys):
+    out = tmp_path / "digits16.onnx"
+    assert export_cli("--format", "onnx", "--out", str(out), "--dtype", "float16", "--batch",
+                      "4", "--opset", "18") == 0
+    assert "max relative error" in capsys.readouterr().out
+    meta = read_onnx_metadata(out)
+    assert meta["edm_fast.net_dtype"] == "float16" and meta["edm_fast.batch"] == "4"
+    assert make_session(out, threads=1).get_inputs()[0].shape == [4, 1, 16, 16]
+
+
+def test_cli_export_torchscript(tmp_path):
+    out = tmp_path / "digits.ts"
+    assert export_cli("--format", "torchscript", "--out", str(out)) == 0
+    module = torch.jit.load(str(out))
+    x, sigma, labels = case_inputs(3, (1, 16, 16), label_dim=10)
+    from edm_fast.models import load_denoiser
+
+    ref = torch_denoise(load_denoiser("default"), x, sigma, labels)
+    assert rel_max(module(x, sigma, labels), ref) <= 1e-5
+    assert read_metadata(out)["edm_fast.label_dim"] == "10"
+
+
+def test_cli_export_safetensors(tmp_path):
+    from edm_fast.models import load_denoiser
+
+    out = tmp_path / "digits16.safetensors"
+    assert export_cli("--format", "safetensors", "--out", str(out), "--dtype", "float16") == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        names = f.keys()
+        tensors = [f.get_tensor(k) for k in names]
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float16}
+    assert isinstance(load_denoiser(out), Denoiser)
+    with pytest.raises(ValueError, match="--batch"):
+        export_cli("--format", "safetensors", "--out", str(out), "--batch", "2")
+
+
+def test_cli_rejects_toy_models(tmp_path):
+    with pytest.raises(ValueError, match="not a network checkpoint"):
+        export_cli("--ckpt", "toy-gmm", "--format", "onnx", "--out", str(tmp_path / "t.onnx"))
+
+
+@pytest.mark.slow
+def test_cli_export_aoti(tmp_path):
+    """AOTInductor compiles C++ kernels: tens of seconds on a CPU."""
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("AOTInductor needs a C++ compiler")
+    out = tmp_path / "digits.pt2"
+    assert export_cli("--format", "aoti", "--out", str(out)) == 0
+    runner = torch._inductor.aoti_load_package(str(out))
+    x, sigma, labels = case_inputs(3, (1, 16, 16), label_dim=10)
+    from edm_fast.models import load_denoiser
+
+    ref = torch_denoise(load_denoiser("default"), x, sigma, labels)
+    assert rel_max(runner(x, sigma, labels), ref) <= 1e-4
