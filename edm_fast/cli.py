@@ -55,7 +55,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edm-fast", description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(prog="edm-fast", description=__doc__,
+                                     formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -132,7 +133,8 @@ def cmd_sample(args) -> int:
         nfe = sampler.num_evals
         print(f"{len(seeds) * world} samples ({nfe} NFE each) with the '{sampler.backend_name}' "
               f"backend on {sampler.device}: {seconds:.2f} s sampling, "
-              f"{sampler.warmup_seconds:.2f} s set-up -> {path}" + (" (rank 0)" if world > 1 else ""))
+              f"{sampler.warmup_seconds:.2f} s set-up -> {path}"
+              + (" (rank 0)" if world > 1 else ""))
     return 0
 
 

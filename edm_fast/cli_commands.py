@@ -75,7 +75,8 @@ def _add_train(sub, formatter) -> None:
     g.add_argument("--augment", type=float, default=d.augment, metavar="P",
                    help="non-leaking augmentation probability (EDM App. F.2); 0 = off")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--kimg", type=float, default=d.kimg, help="training length, thousands of images")
+    o.add_argument("--kimg", type=float, default=d.kimg,
+                   help="training length in thousands of images")
     o.add_argument("--batch", type=int, default=d.batch, help="global batch size")
     o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     o.add_argument("--lr-rampup-kimg", type=float, default=d.lr_rampup_kimg)

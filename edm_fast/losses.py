@@ -65,7 +65,8 @@ class VPLoss:
     name = "vp"
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
-        self.beta_d, self.beta_min, self.epsilon_t = float(beta_d), float(beta_min), float(epsilon_t)
+        self.beta_d, self.beta_min = float(beta_d), float(beta_min)
+        self.epsilon_t = float(epsilon_t)
 
     def __call__(self, denoiser, images, labels=None, augment_labels=None, generator=None):
         t = 1 + _rand((images.shape[0],), images, generator) * (self.epsilon_t - 1)
@@ -113,7 +114,8 @@ class DDPMLoss:
         n = images.shape[0]
         t = torch.randint(0, precond.num_timesteps, (n,), device=images.device,
                           generator=generator)
-        abar = precond.alpha_bars.to(images.device, images.dtype)[t].reshape(-1, *([1] * (images.ndim - 1)))
+        abar = precond.alpha_bars.to(images.device, images.dtype)[t]
+        abar = abar.reshape(-1, *([1] * (images.ndim - 1)))
         eps = _randn(images.shape, images, generator)
         x_t = abar.sqrt() * images + (1 - abar).sqrt() * eps  # Ho et al. Eq. 4
         net_labels = denoiser.labels(labels, n, images.device, images.dtype)

@@ -3,15 +3,16 @@
 The four parameterisations of EDM Table 1 ("Network and preconditioning" rows), plus DDPM's
 discrete linear-beta schedule (Ho et al. 2020) written in the same form for the DDPM baseline:
 
-| precond | c_skip                    | c_out                         | c_in                 | c_noise                  |
-|---------|---------------------------|-------------------------------|----------------------|--------------------------|
-| VP      | 1                         | -sigma                        | 1/sqrt(sigma^2+1)    | (M-1) sigma_vp^{-1}(sigma) |
-| VE      | 1                         | sigma                         | 1                    | ln(sigma/2)              |
-| iDDPM   | 1                         | -sigma                        | 1/sqrt(sigma^2+1)    | M-1-argmin_j |u_j-sigma| |
-| EDM     | sd^2/(sigma^2+sd^2)       | sigma sd/sqrt(sigma^2+sd^2)   | 1/sqrt(sigma^2+sd^2) | ln(sigma)/4              |
-| DDPM    | 1                         | -sigma                        | 1/sqrt(sigma^2+1)    | t = argmin_t |sigma_t-sigma| |
+| precond | c_skip          | c_out               | c_in              | c_noise                 |
+|---------|-----------------|---------------------|-------------------|-------------------------|
+| VP      | 1               | -s                  | 1/sqrt(s^2+1)     | (M-1) sigma_vp^-1(s)    |
+| VE      | 1               | s                   | 1                 | ln(s/2)                 |
+| iDDPM   | 1               | -s                  | 1/sqrt(s^2+1)     | M-1-argmin_j |u_j - s|  |
+| EDM     | sd^2/(s^2+sd^2) | s sd/sqrt(s^2+sd^2) | 1/sqrt(s^2+sd^2)  | ln(s)/4                 |
+| DDPM    | 1               | -s                  | 1/sqrt(s^2+1)     | argmin_t |sigma_t - s|  |
 
-(sd = sigma_data.) A ``Precond`` holds only this scalar math; ``Denoiser`` wraps a raw network F
+(s = sigma, sd = sigma_data.) A ``Precond`` holds only this scalar math; ``Denoiser`` wraps a
+raw network F
 (registered as ``model``, so its state-dict keys are ``model.*`` as in the official checkpoints)
 into D(x; sigma, class_labels).
 """
@@ -36,7 +37,7 @@ def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1):
 
 
 def vp_sigma_inv(sigma, beta_d: float = 19.9, beta_min: float = 0.1):
-    """Inverse of vp_sigma: t = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
+    """Inverse of vp_sigma: t = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min)/beta_d."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return ((beta_min**2 + 2 * beta_d * sigma.square().log1p()).sqrt() - beta_min) / beta_d
 
@@ -312,5 +313,7 @@ class Denoiser(nn.Module):
         noise_dtype = torch.float32 if net_dtype in (torch.float16, torch.bfloat16) else net_dtype
         F_x = self.model(x_in, c_noise.to(noise_dtype), labels, augment_labels)  # Eq. 7, inner F
         if F_x.shape != x.shape:
-            raise ValueError(f"network returned shape {tuple(F_x.shape)} for input {tuple(x.shape)}")
-        return _broadcast(c_skip, x.ndim) * x + _broadcast(c_out, x.ndim) * F_x.to(x.dtype)
+            raise ValueError(f"network returned shape {tuple(F_x.shape)} for input "
+                             f"{tuple(x.shape)}")
+        c_skip, c_out = _broadcast(c_skip, x.ndim), _broadcast(c_out, x.ndim)
+        return c_skip * x + c_out * F_x.to(x.dtype)

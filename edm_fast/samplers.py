@@ -31,7 +31,8 @@ import torch
 from .schedules import ScaleFunction, SigmaFunction, validate_sigmas
 
 __all__ = [
-    "sample_edm", "run_edm_plan", "sample_euler", "sample_heun", "sample_general", "sample_euler_ancestral",
+    "sample_edm", "run_edm_plan", "sample_euler", "sample_heun", "sample_general",
+    "sample_euler_ancestral",
     "sample_ddim", "sample_dpmpp_2m", "sample_ddpm", "SAMPLERS", "churn_gammas",
     "NonFiniteError",
 ]
@@ -146,7 +147,7 @@ def _edm_steps(loop: _Loop, t, t_hats, gammas, *, S_noise, randn, solver) -> tor
     x_next = loop.noise * t[0]  # Alg. 2 l.1: x_0 ~ N(0, t_0^2 I)
     for i in range(loop.num_steps):  # 0, ..., N-1
         x_cur, t_cur, t_next, t_hat = x_next, t[i], t[i + 1], t_hats[i]
-        if gammas[i] > 0:  # Alg. 2 l.6: x_hat = x + sqrt(t_hat^2 - t^2) eps, eps ~ N(0, S_noise^2 I)
+        if gammas[i] > 0:  # Alg. 2 l.6: x_hat = x + sqrt(t_hat^2 - t^2) eps, eps ~ N(0, S_noise^2)
             x_hat = x_cur + math.sqrt(max(t_hat**2 - t_cur**2, 0.0)) * S_noise * randn(x_cur)
         else:
             x_hat = x_cur
@@ -196,7 +197,7 @@ def sample_general(denoiser, noise, sigmas, *, schedule: str = "linear", scaling
         return float(v)
 
     def ode_coeffs(t):
-        """dx/dt = a(t) x - b(t) D(x/s; sigma(t)) with a = sigma'/sigma + s'/s, b = sigma' s/sigma."""
+        """dx/dt = a(t) x - b(t) D(x/s; sigma(t)): a = sigma'/sigma + s'/s, b = sigma' s/sigma."""
         sg, sd, sc, scd = f(sig(t)), f(sig.deriv(t)), f(s(t)), f(s.deriv(t))
         return sd / sg + scd / sc, sd * sc / sg, sc, loop.vector(sg)
 

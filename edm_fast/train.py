@@ -282,7 +282,8 @@ def _plot_losses(out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    records = [json.loads(line) for line in open(out / "log.jsonl")] if (out / "log.jsonl").exists() else []
+    log = out / "log.jsonl"
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
     records = [r for r in records if "loss" in r]
     if not records:
         return
@@ -348,7 +349,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
         from .precond import Denoiser
 
-        ddp = DDP(denoiser.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        ids = [run.device.index] if run.device.type == "cuda" else None
+        ddp = DDP(denoiser.model, device_ids=ids)
         train_den = Denoiser(ddp, denoiser.precond, label_dim=denoiser.label_dim)
     denoiser.model.train()
     total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch)
@@ -358,11 +360,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     sample_every = round(cfg.sample_every_kimg * 1000 / cfg.batch) if cfg.sample_every_kimg else 0
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")
-    local_batch = cfg.batch // run.world
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss}", unit="step",
                disable=not (cfg.progress and run.main), dynamic_ncols=True)
-    consecutive_bad, smooth, t_last, steps_since_log, loss_sum = 0, None, time.perf_counter(), 0, 0.0
+    consecutive_bad, smooth, steps_since_log, loss_sum = 0, None, 0, 0.0
+    t_last = time.perf_counter()
     start_step = step
     while step < total_steps:
         images, labels = next(stream)
@@ -373,7 +375,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             images, aug_labels = pipe(images)
             aug_labels = aug_labels.to(run.device)
         for group in opt.param_groups:  # learning-rate ramp-up (App. F.1)
-            group["lr"] = cfg.lr * min((step * cfg.batch) / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+            ramp = (step * cfg.batch) / max(cfg.lr_rampup_kimg * 1000, 1e-8)
+            group["lr"] = cfg.lr * min(ramp, 1)
         with torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(train_den, images, labels, aug_labels).float().mean()
         opt.zero_grad(set_to_none=True)

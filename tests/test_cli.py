@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 
 
 def _run(args, **kw):

@@ -84,7 +84,7 @@ def test_scale_function_derivative(sigma_name, scale_name):
     t = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
     h = 1e-6
     assert torch.allclose(s.deriv(t), (s(t + h) - s(t - h)) / (2 * h), rtol=1e-6, atol=1e-12)
-    if scale_name == "vp" and sigma_name == "vp":  # Table 1: s(t) = 1/sqrt(e^(beta_d t^2/2 + beta_min t))
+    if scale_name == "vp" and sigma_name == "vp":  # Table 1: s = exp(-(beta_d t^2/2+beta_min t)/2)
         assert torch.allclose(s(t), (-(0.5 * 19.9 * t**2 + 0.1 * t) / 2).exp(), rtol=1e-12)
 
 

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -121,7 +120,10 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(losses.EDMLoss, "__call__", flaky)
     summary = train(_toy(tmp_path / "a", 6))
     assert summary["steps"] == 6 and summary["nonfinite_total"] == 2
-    monkeypatch.setattr(losses.EDMLoss, "__call__", lambda self, *a, **k: real(self, *a, **k) * float("inf"))
+    def broken(self, *args, **kwargs):
+        return real(self, *args, **kwargs) * float("inf")
+
+    monkeypatch.setattr(losses.EDMLoss, "__call__", broken)
     with pytest.raises(TrainingDiverged, match="consecutive steps"):
         train(_toy(tmp_path / "b", 50, max_nonfinite=3))
 
