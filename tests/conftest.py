@@ -12,7 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# One intra-op thread: the test nets are tiny, and several tests start extra processes (torchrun,
+# the CLI); on a 2-core machine multi-threaded processes spinning against each other ran the
+# tiny nets ~100x slower. Subprocesses inherit OMP_NUM_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def devices():

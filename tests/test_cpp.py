@@ -44,15 +44,6 @@ def _cpp_not_disabled(monkeypatch):
     monkeypatch.delenv("EDM_FAST_DISABLE_CPP", raising=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny test nets run ~100x faster on one thread than on a shared, busy pair."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|, in float64 on the CPU."""
     out, ref = out.detach().cpu().double(), ref.detach().cpu().double()

@@ -27,15 +27,6 @@ needs_cpp = pytest.mark.skipif(not ops._load() and not REQUIRE_CPP,
                                reason=f"edm_fast._C not built ({ops.load_error()})")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny test nets run ~100x faster on one thread than on a shared, busy pair."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_denoiser(label_dim=LABEL_DIM, precond=None, device="cpu") -> Denoiser:
     """edm_fast.nets.MLP with re-drawn weights (its output layer starts at 1e-5 scale, which
     would leave F out of the comparison)."""

@@ -49,15 +49,6 @@ LABEL_DIM = 3
 IMAGE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny nets run fastest on one thread of the shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize(net: nn.Module, seed: int = 0) -> nn.Module:
     """Weights ~ N(0, 1/fan_in), biases and norm gains near their defaults: F of unit scale."""
     gen = torch.Generator().manual_seed(seed)

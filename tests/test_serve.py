@@ -33,15 +33,6 @@ STEPS = 4
 TOL = 1e-4  # batch-size-dependent float rounding is ~1e-5; a wrong seed or class is ~1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the dispatcher and the reference run on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def request(url, method="GET", path="/generate", body=None, headers=None, timeout=30):
     """(status, headers dict, body bytes) of one request on a fresh connection."""
     conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=timeout)

@@ -109,3 +109,13 @@ class CppBackend:
                                    p.S_noise, p.solver, churn_noise, labels, p.guidance)
 
     __call__ = run
+
+    @torch.no_grad()
+    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
+        """One evaluation of the exported denoiser through the C++ runner (for benchmarks)."""
+        labels = None
+        if self.label_dim > 0:
+            labels = one_hot_labels(class_labels, self.label_dim, batch=x.shape[0],
+                                    device=self.device, dtype=self.dtype)
+        return self.sampler.denoise(x.to(self.device, self.dtype), sigma.to(self.device,
+                                    self.dtype), labels)
