@@ -7,6 +7,7 @@ __all__ = ["add_commands"]
 
 def add_commands(sub, formatter, add_sampling_options) -> None:
     """Register train and the other commands on the subparsers ``sub``."""
+    from .cli_compare import add_compare_command
     from .cli_convert import add_convert_command
     from .cli_export import add_export_command
     from .cli_serve import add_serve_command
@@ -15,6 +16,7 @@ def add_commands(sub, formatter, add_sampling_options) -> None:
     add_export_command(sub, formatter)
     add_convert_command(sub, formatter)
     _add_bench(sub, formatter)
+    add_compare_command(sub, formatter)
     add_serve_command(sub, formatter)
 
 

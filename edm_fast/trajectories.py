@@ -29,8 +29,15 @@ import torch
 from .compare import SAMPLER_LABELS, sample_at_nfe, sigma_grid, steps_for_nfe
 from .noise import SeedNoise
 
-__all__ = ["Trajectory", "record_trajectories", "vp_scale", "scaled_density",
-           "plot_trajectories_1d", "animate_trajectories_1d", "plot_frames_2d"]
+__all__ = [
+    "Trajectory",
+    "animate_trajectories_1d",
+    "plot_frames_2d",
+    "plot_trajectories_1d",
+    "record_trajectories",
+    "scaled_density",
+    "vp_scale",
+]
 
 RHO = 7.0
 
@@ -247,7 +254,7 @@ def plot_frames_2d(mixture, trajs: Sequence[Trajectory], path, *,
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"σ = {sigma:.3g}", fontsize=8)
-        row[0].set_ylabel(traj.title, fontsize=8)
+        row[0].set_ylabel(traj.title.replace(", ", "\n"), fontsize=8)
     fig.tight_layout(pad=0.4)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

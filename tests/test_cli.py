@@ -59,3 +59,12 @@ def test_torchrun_shards_seeds_and_matches_single_process(tmp_path):
             seen.append(seed)
     assert sorted(seen) == list(range(8))
     assert "8 samples" in res.stdout
+
+
+def test_compare_command_writes_report(tmp_path):
+    """`edm-fast compare` on the bundled EDM and DDPM models, tiny sample counts."""
+    res = _run(["compare", "--samples", "10", "--repeats", "2", "--out", str(tmp_path)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "digits_table.md").read_text()
+    assert "DDPM ancestral" in table and "EDM Heun" in table and "real data" in table
+    assert (tmp_path / "digits_quality_vs_nfe.png").stat().st_size > 1000

@@ -1,0 +1,47 @@
+"""``edm-fast compare``: sample quality against NFE for an EDM and a DDPM model on the digits.
+
+A short, command-line version of bench/compare_edm_ddpm.py (which also covers the 2-D toy
+mixture and writes docs/COMPARISON.md's figures). Scores: feature-space Frechet distance with
+the digits classifier's features (NOT Inception-FID) and classifier accuracy of
+class-conditional samples, each as mean +- SE over seed sets.
+"""
+
+from __future__ import annotations
+
+__all__ = ["add_compare_command"]
+
+# (net, sampler, NFEs) rows; --full adds DDPM's 1000-step row (slow on a CPU)
+ROWS = [("edm", "edm_heun", [7, 11, 19, 35]), ("edm", "edm_euler", [11, 35]),
+        ("ddpm", "ddpm", [10, 50, 100]), ("ddpm", "ddim", [10, 50]),
+        ("ddpm", "edm_heun", [11, 35])]
+
+
+def add_compare_command(sub, formatter) -> None:
+    p = sub.add_parser("compare", formatter_class=formatter, help="EDM vs DDPM: quality vs NFE",
+                       description=__doc__)
+    p.add_argument("--edm", default="default", help="EDM model (name or checkpoint)")
+    p.add_argument("--ddpm", default="default-ddpm", help="DDPM model (name or checkpoint)")
+    p.add_argument("--samples", type=int, default=100, help="samples per seed set")
+    p.add_argument("--repeats", type=int, default=2, help="seed sets per row (for the SE)")
+    p.add_argument("--full", action="store_true", help="also DDPM at 1000 steps")
+    p.add_argument("--out", default="compare-out", help="folder for the table, plot and JSON")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    from .compare import DigitsScorer, compare, reference_row, runs_for, write_report
+    from .models import load_denoiser
+
+    scorer = DigitsScorer()
+    models = {"edm": load_denoiser(args.edm), "ddpm": load_denoiser(args.ddpm)}
+    runs = []
+    for model, sampler, nfes in ROWS:
+        runs += runs_for(model, sampler, nfes + ([1000] if args.full and sampler == "ddpm" else []))
+    rows = compare(models, runs, scorer, samples=args.samples, repeats=args.repeats,
+                   log=lambda s: print("[compare]", s, flush=True))
+    ref = reference_row(scorer, samples=args.samples, repeats=args.repeats)
+    paths = write_report(rows, scorer, args.out, "digits", reference=ref,
+                         title=f"{args.edm} (EDM) vs {args.ddpm} (DDPM) on the digits")
+    print(paths["table"].read_text())
+    print(f"plot: {paths['plot']}")
+    return 0
