@@ -57,7 +57,8 @@ def teardown_module(module):
     from edm_fast.backends.plan import SamplingPlan
 
     note = (f"\n\nNFE per image: {SamplingPlan.build(num_steps=STEPS).num_evals} ({STEPS} Heun "
-            f"steps). % peak: against the measured float32 matmul rate, "
+            f"steps). % peak: against the best measured float32 rate of a large matmul or 3x3 "
+            f"convolution on this device, "
             f"{peak_flops(DEVICE) / 1e9:.0f} GFLOP/s. Overhead can be negative when the loop's "
             "forwards run faster than an isolated forward (warm caches, no launch gaps).")
     cmd = (f"EDM_BENCH_BACKENDS={BACKENDS or ''} EDM_BENCH_MODELS={','.join(MODELS)} "

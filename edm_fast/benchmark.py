@@ -139,17 +139,27 @@ _PEAK: dict = {}
 
 
 def peak_flops(device) -> float:
-    """Measured float32 matmul rate (TF32 off): the practical compute ceiling of ``device``."""
+    """The practical compute ceiling of ``device``: the best measured float32 rate of a large
+    matmul and of a 3x3 convolution (TF32 off), with their nominal FLOP counts. (A library may
+    run the convolution with Winograd, doing fewer multiplications than counted; the ceiling is
+    then a rate the UNets' convolutions can actually show.)"""
     key = str(device)
     if key not in _PEAK:
-        n = 8192 if device.type == "cuda" else 1024
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        seconds = time_call(lambda: a @ b, device)
-        torch.backends.cuda.matmul.allow_tf32 = prev
-        _PEAK[key] = 2 * n**3 / seconds
+        gpu = device.type == "cuda"
+        n = 8192 if gpu else 2048
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        x = torch.randn(64 if gpu else 8, 256, 32, 32, device=device)
+        w = torch.randn(256, 256, 3, 3, device=device)
+        conv_flops = 2 * x.shape[0] * 256 * 256 * 9 * 32 * 32
+        prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            mm = 2 * n**3 / time_call(lambda: a @ b, device)
+            conv = conv_flops / time_call(lambda: torch.nn.functional.conv2d(x, w, padding=1),
+                                          device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+        _PEAK[key] = max(mm, conv)
     return _PEAK[key]
 
 
