@@ -59,8 +59,8 @@ def grid(n):
 def test_global_error_order(ode_reference, name, run, steps, order):
     """Global error at sigma = 0.02 against the RK4 solution falls as steps^-order.
 
-    Measured slopes: Euler -0.99, Heun -2.08, midpoint (alpha = 1/2, from 32 steps) -1.90,
-    DPM-Solver++(2M) -2.13. Tolerance +-0.15 around the theoretical order: the asymptotic regime
+    Measured slopes: Euler -1.00, Heun -2.10, midpoint (alpha = 1/2, from 32 steps) -1.90,
+    DPM-Solver++(2M) -2.08. Tolerance +-0.15 around the theoretical order: the asymptotic regime
     is reached from 16 (midpoint: 32) steps on; the rest is higher-order terms at the coarse end."""
     den, x0, ref = ode_reference
     errors = [(run(den, x0, grid(n)) - ref).norm(dim=1).mean().item() for n in steps]
@@ -89,7 +89,7 @@ def component_stats(mixture, x):
 def test_heun_samples_follow_the_true_mixture(mixture):
     """20k samples of EDM's Heun sampler, converged (128 steps): component weights, means and
     covariances agree with the true mixture within 5 standard errors (12 statistics, so 5 SE is
-    a Bonferroni-safe bound). Measured max z: weights 1.4, means 2.5, covariances 2.6."""
+    a Bonferroni-safe bound). Measured max z: weights 0.1, means 1.8, covariances 3.0."""
     noise = torch.randn(20_000, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
     x = sample_edm(mixture.as_denoiser(), noise, edm_sigmas(128))
     z_w, z_mean, z_cov, _ = component_stats(mixture, x)
@@ -101,14 +101,14 @@ def test_heun_18_steps_mixture_and_its_known_bias(mixture):
     converged on a sharp mixture: they over-disperse each component. The same happens for one
     Gaussian of std 0.5 = sigma_data, where the exact ODE map is linear and 18 Heun steps
     overshoot the final std by 5.53% (k-diffusion's sample_heun gives the same 1.0553). Bounds:
-    weights 5 SE; component means within 0.05 absolute; covariances within 30% relative
-    (measured 0.02 and 21%)."""
+    weights 5 SE; component means within 0.06 absolute; covariances within 30% relative
+    (measured: weights z 0.3, means 0.042, covariances 11.7%)."""
     noise = torch.randn(20_000, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
     x = sample_edm(mixture.as_denoiser(), noise, edm_sigmas(18))
     z_w, _, _, rel_cov = component_stats(mixture, x)
     k = mixture.responsibilities(x).argmax(1)
     mean_err = max((x[k == j].mean(0) - mixture.means[j]).abs().max().item() for j in range(3))
-    assert z_w < 5 and mean_err < 0.05 and rel_cov < 0.30, (z_w, mean_err, rel_cov)
+    assert z_w < 5 and mean_err < 0.06 and rel_cov < 0.30, (z_w, mean_err, rel_cov)
     gauss = GaussianMixture.isotropic([1.0], [[0.0]], 0.5)
     one = sample_edm(gauss.as_denoiser(), torch.ones(1, 1, dtype=F64), edm_sigmas(18))
     exact = 80 * 0.5 / math.sqrt(0.25 + 80**2)
@@ -165,7 +165,7 @@ def test_vp_ve_odes_match_closed_form(schedule, scaling, make_sigmas):
 def test_float32_matches_float64_reference(mixture, S_churn):
     """The same noise in float32 and float64: relative error (2-norm over the batch) below 1e-5.
     The exact denoiser computes in float64 either way, so this isolates the sampler's float32
-    state: ~35 evaluations each rounding at 6e-8 relative (measured 1.1e-7 / 1.2e-7)."""
+    state: ~35 evaluations each rounding at 6e-8 relative (measured 1.5e-7 / 1.6e-7)."""
     den = mixture.as_denoiser()
     noise = torch.randn(512, 2, generator=torch.Generator().manual_seed(3))
     opts = dict(S_churn=S_churn, S_min=0.01, S_max=10.0)
