@@ -402,6 +402,22 @@ class FourierEmbedding(torch.nn.Module):
 # Class labels and label dropout (classifier-free guidance).
 
 
+def add_song_mapping(module, *, embedding_type, noise_channels, emb_channels, label_dim,
+                     augment_dim, init):
+    """Register the mapping network of DDPM++/NCSN++ (and the toy MLP) on ``module``, in the
+    official names and order: map_noise, map_label, map_augment, map_layer0, map_layer1
+    (noise (+ label + augment) embedding -> emb (N, emb_channels), EDM App. F)."""
+    if embedding_type == 'positional':
+        module.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
+    else:
+        module.map_noise = FourierEmbedding(num_channels=noise_channels)
+    module.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+    module.map_augment = (Linear(augment_dim, noise_channels, bias=False, **init)
+                          if augment_dim else None)
+    module.map_layer0 = Linear(noise_channels, emb_channels, **init)
+    module.map_layer1 = Linear(emb_channels, emb_channels, **init)
+
+
 def prepare_labels(class_labels, label_dim, batch_size, training, label_dropout, device):
     """Labels (N or 1, label_dim), None = zeros; in training, rows are zeroed w.p. label_dropout."""
     if class_labels is None:

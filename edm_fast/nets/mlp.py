@@ -9,7 +9,7 @@ import math
 import torch
 from torch.nn.functional import silu
 
-from .layers import FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, prepare_labels
+from .layers import GroupNorm, Linear, add_song_mapping, prepare_labels
 
 
 class MLPBlock(torch.nn.Module):
@@ -66,15 +66,9 @@ class MLP(torch.nn.Module):
         init = dict(init_mode='xavier_uniform')
         init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
 
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(num_channels=noise_channels)
-        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = (Linear(augment_dim, noise_channels, bias=False, **init)
-                            if augment_dim else None)
-        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        add_song_mapping(self, embedding_type=embedding_type, noise_channels=noise_channels,
+                         emb_channels=emb_channels, label_dim=label_dim,
+                         augment_dim=augment_dim, init=init)
         self.inp = Linear(dim, hidden, **init)
         self.blocks = torch.nn.ModuleList(
             MLPBlock(hidden, emb_channels, dropout, init, init_zero) for _ in range(depth))

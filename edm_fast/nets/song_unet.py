@@ -14,8 +14,7 @@ import math
 import torch
 from torch.nn.functional import silu
 
-from .layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock,
-                     prepare_labels)
+from .layers import Conv2d, GroupNorm, UNetBlock, add_song_mapping, prepare_labels
 
 EMBEDDING_TYPES = ('fourier', 'positional')
 ENCODER_TYPES = ('standard', 'skip', 'residual')
@@ -92,15 +91,9 @@ class SongUNet(torch.nn.Module):
         )
 
         # Mapping network: noise (+ label + augment) embedding -> emb (N, emb_channels).
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(num_channels=noise_channels)
-        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = (Linear(augment_dim, noise_channels, bias=False, **init)
-                            if augment_dim else None)
-        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        add_song_mapping(self, embedding_type=embedding_type, noise_channels=noise_channels,
+                         emb_channels=emb_channels, label_dim=label_dim,
+                         augment_dim=augment_dim, init=init)
 
         self.enc = torch.nn.ModuleDict()
         self.dec = torch.nn.ModuleDict()
