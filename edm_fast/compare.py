@@ -42,6 +42,7 @@ from typing import ClassVar
 
 import torch
 
+from .images import save_figure
 from .metrics import (
     DigitsClassifier,
     feature_stats,
@@ -455,11 +456,7 @@ def plot_quality_vs_nfe(rows: Sequence[Row], scorer: Scorer, path, *, reference=
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _set_yscale(ax, scale: str) -> None:
@@ -522,11 +519,7 @@ def plot_sample_sheet(rows: Sequence[Row], path, *, mixture=None, count: int = 2
             ax.set_title(f"{row.spec.nfe} NFE", fontsize=7, pad=2)
         axes_line[0].set_ylabel(f"{model} net\n{SAMPLER_LABELS[sampler]}", fontsize=7)
     fig.tight_layout(pad=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _density_image(mixture, lim: float = 1.2, n: int = 160):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy"]
+__all__ = ["to_uint8", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy",
+           "save_figure"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -36,6 +37,16 @@ def _atomic_save(save, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_figure(fig, path) -> Path:
+    """Write a matplotlib figure as PNG (atomically, creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    _atomic_save(lambda p: fig.savefig(p, format="png"), path)
+    plt.close(fig)
+    return path
 
 
 def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 1,
@@ -112,10 +123,7 @@ def plot_toy(samples: torch.Tensor, path, mixture=None, *, title: str = "") -> P
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    _atomic_save(lambda p: fig.savefig(p, format="png"), path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_samples(samples: torch.Tensor, out, *, seeds, labels=None, mixture=None,

@@ -294,10 +294,9 @@ def _plot_losses(out: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / ".loss.png.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out / "loss.png")
+    from .images import save_figure
+
+    save_figure(fig, out / "loss.png")
 
 
 @torch.no_grad()

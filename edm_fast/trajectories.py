@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .compare import SAMPLER_LABELS, sample_at_nfe, sigma_grid, steps_for_nfe
+from .images import save_figure
 from .noise import SeedNoise
 
 __all__ = [
@@ -170,11 +171,7 @@ def plot_trajectories_1d(mixture, trajs: Sequence[Trajectory], path, *, y_lim: f
         _draw_histogram(row[1], mixture, traj, len(traj.sigmas) - 1, y_lim)
         _sigma_ticks(row[0], sigma_max)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _frame_levels(sigma_max: float, frames: int) -> list[float]:
@@ -256,8 +253,4 @@ def plot_frames_2d(mixture, trajs: Sequence[Trajectory], path, *,
             ax.set_title(f"σ = {sigma:.3g}", fontsize=8)
         row[0].set_ylabel(traj.title.replace(", ", "\n"), fontsize=8)
     fig.tight_layout(pad=0.4)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
