@@ -53,13 +53,19 @@ def bench_model(name: str, device):
 
 def time_call(fn, device, repeats: int = 5) -> float:
     """Median wall seconds of one fn() call, device-synchronised; each of the ``repeats``
-    measurements runs fn back to back for >= 20 ms (timer resolution, launch smoothing)."""
-    fn()
-    synchronize(device)
+    measurements runs fn back to back for >= 20 ms (timer resolution, launch smoothing).
+    One untimed warm-up call comes first; a second call calibrates the inner count unless the
+    warm-up already took over a second (then each measurement is one call)."""
     start = time.perf_counter()
     fn()
     synchronize(device)
-    inner = max(1, min(1000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
+    if time.perf_counter() - start > 1.0:
+        inner = 1
+    else:
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        inner = max(1, min(1000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -174,13 +180,12 @@ def _row(model, batch, name, total, nfe, t_f, flops, peak, warmup=0.0):
 
 
 def _single_forward_time(name, sampler, latents, sigma, one_hot, device, t_eager):
-    """t_F for a backend: its own way of running one forward."""
-    backend = sampler.backend
-    if name == "compiled":
-        return time_call(lambda: backend.evaluate_once(latents, sigma, one_hot), device)
-    if name in ("cpp", "onnx") and hasattr(backend, "evaluate_once"):
-        return time_call(lambda: backend.evaluate_once(latents, sigma, one_hot), device)
-    return t_eager
+    """t_F for a backend: one evaluation in its own execution mode, inputs prepared outside the
+    timed call (``backend.evaluation``); the eager forward for the reference loop."""
+    evaluation = getattr(sampler.backend, "evaluation", None)
+    if name == "reference" or evaluation is None:
+        return t_eager
+    return time_call(evaluation(latents, sigma, one_hot), device)
 
 
 def benchmark_case(model_name: str, batch: int, *, device, steps: int = 18, repeats: int = 5,

@@ -68,3 +68,26 @@ def test_compare_command_writes_report(tmp_path):
     table = (tmp_path / "digits_table.md").read_text()
     assert "DDPM ancestral" in table and "EDM Heun" in table and "real data" in table
     assert (tmp_path / "digits_quality_vs_nfe.png").stat().st_size > 1000
+
+
+def test_bench_command_prints_consistent_rows():
+    """`edm-fast bench` at a tiny size: one row per backend asked for plus the NVlabs-style
+    loop (and k-diffusion where installed), with columns that agree with each other."""
+    res = _run(["bench", "--models", "mlp", "--batches", "2", "--steps", "3", "--backends",
+                "reference,onnx", "--repeats", "1", "--device", "cpu"])
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("| mlp")]
+    head = [c.strip() for c in res.stdout.splitlines()[0].strip("|").split("|")]
+    rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines]
+    names = [r["sampler"] for r in rows]
+    assert names[:3] == ["ours/reference", "ours/onnx", "nvlabs-eager"], names
+    nfe = 5  # 3 Heun steps to sigma = 0: 2 * 3 - 1 evaluations
+    for r in rows:  # total is printed to 0.1 ms, ms/NFE and t_F to 1 us: compare within that
+        total, per_nfe, t_f = float(r["total ms"]), float(r["ms/NFE"]), float(r["t_F ms"])
+        exact = per_nfe * nfe
+        assert exact > 0 and abs(exact - total) <= 0.05 + nfe * 0.0005
+        assert abs(float(r["img/s"]) - 2e3 / exact) <= 0.02 * float(r["img/s"])
+        slack = 100 * nfe * 0.001 / exact + 0.1
+        assert abs(float(r["overhead %"]) - 100 * (exact - nfe * t_f) / exact) <= slack
+    res = _run(["bench", "--models", "nope", "--batches", "1", "--device", "cpu"])
+    assert res.returncode == 2 and "Unknown network preset 'nope'" in res.stderr

@@ -196,13 +196,14 @@ class CompiledBackend:
 
     # -- public ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
-        """One denoiser evaluation D(x; sigma) exactly as the loop runs it (for benchmarks);
-        in CUDA-graph mode it is replayed from a graph of its own, so it is timed without the
-        Python and launch costs the sampling graph does not pay either."""
+    def evaluation(self, x, sigma, class_labels=None):
+        """A zero-argument callable that runs one denoiser evaluation D(x; sigma) exactly as the
+        loop runs it, with its inputs prepared beforehand (for benchmarks: t_F). In CUDA-graph
+        mode it replays a graph of its own, so it is timed without the Python and launch costs
+        the sampling graph does not pay either."""
         labels = self._labels_buffer(class_labels)
         if self.graph is None:
-            return self._evaluate_direct(x, sigma, labels)
+            return lambda: self._evaluate_direct(x, sigma, labels)
         if getattr(self, "_eval_graph", None) is None:
             self._eval_in = [x.clone(), sigma.clone(), None if labels is None else labels.clone()]
             self._eval_out = self._evaluate_direct(*self._eval_in)  # warm (already compiled)
@@ -212,8 +213,15 @@ class CompiledBackend:
         for static, value in zip(self._eval_in, (x, sigma, labels)):
             if static is not None:
                 static.copy_(value)
-        self._eval_graph.replay()
-        return self._eval_out
+
+        def replay():
+            self._eval_graph.replay()
+            return self._eval_out
+        return replay
+
+    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
+        """One denoiser evaluation D(x; sigma) as the loop runs it."""
+        return self.evaluation(x, sigma, class_labels)().clone()
 
     def _evaluate_direct(self, x, sigma, labels):
         if not self.fused_precond:

@@ -110,12 +110,22 @@ class CppBackend:
 
     __call__ = run
 
-    @torch.no_grad()
-    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
-        """One evaluation of the exported denoiser through the C++ runner (for benchmarks)."""
+    def evaluation(self, x, sigma, class_labels=None):
+        """A zero-argument callable that runs one evaluation of the exported denoiser through
+        the C++ runner, with its inputs prepared beforehand (for benchmarks: t_F)."""
         labels = None
         if self.label_dim > 0:
             labels = one_hot_labels(class_labels, self.label_dim, batch=x.shape[0],
                                     device=self.device, dtype=self.dtype)
-        return self.sampler.denoise(x.to(self.device, self.dtype), sigma.to(self.device,
-                                    self.dtype), labels)
+        x = x.to(self.device, self.dtype)
+        sigma = torch.as_tensor(sigma, dtype=self.dtype, device=self.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0]).contiguous()
+
+        @torch.no_grad()
+        def evaluate():
+            return self.sampler.denoise(x, sigma, labels)
+        return evaluate
+
+    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
+        """One evaluation of the exported denoiser through the C++ runner."""
+        return self.evaluation(x, sigma, class_labels)()

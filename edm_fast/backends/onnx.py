@@ -10,8 +10,11 @@ then executes a ``SamplingPlan`` (host scalars t_i, t_hat_i, gamma_i), step i:
     Heun    d' = (x' - D(x'; t_next)) / t_next,  x' = x_hat + (t_next - t_hat)(d/2 + d'/2) (l.9-11)
 
 with the step math in torch (the backend's dtype) on the session's device and one session call
-per evaluation. Classifier-free guidance evaluates the conditional and unconditional rows as
-one batch of 2N, D_w = D_u + w (D_c - D_u), like ``guidance.GuidedDenoiser``.
+per evaluation. The session's inputs and outputs are float32 buffers bound once per batch size
+(``_Slots``); the step math is rearranged into three or four tensor ops per step (see ``run``)
+and NaN/Inf are checked once, at the end, because at small batches every op's dispatch costs
+more than its arithmetic. Classifier-free guidance evaluates the conditional and unconditional
+rows as one batch of 2N, D_w = D_u + w (D_c - D_u), like ``guidance.GuidedDenoiser``.
 
 Devices: 'cpu' uses the CPU execution provider. 'cuda[:i]' needs onnxruntime-gpu (the CUDA
 execution provider); the session then reads and writes torch's CUDA tensors in place through
@@ -66,34 +69,70 @@ def _providers(device: torch.device, tf32: bool):
     return [(CUDA_PROVIDER, options), "CPUExecutionProvider"]
 
 
-class _BoundSession:
-    """Runs the session on float32 torch tensors in place (I/O binding, no host round trip)."""
+class _Evaluation:
+    """One evaluation slot at a fixed row count: float32 input, sigma, label and output buffers
+    bound once to an ``IOBinding`` (no per-call binding, no host round trip).
 
-    def __init__(self, session, device: torch.device):
+    Each call copies x into the input buffer (twice for guidance: conditional rows, then the
+    unconditional ones), sets sigma and runs the session; ONNX Runtime writes D into the output
+    buffer in place. The result aliases that buffer and is valid until this slot's next call.
+    """
+
+    def __init__(self, session, device: torch.device, rows: int, sample_shape,
+                 labels: torch.Tensor | None, guidance: float | None):
         import numpy as np
 
-        self.session, self.device, self.float32 = session, device, np.float32
-        self.names = [i.name for i in session.get_inputs()]
-        self.where = "cuda" if device.type == "cuda" else "cpu"
-        self.index = (device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 0
-        if device.type == "cuda" and CUDA_PROVIDER not in session.get_providers():
-            raise RuntimeError("onnxruntime could not start its CUDA provider (missing CUDA or "
-                               "cuDNN libraries?); the session would run on the CPU")
+        float32 = np.float32
+        self.session, self.device, self.guidance = session, device, guidance
+        self.x = torch.zeros((rows, *sample_shape), dtype=torch.float32, device=device)
+        self.sigma = torch.ones((rows,), dtype=torch.float32, device=device)
+        self.out = torch.empty_like(self.x)
+        where = "cuda" if device.type == "cuda" else "cpu"
+        index = ((device.index if device.index is not None else torch.cuda.current_device())
+                 if device.type == "cuda" else 0)
+        inputs = (self.x, self.sigma) + ((labels,) if labels is not None else ())
+        self.binding = session.io_binding()
+        for spec, t in zip(session.get_inputs(), inputs):
+            self.binding.bind_input(spec.name, where, index, float32, tuple(t.shape),
+                                    t.data_ptr())
+        self.binding.bind_output(OUTPUT_NAME, where, index, float32, tuple(self.out.shape),
+                                 self.out.data_ptr())
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """D for inputs (x, sigma[, labels]), each float32, contiguous, on the device."""
-        binding = self.session.io_binding()
-        for name, t in zip(self.names, inputs):
-            binding.bind_input(name, self.where, self.index, self.float32, tuple(t.shape),
-                               t.data_ptr())
-        out = torch.empty_like(inputs[0])
-        binding.bind_output(OUTPUT_NAME, self.where, self.index, self.float32, tuple(out.shape),
-                            out.data_ptr())
-        if self.where == "cuda":  # ORT runs on its own stream: torch's writes must be done
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """D(x; sigma) in float32 (guided: D_u + w (D_c - D_u)); sigma: a float, or a vector
+        with one entry per input row."""
+        n = x.shape[0]
+        self.x[:n].copy_(x)
+        if self.guidance is not None:
+            self.x[n:].copy_(x)
+        if isinstance(sigma, torch.Tensor):
+            self.sigma.copy_(sigma)
+        else:
+            self.sigma.fill_(sigma)
+        if self.device.type == "cuda":  # ORT runs on its own stream: torch's writes must be done
             torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(binding)  # returns once the outputs are written
-        return out
+        self.session.run_with_iobinding(self.binding)  # returns once the outputs are written
+        if self.guidance is None:
+            return self.out
+        return torch.lerp(self.out[n:], self.out[:n], self.guidance)  # D_u + w (D_c - D_u)
+
+
+class _Slots:
+    """The buffers of one batch size: a shared label buffer and two evaluation slots (D at
+    t_hat and D at t_next, so that the first result survives the Heun correction's call)."""
+
+    def __init__(self, session, device, n: int, sample_shape, label_dim: int,
+                 guidance: float | None):
+        rows = 2 * n if guidance is not None else n
+        self.labels = (torch.zeros((rows, label_dim), dtype=torch.float32, device=device)
+                       if label_dim > 0 else None)
+        self.hat = _Evaluation(session, device, rows, sample_shape, self.labels, guidance)
+        self.next = _Evaluation(session, device, rows, sample_shape, self.labels, guidance)
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """(N, L) float32 conditional labels; the unconditional rows of guidance stay zero."""
+        if self.labels is not None:
+            self.labels[: labels.shape[0]].copy_(labels)
 
 
 class OnnxBackend:
@@ -150,7 +189,10 @@ class OnnxBackend:
                 label_dim=self.label_dim, opset=opset, dtype=self.net_dtype,
                 batch=self.batch_shape[0], check=check, exporter=exporter)
         self.session = make_session(self.model_path, providers=providers, threads=threads)
-        self._call = _BoundSession(self.session, self.device)
+        if self.device.type == "cuda" and CUDA_PROVIDER not in self.session.get_providers():
+            raise RuntimeError("onnxruntime could not start its CUDA provider (missing CUDA or "
+                               "cuDNN libraries?); the session would run on the CPU")
+        self._slots: dict[int, _Slots] = {}
         self._warmup()
         self.warmup_seconds = time.perf_counter() - start
 
@@ -173,51 +215,51 @@ class OnnxBackend:
     def _warmup(self) -> None:
         """One evaluation at the run's batch (ORT allocates and, on CUDA, picks kernels)."""
         n = self.batch_shape[0]
-        x = torch.zeros(self.batch_shape, dtype=self.dtype, device=self.device)
-        self._denoise(x, self._sigma_vector(1.0, n), self._labels(None, n))
+        self._slots_for(n).hat(torch.zeros(self.batch_shape, device=self.device), 1.0)
 
-    # -- one evaluation -------------------------------------------------------------------------
-    def _rows(self, n: int) -> int:
-        """Rows per session call: 2N with guidance (conditional + unconditional)."""
-        return 2 * n if self.plan.guidance is not None else n
-
-    def _sigma_vector(self, t: float, n: int) -> torch.Tensor:
-        return torch.full((self._rows(n),), t, dtype=torch.float32, device=self.device)
+    # -- buffers --------------------------------------------------------------------------------
+    def _slots_for(self, n: int) -> _Slots:
+        """The bound buffers for batch size n, made on first use (calls are serialised by the
+        Sampler's lock, so one set per size is enough)."""
+        slots = self._slots.get(n)
+        if slots is None:
+            slots = self._slots[n] = _Slots(self.session, self.device, n, self.batch_shape[1:],
+                                            self.label_dim, self.plan.guidance)
+        return slots
 
     def _labels(self, class_labels, n: int) -> torch.Tensor | None:
-        """(N, L) float32 labels, stacked over zeros (unconditional) for guidance; or None."""
+        """(N, L) float32 one-hot or given labels on the device; None when unconditional."""
         if self.label_dim <= 0:
             if class_labels is not None:
                 raise ValueError("this denoiser is unconditional; class_labels must be None")
             return None
-        labels = one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
-                                dtype=torch.float32)
-        if self.plan.guidance is not None:
-            labels = torch.cat([labels, torch.zeros_like(labels)])
-        return labels.contiguous()
-
-    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
-        """D(x; sigma, labels) in x's dtype (guided: D_u + w (D_c - D_u), one 2N batch)."""
-        x_in = x.to(torch.float32)
-        if self.plan.guidance is not None:
-            x_in = torch.cat([x_in, x_in])
-        inputs = (x_in.contiguous(), sigma) + ((labels,) if labels is not None else ())
-        out = self._call(*inputs).to(x.dtype)
-        if self.plan.guidance is None:
-            return out
-        cond, uncond = out[: x.shape[0]], out[x.shape[0]:]
-        return uncond + self.plan.guidance * (cond - uncond)
+        return one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
+                              dtype=torch.float32)
 
     # -- public ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
-        """One denoiser evaluation D(x; sigma) exactly as the loop runs it (for benchmarks)."""
+    def evaluation(self, x, sigma, class_labels=None):
+        """A zero-argument callable that runs one denoiser evaluation D(x; sigma) exactly as
+        the loop runs it, with its inputs prepared beforehand (for benchmarks: t_F). Its result
+        aliases a buffer: valid until the backend's next evaluation."""
         x = x.to(self.device, self.dtype)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device).reshape(-1)
-        sigma = sigma.expand(x.shape[0])
-        if self.plan.guidance is not None:
-            sigma = torch.cat([sigma, sigma])
-        return self._denoise(x, sigma.contiguous(), self._labels(class_labels, x.shape[0]))
+        n = x.shape[0]
+        slots = self._slots_for(n)
+        slots.set_labels(self._labels(class_labels, n))
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.to(self.device, torch.float32).reshape(-1).expand(n)
+            if self.plan.guidance is not None:
+                sigma = torch.cat([sigma, sigma])
+        else:
+            sigma = float(sigma)
+
+        @torch.no_grad()
+        def evaluate():
+            return slots.hat(x, sigma).to(self.dtype)
+        return evaluate
+
+    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
+        """One denoiser evaluation D(x; sigma) as the loop runs it."""
+        return self.evaluation(x, sigma, class_labels)().clone()
 
     @torch.no_grad()
     def run(self, latents: torch.Tensor, churn_noise: torch.Tensor | None = None,
@@ -229,33 +271,43 @@ class OnnxBackend:
         None when K = 0; class_labels: (N, label_dim) float, (N,) int, or None (zeros).
         Returns (N, *sample_shape) in the backend's dtype on its device.
         """
-        plan = self.plan
-        latents = latents.to(self.device, self.dtype)
+        plan, dtype = self.plan, self.dtype
+        latents = latents.to(self.device, dtype)
         n, k_total = latents.shape[0], len(plan.churn_steps)
         if k_total and (churn_noise is None or churn_noise.shape[0] != k_total):
             raise ValueError(f"the plan needs {k_total} churn draws of shape "
                              f"{tuple(latents.shape)}")
-        labels = self._labels(class_labels, n)
-        hat = [self._sigma_vector(t, n) for t in plan.t_hats]  # all per-step vectors up front
-        nxt = [self._sigma_vector(t, n) for t in plan.sigmas[1:]]
-        bad, k = [], 0
+        slots = self._slots_for(n)
+        slots.set_labels(self._labels(class_labels, n))
+        k = 0
         x = latents * plan.sigmas[0]  # Alg. 2 l.1: x_0 ~ N(0, t_0^2 I)
         for i in range(plan.num_steps):  # 0, ..., N-1
             t_hat, t_next = plan.t_hats[i], plan.sigmas[i + 1]
             x_hat = x
             if plan.gammas[i] > 0:  # Alg. 2 l.5-6: x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps
-                x_hat = x + plan.churn_std(i) * churn_noise[k].to(self.device, self.dtype)
+                x_hat = x + plan.churn_std(i) * churn_noise[k].to(self.device, dtype)
                 k += 1
-            denoised = self._denoise(x_hat, hat[i], labels)
-            d_cur = (x_hat - denoised) / t_hat  # Alg. 2 l.7
-            x = x_hat + (t_next - t_hat) * d_cur  # Alg. 2 l.8 (Euler step)
-            bad.append(~torch.isfinite(denoised).all())
+            # The step math is written with as few tensor ops as possible, since at small
+            # batches each op's dispatch costs more than its arithmetic. With r = t_next/t_hat,
+            # Alg. 2 l.7-8, x' = x_hat + (t_next - t_hat)(x_hat - D_1)/t_hat, is the lerp
+            # D_1 + r (x_hat - D_1).
+            r = t_next / t_hat
+            d_1 = slots.hat(x_hat, t_hat).to(dtype)
+            x_prime = torch.lerp(d_1, x_hat, r)
             if plan.solver == "heun" and t_next > 0:  # Alg. 2 l.9-11: second-order correction
-                denoised = self._denoise(x, nxt[i], labels)
-                d_prime = (x - denoised) / t_next
-                x = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-                bad.append(~torch.isfinite(denoised).all())
-        if bad and bool(torch.stack(bad).any()):  # one host sync, at the end
+                d_2 = slots.next(x_prime, t_next).to(dtype)
+                # x_hat + h (d_i + d'_i)/2 with h = t_next - t_hat, d'_i = (x' - D_2)/t_next and
+                # h d_i = x' - x_hat is (x_hat + x')/2 + h/(2 t_next) (x' - D_2). The difference
+                # x' - D_2 is formed first, as in the reference, before its large factor.
+                c = (t_next - t_hat) / (2.0 * t_next)
+                x = torch.lerp(x_hat, x_prime, 0.5).add_(x_prime - d_2, alpha=c)
+            else:
+                x = x_prime
+        # NaN/Inf in any D (or in the latents) reaches x: every update above is a sum of
+        # products that contain x_hat and each D, and IEEE arithmetic never turns a non-finite
+        # operand of a sum or product into a finite result (the zero weight of the last step,
+        # r = 0, is still a product: 0 * Inf = NaN). So one check (one host sync) at the end.
+        if not bool(torch.isfinite(x).all()):
             raise NonFiniteError("ONNX Runtime returned NaN/Inf during sampling")
         return x
 
