@@ -31,6 +31,7 @@ EXPLICIT_BATCHES = "EDM_BENCH_BATCHES" in os.environ
 BATCHES = [int(b) for b in os.environ.get(
     "EDM_BENCH_BATCHES", "1,16,64,256,1024" if GPU else "1,16,64").split(",")]
 REPEATS = int(os.environ.get("EDM_BENCH_REPEATS", "5"))
+ROUNDS = int(os.environ.get("EDM_BENCH_ROUNDS", "1"))  # > 1: each sampler keeps its best round
 BACKENDS = os.environ.get("EDM_BENCH_BACKENDS")  # comma list; default: all that load
 ROWS: list[dict] = []
 # the 56M-parameter net takes ~0.15 s per forward at batch 1 and ~2 s at batch 16 on a 2-core
@@ -47,7 +48,7 @@ def test_sampler_backends(benchmark, model_name, batch):
         if not bundled_path("default").exists():
             pytest.skip("bundled model not built")
     rows = benchmark_case(model_name, batch, device=DEVICE, steps=STEPS, repeats=REPEATS,
-                          backends=BACKENDS.split(",") if BACKENDS else None)
+                          rounds=ROUNDS, backends=BACKENDS.split(",") if BACKENDS else None)
     benchmark.extra_info["rows"] = rows
     benchmark.pedantic(lambda: None, rounds=1)  # the rows above are the measurement
     ROWS.extend(rows)
@@ -66,7 +67,8 @@ def teardown_module(module):
             "forwards run faster than an isolated forward (warm caches, no launch gaps).")
     cmd = (f"EDM_BENCH_BACKENDS={BACKENDS or ''} EDM_BENCH_MODELS={','.join(MODELS)} "
            f"EDM_BENCH_BATCHES="
-           f"{','.join(map(str, BATCHES))} EDM_BENCH_STEPS={STEPS} "
+           f"{','.join(map(str, BATCHES))} EDM_BENCH_STEPS={STEPS} EDM_BENCH_REPEATS={REPEATS} "
+           f"EDM_BENCH_ROUNDS={ROUNDS} "
            "python -m pytest bench/bench_sampler.py -q -s")
     append_results("Sampler backends: latency per NFE, img/s, overhead (bench/bench_sampler.py)",
                    format_table(ROWS) + note, cmd)

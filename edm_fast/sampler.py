@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .backends import resolve_backend
+from .backends import auto_candidates, is_auto, resolve_backend, warn_fallback
 from .backends.plan import SamplingPlan
 from .device import resolve_device
 from .guidance import one_hot_labels
@@ -72,13 +72,35 @@ class Sampler:
             sigma_max=min(sigma_max or 80.0, getattr(self.denoiser, "sigma_max", float("inf"))),
             rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,
             guidance=guidance, round_sigma=getattr(self.denoiser, "round_sigma", None))
-        backend_cls = resolve_backend(backend, self.device, expected_images)
-        self.backend = backend_cls(self.denoiser, self.plan, (self.batch_size, *self.shape),
-                                   dtype=dtype, device=self.device, label_dim=self.label_dim,
-                                   **(backend_options or {}))
-        self.backend_name = backend_cls.name
+        self.backend = self._build_backend(backend, expected_images, backend_options or {})
+        self.backend_name = self.backend.name
         self.warmup_seconds = time.perf_counter() - start
         self._lock = threading.Lock()
+
+    def _build_backend(self, requested: str, expected_images, options: dict):
+        """The backend object: the one asked for (its errors propagate), or for 'auto' the first
+        of ``auto_candidates`` that builds for this model, with one warning naming the reasons
+        for every better one that did not load or failed to build (export, compile)."""
+        def build(cls):
+            return cls(self.denoiser, self.plan, (self.batch_size, *self.shape), dtype=self.dtype,
+                       device=self.device, label_dim=self.label_dim, **options)
+
+        if not is_auto(requested):
+            return build(resolve_backend(requested, self.device, expected_images, self.dtype))
+        classes, reasons = auto_candidates(self.device, expected_images, self.dtype)
+        for cls in classes:
+            try:
+                backend = build(cls)
+            except Exception as exc:
+                if cls.name == "reference":
+                    raise
+                reasons.append(f"{cls.name}: failed to build for this model "
+                               f"({type(exc).__name__}: {exc})")
+                continue
+            if reasons:
+                warn_fallback(cls.name, reasons, stacklevel=3)
+            return backend
+        raise RuntimeError("no sampler backend could be built")  # the reference always builds
 
     @property
     def num_evals(self) -> int:

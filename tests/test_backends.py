@@ -127,6 +127,8 @@ def test_inductor_cpu_compile_matches_reference():
     out2 = be.run(latents)
     assert torch.equal(out, out2)
     assert counters["stats"]["unique_graphs"] == 1  # one graph for every sigma
+    # room for many compiled Samplers per process (the default limit of 8 made the 9th eager)
+    assert torch._dynamo.config.recompile_limit >= 64
     ref64 = sample_edm(den, latents.double(), plan.sigmas)
     ref32 = sample_edm(den, latents, plan.sigmas)
     assert rel_err(out, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
@@ -165,6 +167,7 @@ def test_sampler_labels_and_validation():
 
 
 def test_auto_backend_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("EDM_FAST_DISABLE_ONNX", "1")
     monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
     monkeypatch.setenv("EDM_FAST_DISABLE_COMPILED", "1")
     with warnings.catch_warnings(record=True) as caught:
@@ -172,12 +175,50 @@ def test_auto_backend_falls_back_with_one_warning(monkeypatch):
         cls = resolve_backend("auto", torch.device("cpu"))
     assert cls is ReferenceBackend
     msgs = [str(w.message) for w in caught if "edm-fast" in str(w.message)]
-    assert len(msgs) == 1 and "EDM_FAST_DISABLE_CPP" in msgs[0]
+    assert len(msgs) == 1 and "EDM_FAST_DISABLE_CPP" in msgs[0] and "ONNX" in msgs[0]
     monkeypatch.setenv("EDM_FAST_BACKEND", "reference")
     assert resolve_backend("compiled", torch.device("cpu")) is ReferenceBackend
     with pytest.raises(ValueError, match="unknown backend"):
         monkeypatch.delenv("EDM_FAST_BACKEND")
         resolve_backend("tensorrt", torch.device("cpu"))
+
+
+def test_auto_sampler_skips_and_survives_backends_that_cannot_serve_the_job(monkeypatch):
+    """'auto' on the CPU: ONNX Runtime first (float32 only); a backend that loads but fails to
+    build for the model is skipped like one that does not load, with one warning that names
+    every reason; an explicit request for it raises instead."""
+    from edm_fast.backends import AUTO_ORDER
+    from edm_fast.backends.onnx import OnnxBackend
+
+    assert AUTO_ORDER["cpu"][0] == "onnx" and "onnx" not in AUTO_ORDER["cuda"]
+    den = make_denoiser(label_dim=3, channels=1)
+    opts = {"shape": (1, 5, 5), "batch_size": 2, "num_steps": 3, "device": "cpu"}
+    if OnnxBackend.unavailable_reason() is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the first choice: no warning
+            assert Sampler(den, **opts).backend_name == "onnx"
+    monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
+    monkeypatch.setenv("EDM_FAST_DISABLE_COMPILED", "1")
+    with pytest.warns(RuntimeWarning, match="float32, and dtype torch.float64") as caught:
+        assert Sampler(den, dtype=torch.float64, **opts).backend_name == "reference"
+    assert len([w for w in caught if "edm-fast" in str(w.message)]) == 1
+
+    def broken_init(self, *args, **kwargs):
+        raise RuntimeError("export failed: unsupported operator")
+
+    monkeypatch.setattr(OnnxBackend, "unavailable_reason", staticmethod(lambda: None))
+    monkeypatch.setattr(OnnxBackend, "__init__", broken_init)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sampler = Sampler(den, **opts)
+    msgs = [str(w.message) for w in caught if "edm-fast" in str(w.message)]
+    assert sampler.backend_name == "reference" and len(msgs) == 1, msgs
+    assert "onnx: failed to build for this model (RuntimeError: export failed" in msgs[0]
+    assert "EDM_FAST_DISABLE_CPP" in msgs[0]
+    ref = Sampler(den, backend="reference", **opts)
+    assert torch.equal(sampler(seeds=[4, 5]), ref(seeds=[4, 5]))
+    with pytest.raises(RuntimeError, match="export failed"):
+        Sampler(den, backend="onnx", **opts)
 
 
 @pytest.mark.gpu

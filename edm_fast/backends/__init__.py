@@ -18,7 +18,8 @@ import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "load_backend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "auto_candidates", "available_backends", "is_auto",
+           "load_backend", "resolve_backend", "warn_fallback"]
 
 # name -> (module, class name)
 BACKENDS = {
@@ -28,9 +29,13 @@ BACKENDS = {
     "onnx": ("edm_fast.backends.onnx", "OnnxBackend"),
 }
 
-# what 'auto' tries, best first, per device type
-# (onnx is never picked by 'auto': it is for deployments that ask for it by name)
-AUTO_ORDER = {"cuda": ["compiled", "cpp", "reference"], "cpu": ["cpp", "compiled", "reference"]}
+# what 'auto' tries, best first, per device type. On the CPU ONNX Runtime comes first: in
+# bench/RESULTS.md (2-core CPU, 18 Heun steps) it was the fastest backend for the UNets at batch
+# 1 and 16 and for cifar10-ddpmpp at batch 1, within 15% of the best elsewhere, and it has the
+# shortest warm-up (0.1-10 s of export, against 4-50 s of Inductor and 10-60 s of AOTInductor).
+# It is not tried on CUDA, where the CUDA-graph loop is the measured fast path.
+AUTO_ORDER = {"cuda": ["compiled", "cpp", "reference"],
+              "cpu": ["onnx", "cpp", "compiled", "reference"]}
 
 
 def _disabled(name: str) -> bool:
@@ -62,39 +67,70 @@ def available_backends() -> dict[str, str | None]:
     return out
 
 
-# Below this many images per Sampler on the CPU, 'auto' skips the compiling backends: their
-# one-off compile/export (30-150 s on 2 cores) costs more than it saves (measured: 64 images of
-# the bundled model take 1.3 s with the reference loop, 1.6 s + 34 s export with the C++ loop).
+# Below this many images per Sampler on the CPU, 'auto' keeps the reference loop: the one-off
+# export/compile (1-10 s for ONNX, 30-150 s for AOTInductor or Inductor on 2 cores) costs more
+# than it saves (measured: 64 images of the bundled model take 1.3 s with the reference loop,
+# 1.6 s + 34 s export with the C++ loop; ONNX Runtime saves ~6% per batch of 64 for 1.3 s of
+# export, so it pays only after a few thousand images).
 SMALL_CPU_JOB = 4096
 
 
-def resolve_backend(requested: str, device: torch.device, expected_images: int | None = None):
+def _unsuitable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why 'auto' must not pick ``name`` for this job even though it loads, or None."""
+    if name == "onnx" and dtype != torch.float32:
+        return f"onnx: runs the network in float32, and dtype {dtype} was asked for"
+    return None
+
+
+def auto_candidates(device: torch.device, expected_images: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[list, list[str]]:
+    """The backend classes 'auto' may use here, best first (always ending with the reference),
+    and the reasons the better ones it skipped could not be used."""
+    if device.type == "cpu" and expected_images is not None and expected_images < SMALL_CPU_JOB:
+        return [load_backend("reference")], []
+    classes, reasons = [], []
+    for name in AUTO_ORDER.get(device.type, ["compiled", "reference"]):
+        if name != "reference" and _disabled(name):
+            reasons.append(f"{name}: disabled by EDM_FAST_DISABLE_{name.upper()}=1")
+            continue
+        why = _unsuitable(name, device, dtype)
+        if why is not None:
+            reasons.append(why)
+            continue
+        try:
+            classes.append(load_backend(name))
+        except Exception as exc:
+            reasons.append(f"{name}: {exc}")
+    return classes, reasons
+
+
+def resolve_backend(requested: str, device: torch.device, expected_images: int | None = None,
+                    dtype: torch.dtype = torch.float32):
     """Pick the backend class: the requested one, or for 'auto' the best that loads here.
 
-    An explicit request that cannot load raises. 'auto' falls back down AUTO_ORDER and warns
-    once, naming the reason, if it ends below its first choice. ``expected_images`` (when the
-    caller knows its workload) lets 'auto' keep the reference loop for small CPU jobs.
+    An explicit request (or ``EDM_FAST_BACKEND``) that cannot load raises. 'auto' falls back
+    down AUTO_ORDER and warns once, naming the reasons, if it ends below its first choice.
+    ``expected_images`` (when the caller knows its workload) lets 'auto' keep the reference
+    loop for small CPU jobs. ``Sampler`` goes one step further: it also falls back when the
+    chosen backend fails to build for the model (``auto_candidates``).
     """
     forced = os.environ.get("EDM_FAST_BACKEND")
     if forced:
         requested = forced
     if requested != "auto":
         return load_backend(requested)
-    if device.type == "cpu" and expected_images is not None and expected_images < SMALL_CPU_JOB:
-        return load_backend("reference")
-    reasons = []
-    order = AUTO_ORDER.get(device.type, ["compiled", "reference"])
-    for name in order:
-        if name != "reference" and _disabled(name):
-            reasons.append(f"{name}: disabled by EDM_FAST_DISABLE_{name.upper()}=1")
-            continue
-        try:
-            backend = load_backend(name)
-        except Exception as exc:
-            reasons.append(f"{name}: {exc}")
-            continue
-        if reasons:
-            warnings.warn(f"edm-fast: using the '{name}' backend; " + "; ".join(reasons),
-                          RuntimeWarning, stacklevel=3)
-        return backend
-    raise RuntimeError("no sampler backend could be loaded")  # reference always loads
+    classes, reasons = auto_candidates(device, expected_images, dtype)
+    if reasons:
+        warn_fallback(classes[0].name, reasons, stacklevel=3)
+    return classes[0]
+
+
+def is_auto(requested: str) -> bool:
+    """True when the backend choice is left to 'auto' (not forced by EDM_FAST_BACKEND)."""
+    return requested == "auto" and not os.environ.get("EDM_FAST_BACKEND")
+
+
+def warn_fallback(name: str, reasons: list[str], stacklevel: int = 2) -> None:
+    """The one warning of an 'auto' choice that ended below its first choice."""
+    warnings.warn(f"edm-fast: using the '{name}' backend; " + "; ".join(reasons),
+                  RuntimeWarning, stacklevel=stacklevel + 1)

@@ -34,6 +34,21 @@ def _vector(value: float, n: int, dtype, device) -> torch.Tensor:
     return torch.full((n,), float(value), dtype=dtype, device=device)
 
 
+# Every compiled Sampler adds a static-shape graph of the same forward code (one per model and
+# batch shape); past TorchDynamo's recompile limit (8 by default) the next one would silently run
+# eagerly. A server or benchmark that builds more Samplers than that in one process needs more.
+RECOMPILE_LIMIT = 64
+
+
+def _allow_many_compiled_samplers() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+            break
+
+
 class CompiledBackend:
     """See the module docstring. Options: compile (torch.compile the net), cuda_graph (default
     on CUDA), step_impl ('auto' | 'triton' | 'torch'), compile_mode (torch.compile mode)."""
@@ -57,6 +72,8 @@ class CompiledBackend:
         if compile and self.device.type == "cpu" and shutil.which("c++") is None \
                 and shutil.which("g++") is None:
             raise RuntimeError("torch.compile on the CPU needs a C++ compiler (c++/g++)")
+        if compile:
+            _allow_many_compiled_samplers()
         self.step_impl = self._pick_step_impl(step_impl)
         guided = plan.guidance is not None
         self.fused_precond = (self.step_impl == "triton" and isinstance(denoiser, Denoiser)

@@ -154,6 +154,9 @@ class OnnxBackend:
         opset, exporter, check: passed to ``export_onnx``.
         threads: ONNX Runtime intra-op threads (default torch.get_num_threads()).
         tf32: allow TF32 on the CUDA provider.
+
+    Not thread-safe by itself (the bound buffers are shared by all calls of one batch size);
+    ``Sampler`` serialises calls with its lock.
     """
 
     name = "onnx"
