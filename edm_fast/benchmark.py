@@ -12,7 +12,11 @@ one process disturb each other's timings), with its total and t_F timed in alter
   - k-diffusion: k_diffusion.sampling.sample_heun from PyPI, when it is installed.
 Columns: total ms per call (median), ms/NFE, images/s, t_F (one denoiser forward in the same
 execution mode: eager, compiled, or the exported model the C++ loop runs), overhead =
-total - NFE x t_F as % of total, and the achieved FLOP rate (FLOPs of one forward counted with
+total - NFE x t_F as % of total (the definition of the fast-sampler issue: a difference of two
+timings, so it carries the host's timing noise), host % (one call with the network swapped
+for one that costs nothing - identity D, or a session call that runs nothing - as % of total:
+the sampler's own work measured directly; n/a where the network cannot be swapped out, inside
+the C++ loop or a CUDA graph), and the achieved FLOP rate (FLOPs of one forward counted with
 torch.utils.flop_counter) against the measured rate of a large float32 matmul (the practical
 peak of this device).
 """
@@ -171,32 +175,28 @@ def peak_flops(device) -> float:
     return _PEAK[key]
 
 
-def _row(model, batch, name, total, nfe, t_f, flops, peak, warmup=0.0):
+def _row(model, batch, name, total, nfe, t_f, flops, peak, warmup=0.0, host=None):
     overhead = total - nfe * t_f
     return {"model": model, "batch": batch, "sampler": name, "warm-up s": f"{warmup:.1f}",
             "total ms": f"{total * 1e3:.1f}", "ms/NFE": f"{total * 1e3 / nfe:.3f}",
             "img/s": f"{batch / total:.1f}", "t_F ms": f"{t_f * 1e3:.3f}",
             "overhead %": f"{100 * overhead / total:.1f}",
+            "host %": "n/a" if host is None else f"{100 * host / total:.2f}",
             "GFLOP/s": f"{nfe * flops / total / 1e9:.1f}",
             "% peak": f"{100 * nfe * flops / total / peak:.1f}"}
 
 
 def time_pair(total_fn, eval_fn, device, repeats: int = 5) -> tuple[float, float]:
-    """Median seconds of one ``total_fn()`` and of one ``eval_fn()`` call, measured in turns
-    (total, eval, total, eval, ...) so that a drift of the machine's speed shifts both alike and
-    cannot masquerade as sampler overhead. Each turn runs its function back to back for >= 20 ms
-    (once when a call takes over a second); each function is warmed up once first."""
-    def calibrate(fn):
+    """Median seconds of one ``total_fn()`` and of one ``eval_fn()`` call, measured in turns of
+    equal length (total, eval, total, eval, ...): the host's speed drifts on a scale of seconds,
+    and turns that alternate and last alike see the same drift, so it cannot masquerade as
+    sampler overhead. A turn runs its function back to back for >= 20 ms and, for eval_fn, for
+    as long as one total turn; each function is warmed up once first."""
+    def single(fn):
         start = time.perf_counter()
         fn()
         synchronize(device)
-        took = time.perf_counter() - start
-        if took > 1.0:
-            return 1
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        return max(1, min(1000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
+        return time.perf_counter() - start
 
     def turn(fn, inner):
         start = time.perf_counter()
@@ -205,7 +205,13 @@ def time_pair(total_fn, eval_fn, device, repeats: int = 5) -> tuple[float, float
         synchronize(device)
         return (time.perf_counter() - start) / inner
 
-    inner_total, inner_eval = calibrate(total_fn), calibrate(eval_fn)
+    first = single(total_fn)  # warm-up
+    single(eval_fn)
+    one_total = first if first > 1.0 else single(total_fn)
+    one_eval = single(eval_fn)
+    inner_total = max(1, min(1000, int(0.02 / max(one_total, 1e-7))))
+    inner_eval = max(1, min(100_000, round(inner_total * max(one_total, 0.02) / max(one_eval,
+                                                                                    1e-7))))
     totals, evals = [], []
     for _ in range(repeats):
         totals.append(turn(total_fn, inner_total))
@@ -224,17 +230,53 @@ def _case_inputs(model_name: str, batch: int, device):
     return den, shape, latents, sigma, labels, one_hot
 
 
+class _NullSession:
+    """Stands in for an ONNX Runtime session: runs nothing (host-time measurement)."""
+
+    def run_with_iobinding(self, binding):
+        return None
+
+
+def _identity_denoiser(x, sigma=None, class_labels=None, *args):
+    return x
+
+
+def _install_null_network(sampler: str, ours) -> bool:
+    """Make the network of ``ours`` cost nothing, where the backend allows it: D(x) = x (the
+    reference and compiled loops) or a session call that does nothing (onnx). False where the
+    network cannot be swapped out (cpp: inside the C++ loop; CUDA graph: captured)."""
+    backend = ours.backend
+    if sampler == "ours/reference":
+        backend.denoiser = _identity_denoiser
+        return True
+    if sampler == "ours/compiled" and getattr(backend, "graph", None) is None:
+        backend.denoise = _identity_denoiser
+        backend.net = _identity_denoiser  # the fused-precond path calls F directly
+        return True
+    if sampler == "ours/onnx":
+        for slots in backend._slots.values():
+            for evaluation in (slots.hat, slots.next):
+                evaluation.session = _NullSession()
+                evaluation.out.zero_()  # D = 0 from now on: finite, so no NonFiniteError
+        return True
+    return False
+
+
 def measure_sampler(model_name: str, batch: int, sampler: str, *, device, steps: int = 18,
                     repeats: int = 5) -> dict:
     """Seconds of one sampling call (``total``), of one denoiser evaluation in the same
-    execution mode (``t_f``) and of the set-up (``warmup``) for one sampler in this process:
-    'ours/<backend>', 'nvlabs-eager' or 'k-diffusion'. Raises when the sampler cannot run."""
+    execution mode (``t_f``), of the set-up (``warmup``) and of one call with a network that
+    costs nothing (``host``: the sampler's own work, measured directly; None where the network
+    cannot be swapped out) for one sampler in this process: 'ours/<backend>', 'nvlabs-eager' or
+    'k-diffusion'. Raises when the sampler cannot run."""
     den, shape, latents, sigma, labels, one_hot = _case_inputs(model_name, batch, device)
     plan = SamplingPlan.build(num_steps=steps)
+    net = [lambda x, s: den(x, s, one_hot)]  # swapped for the identity to time the host work
 
     def eager():
         return den(latents, sigma, one_hot)
 
+    ours = None
     if sampler.startswith("ours/"):
         start = time.perf_counter()
         ours = Sampler(den, shape=shape, batch_size=batch, num_steps=steps, device=device,
@@ -242,31 +284,39 @@ def measure_sampler(model_name: str, batch: int, sampler: str, *, device, steps:
         warmup = time.perf_counter() - start
         evaluation = getattr(ours.backend, "evaluation", None)
         eval_fn = eager if evaluation is None else evaluation(latents, sigma, one_hot)
-        total, t_f = time_pair(lambda: ours(seeds=range(batch), class_labels=labels), eval_fn,
-                               device, repeats)
-        return {"total": total, "t_f": t_f, "warmup": warmup}
-    sigmas = list(plan.sigmas)
-    if sampler == "nvlabs-eager":
-        def total_fn():
-            return nvlabs_style_sampler(lambda x, s: den(x, s, one_hot), latents, sigmas)
-    elif sampler == "k-diffusion":
-        kd = load_k_diffusion_sampling()
-        if kd is None:
-            raise ImportError("k-diffusion is not installed")
-        sig_t = torch.tensor(sigmas, dtype=torch.float32, device=device)
-
-        class KModel(torch.nn.Module):
-            def forward(self, x, s):
-                return den(x, s, one_hot)
-
-        km = KModel()
 
         def total_fn():
-            return kd.sample_heun(km, latents * sigmas[0], sig_t, disable=True)
+            return ours(seeds=range(batch), class_labels=labels)
     else:
-        raise ValueError(f"unknown sampler {sampler!r}")
-    total, t_f = time_pair(total_fn, eager, device, repeats)
-    return {"total": total, "t_f": t_f, "warmup": 0.0}
+        warmup, eval_fn = 0.0, eager
+        sigmas = list(plan.sigmas)
+        if sampler == "nvlabs-eager":
+            def total_fn():
+                return nvlabs_style_sampler(lambda x, s: net[0](x, s), latents, sigmas)
+        elif sampler == "k-diffusion":
+            kd = load_k_diffusion_sampling()
+            if kd is None:
+                raise ImportError("k-diffusion is not installed")
+            sig_t = torch.tensor(sigmas, dtype=torch.float32, device=device)
+
+            class KModel(torch.nn.Module):
+                def forward(self, x, s):
+                    return net[0](x, s)
+
+            km = KModel()
+
+            def total_fn():
+                return kd.sample_heun(km, latents * sigmas[0], sig_t, disable=True)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}")
+    total, t_f = time_pair(total_fn, eval_fn, device, repeats)
+    if ours is None:
+        net[0] = _identity_denoiser
+        swapped = True
+    else:
+        swapped = _install_null_network(sampler, ours)
+    host = time_call(total_fn, device, repeats) if swapped else None
+    return {"total": total, "t_f": t_f, "warmup": warmup, "host": host}
 
 
 def _measure_isolated(model_name, batch, sampler, device, steps, repeats) -> dict:
@@ -322,7 +372,8 @@ def benchmark_case(model_name: str, batch: int, *, device, steps: int = 18, repe
             if name not in best or m["total"] < best[name]["total"]:
                 best[name] = m
     return [_row(model_name, batch, name, best[name]["total"], plan.num_evals, best[name]["t_f"],
-                 flops, peak, best[name]["warmup"]) for name in names if name in best]
+                 flops, peak, best[name]["warmup"], best[name].get("host"))
+            for name in names if name in best]
 
 
 def format_table(rows: list[dict]) -> str:

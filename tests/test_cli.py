@@ -89,5 +89,7 @@ def test_bench_command_prints_consistent_rows():
         assert abs(float(r["img/s"]) - 2e3 / exact) <= 0.02 * float(r["img/s"])
         slack = 100 * nfe * 0.001 / exact + 0.1
         assert abs(float(r["overhead %"]) - 100 * (exact - nfe * t_f) / exact) <= slack
+        # the same call with a network that costs nothing takes a fraction of the real one
+        assert 0 < float(r["host %"]) < 100, r
     res = _run(["bench", "--models", "nope", "--batches", "1", "--device", "cpu"])
     assert res.returncode == 2 and "Unknown network preset 'nope'" in res.stderr
