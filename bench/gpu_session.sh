@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks of the fast sampler, in stages that each fit one 10-minute call
 # of a lent GPU machine (repo root as the working directory; results under $OUT if set).
 #
-#   bash bench/gpu_session.sh tests        # setup + every @gpu test (CUDA graph, ONNX CUDA EP, ...)
+#   bash bench/gpu_session.sh tests        # setup + the default suite, CUDA tests included
 #   bash bench/gpu_session.sh small        # setup + bench_sampler: mlp, tiny, bundled; batch 1..1024
 #   bash bench/gpu_session.sh cifar        # setup + bench_sampler: cifar10-ddpmpp, batch 1..256
 #   bash bench/gpu_session.sh cifar-1024   # setup + bench_sampler: cifar10-ddpmpp, batch 1024
@@ -53,7 +53,9 @@ bench_sampler() {  # $1 models, $2 batches
 setup || exit 1
 case "$stage" in
     tests)
-        python3 -m pytest -m gpu tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/tests_gpu.log"
+        # the default suite: on a GPU host its CUDA cases run (CUDA graph loop, ONNX CUDA EP,
+        # C++ ops and AOTI on CUDA, kernels on CUDA) instead of skipping
+        python3 -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/tests_gpu.log"
         ;;
     small) bench_sampler mlp,tiny,bundled 1,16,64,256,1024 ;;
     cifar) bench_sampler cifar10-ddpmpp 1,16,64,256 ;;
