@@ -57,29 +57,41 @@ def bench_model(name: str, device):
     return Denoiser(net, EDMPrecond()).eval().requires_grad_(False).to(device)
 
 
-def time_call(fn, device, repeats: int = 5) -> float:
-    """Median wall seconds of one fn() call, device-synchronised; each of the ``repeats``
-    measurements runs fn back to back for >= 20 ms (timer resolution, launch smoothing).
-    One untimed warm-up call comes first; a second call calibrates the inner count unless the
-    warm-up already took over a second (then each measurement is one call)."""
+def _single(fn, device) -> float:
+    """Seconds of one device-synchronised fn() call."""
     start = time.perf_counter()
     fn()
     synchronize(device)
-    if time.perf_counter() - start > 1.0:
-        inner = 1
-    else:
-        start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def _turn(fn, inner: int, device) -> float:
+    """Seconds per call of ``inner`` back-to-back fn() calls, device-synchronised once."""
+    start = time.perf_counter()
+    for _ in range(inner):
         fn()
-        synchronize(device)
-        inner = max(1, min(1000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+    synchronize(device)
+    return (time.perf_counter() - start) / inner
+
+
+def _calibrate(fn, device) -> float:
+    """One untimed warm-up call, then the seconds of one call (the warm-up's own time when it
+    took over a second, to spare a second long call)."""
+    first = _single(fn, device)
+    return first if first > 1.0 else _single(fn, device)
+
+
+def _inner_count(one: float, seconds: float = 0.02, most: int = 1000) -> int:
+    """Calls per turn so that a turn lasts >= ``seconds`` (timer resolution, launch smoothing)."""
+    return max(1, min(most, int(seconds / max(one, 1e-7))))
+
+
+def time_call(fn, device, repeats: int = 5) -> float:
+    """Median wall seconds of one fn() call, device-synchronised; each of the ``repeats``
+    measurements runs fn back to back for >= 20 ms (timer resolution, launch smoothing), after
+    one untimed warm-up call and one calibrating call (``_calibrate``)."""
+    inner = _inner_count(_calibrate(fn, device))
+    return statistics.median(_turn(fn, inner, device) for _ in range(repeats))
 
 
 def load_k_diffusion_sampling():
@@ -192,30 +204,14 @@ def time_pair(total_fn, eval_fn, device, repeats: int = 5) -> tuple[float, float
     and turns that alternate and last alike see the same drift, so it cannot masquerade as
     sampler overhead. A turn runs its function back to back for >= 20 ms and, for eval_fn, for
     as long as one total turn; each function is warmed up once first."""
-    def single(fn):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        return time.perf_counter() - start
-
-    def turn(fn, inner):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        synchronize(device)
-        return (time.perf_counter() - start) / inner
-
-    first = single(total_fn)  # warm-up
-    single(eval_fn)
-    one_total = first if first > 1.0 else single(total_fn)
-    one_eval = single(eval_fn)
-    inner_total = max(1, min(1000, int(0.02 / max(one_total, 1e-7))))
-    inner_eval = max(1, min(100_000, round(inner_total * max(one_total, 0.02) / max(one_eval,
-                                                                                    1e-7))))
+    one_total, one_eval = _calibrate(total_fn, device), _calibrate(eval_fn, device)
+    inner_total = _inner_count(one_total)
+    inner_eval = _inner_count(one_eval, seconds=inner_total * max(one_total, 0.02),
+                              most=100_000)
     totals, evals = [], []
     for _ in range(repeats):
-        totals.append(turn(total_fn, inner_total))
-        evals.append(turn(eval_fn, inner_eval))
+        totals.append(_turn(total_fn, inner_total, device))
+        evals.append(_turn(eval_fn, inner_eval, device))
     return statistics.median(totals), statistics.median(evals)
 
 
