@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 __all__ = ["main", "build_parser"]
 
@@ -150,6 +151,10 @@ def _rank_path(out: str, rank: int) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_format = warnings.formatwarning
+    # warnings reach a CLI user as one line each, not as a source location and a code line
+    warnings.formatwarning = (lambda message, category, *_, **__:
+                              f"edm-fast {args.command}: warning: {message}\n")
     try:
         return args.func(args) or 0
     except (FileNotFoundError, ValueError) as exc:
@@ -158,3 +163,5 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"edm-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = plain_format

@@ -88,7 +88,12 @@ def save_npz(samples: torch.Tensor, path, **arrays) -> Path:
     path = Path(path)
     extra = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
     data = samples.detach().float().cpu().numpy()
-    _atomic_save(lambda p: np.savez(open(p, "wb"), samples=data, **extra), path)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # closed (flushed) before the rename
+            np.savez(f, samples=data, **extra)
+
+    _atomic_save(save, path)
     return path
 
 

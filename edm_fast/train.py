@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,8 +223,15 @@ def _resume_or_start(run: _Run, resume: bool):
     opt = torch.optim.Adam(denoiser.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     from .data import BatchStream
 
+    # A data set smaller than one global batch (a user's few photos) cannot drop a partial
+    # batch per epoch: its batches run across epoch boundaries instead (each item then appears
+    # about batch/len times per batch).
+    small = len(dataset) < cfg.batch
+    if small and run.rank == 0:
+        warnings.warn(f"the data set has {len(dataset)} items, fewer than one batch of "
+                      f"{cfg.batch}: batches span epochs and repeat items", stacklevel=2)
     stream = BatchStream(dataset, cfg.batch // run.world, seed=cfg.seed, rank=run.rank,
-                         world_size=run.world, num_workers=cfg.workers,
+                         world_size=run.world, num_workers=cfg.workers, drop_last=not small,
                          pin_memory=run.device.type == "cuda")
     step, nonfinite_total = 0, 0
     if tensors is not None:
@@ -283,7 +291,7 @@ def _plot_losses(out: Path) -> None:
     except ImportError:
         return
     log = out / "log.jsonl"
-    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     records = [r for r in records if "loss" in r]
     if not records:
         return

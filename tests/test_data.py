@@ -1,43 +1,24 @@
 """Tests for edm_fast.data: IDX parsing, image folders, digits, toy data, the infinite loader."""
 
 import gzip
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from data_fixtures import fake_mnist, idx_bytes, make_image_folder, write_mnist
 
 from edm_fast import data
 
 #----------------------------------------------------------------------------
-# MNIST IDX files, written here byte by byte (independently of the parser).
-
-
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def _write_mnist(root: Path, images: np.ndarray, labels: np.ndarray, *, prefix="train",
-                 gz=False) -> None:
-    for kind, arr, n in (("images", images, 3), ("labels", labels, 1)):
-        name = f"{prefix}-{kind}-idx{n}-ubyte" + (".gz" if gz else "")
-        raw = _idx_bytes(arr)
-        (root / name).write_bytes(gzip.compress(raw) if gz else raw)
-
-
-def _fake_mnist(n=5, seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    return images, rng.integers(0, 10, size=n).astype(np.uint8)
+# MNIST IDX files, written byte by byte by data_fixtures (independently of the parser).
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_round_trip(tmp_path, gz):
-    images, labels = _fake_mnist()
-    _write_mnist(tmp_path, images, labels, gz=gz)
+    images, labels = fake_mnist()
+    write_mnist(tmp_path, images, labels, gz=gz)
     ds = data.load_mnist(tmp_path)
     assert len(ds) == 5 and ds.shape == (1, 28, 28) and ds.num_classes == 10
     x, y = ds[3]
@@ -50,7 +31,7 @@ def test_idx_round_trip(tmp_path, gz):
 
 def test_mnist_padding_centres_digit(tmp_path):
     images = np.full((2, 28, 28), 255, dtype=np.uint8)  # a "digit" that fills its 28x28 box
-    _write_mnist(tmp_path, images, np.array([3, 7], dtype=np.uint8))
+    write_mnist(tmp_path, images, np.array([3, 7], dtype=np.uint8))
     ds = data.load_dataset(f"mnist:{tmp_path}", resolution=64)  # resolution >= 28 pads
     x, y = ds[1]
     assert x.shape == (1, 64, 64) and ds.resolution == 64 and int(y) == 7
@@ -62,15 +43,15 @@ def test_mnist_padding_centres_digit(tmp_path):
 
 
 def test_mnist_split_all_and_test(tmp_path):
-    _write_mnist(tmp_path, *_fake_mnist(5))
-    _write_mnist(tmp_path, *_fake_mnist(3, seed=1), prefix="t10k", gz=True)
+    write_mnist(tmp_path, *fake_mnist(5))
+    write_mnist(tmp_path, *fake_mnist(3, seed=1), prefix="t10k", gz=True)
     assert len(data.load_mnist(tmp_path, split="test")) == 3
     assert len(data.load_mnist(tmp_path, split="all")) == 8
 
 
 def test_idx_errors(tmp_path):
-    images, labels = _fake_mnist()
-    good = _idx_bytes(images)
+    images, labels = fake_mnist()
+    good = idx_bytes(images)
     bad_magic = tmp_path / "bad"
     bad_magic.write_bytes(b"\x12\x34" + good[2:])
     with pytest.raises(ValueError, match="magic"):
@@ -80,7 +61,7 @@ def test_idx_errors(tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         data.read_idx(truncated)
     labels_file = tmp_path / "labels"
-    labels_file.write_bytes(_idx_bytes(labels))
+    labels_file.write_bytes(idx_bytes(labels))
     with pytest.raises(ValueError, match="dimensions"):
         data.read_idx(labels_file, ndim=3)  # a labels file where images are expected
     corrupt_gz = tmp_path / "corrupt.gz"
@@ -89,7 +70,7 @@ def test_idx_errors(tmp_path):
         data.read_idx(corrupt_gz)
     mismatch = tmp_path / "mismatch"
     mismatch.mkdir()
-    _write_mnist(mismatch, images, labels[:4])
+    write_mnist(mismatch, images, labels[:4])
     with pytest.raises(ValueError, match="5 images .* 4 labels"):
         data.load_mnist(mismatch)
     with pytest.raises(FileNotFoundError, match="train-images"):
@@ -99,38 +80,9 @@ def test_idx_errors(tmp_path):
 # Image folders.
 
 
-def _make_folder(root: Path) -> dict[str, tuple[str, int]]:
-    """Two classes, files of several sizes/modes/formats; returns {file: (class, label)}."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    specs = {
-        "cat/a.jpg": ("RGB", (80, 60), 200),   # bright
-        "cat/b.png": ("RGBA", (40, 50), 200),
-        "cat/sub/c.bmp": ("L", (64, 64), 200),
-        "dog/d.JPEG": ("RGB", (30, 90), 30),   # dark
-        "dog/e.png": ("P", (70, 70), 30),
-        "dog/f.webp": ("RGB", (100, 100), 30),
-    }
-    for name, (mode, size, level) in specs.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arr = np.clip(level + rng.integers(-20, 20, size=(size[1], size[0], 3)), 0, 255)
-        im = Image.fromarray(arr.astype(np.uint8))
-        if mode == "RGBA":
-            im = im.convert("RGBA")  # opaque alpha
-        elif mode == "P":
-            im = im.quantize(16)
-        elif mode == "L":
-            im = im.convert("L")
-        im.save(path)
-    (root / "cat" / "notes.txt").write_text("not an image")
-    return {name: (name.split("/")[0], 0 if name.startswith("cat") else 1) for name in specs}
-
-
 @pytest.mark.parametrize("cache", [True, False])
 def test_image_folder(tmp_path, cache):
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     ds = data.load_dataset(str(tmp_path), resolution=32, cache=cache, progress=False)
     assert ds.class_names == ["cat", "dog"] and ds.num_classes == 2 and len(ds) == 6
     assert ds.shape == (3, 32, 32) and ds.resolution == 32 and ds.num_channels == 3
@@ -149,7 +101,7 @@ def test_image_folder(tmp_path, cache):
 def test_image_folder_skips_corrupt_files(tmp_path):
     from PIL import Image
 
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     junk = tmp_path / "dog" / "junk.jpg"
     junk.write_bytes(np.random.default_rng(1).integers(0, 256, 500, dtype=np.uint8).tobytes())
     full = tmp_path / "full.jpg"

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from data_fixtures import make_image_folder
 
 from edm_fast.checkpoints import (
     CheckpointError, latest_checkpoint, load_denoiser_checkpoint, read_checkpoint,
@@ -67,6 +68,20 @@ def test_short_digits_training_lowers_edm_loss(tmp_path):
 def test_resume_equals_uninterrupted_run(tmp_path, extra):
     """Run 12 steps straight vs 6 steps, stop, resume for 6: every tensor of the final
     checkpoint (weights, EMA, Adam state, RNG) is bitwise equal."""
+    _assert_resume_is_exact(tmp_path, extra)
+
+
+def test_data_set_smaller_than_one_batch_trains_and_resumes(tmp_path):
+    """A user's folder of 6 images with batch 16: batches run across epochs (with a warning)
+    instead of failing, and resume stays bit for bit."""
+    make_image_folder(tmp_path / "pets")
+    extra = {"data": str(tmp_path / "pets"), "preset": "tiny", "cond": True, "batch": 16,
+             "resolution": 8, "net_overrides": {"channel_mult": [1, 2], "attn_resolutions": [4]}}
+    with pytest.warns(UserWarning, match="6 items, fewer than one batch of 16"):
+        _assert_resume_is_exact(tmp_path, extra)
+
+
+def _assert_resume_is_exact(tmp_path, extra):
     straight = train(_toy(tmp_path / "a", 12, ckpt_every_kimg=1e9, **extra))
     train(_toy(tmp_path / "b", 12, max_steps=6, ckpt_every_kimg=1e9, **extra))
     resumed = train(_toy(tmp_path / "b", 12, ckpt_every_kimg=1e9, **extra), resume=True)
