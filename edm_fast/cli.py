@@ -19,7 +19,12 @@ __all__ = ["main", "build_parser"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Adds "(default: X)" to an option's help unless X is None or the help names its default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _float_or_inf(text: str) -> float:
@@ -73,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight (1 = conditional only)")
     p.add_argument("--out", default="samples.png",
-                   help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot")
+                   help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot. "
+                   "Under torchrun every rank writes its own seeds: into the shared folder, or "
+                   "to NAME.rank<R>.png / .npz")
     _add_sampling_options(p)
     p.set_defaults(func=cmd_sample)
 
@@ -88,11 +95,11 @@ def _labels_for(args, seeds, label_dim):
 
     if label_dim == 0:
         if args.class_label is not None:
-            raise SystemExit("error: --class given, but the model is unconditional")
+            raise ValueError("--class given, but the model is unconditional")
         return None
     if args.class_label is not None:
         if not 0 <= args.class_label < label_dim:
-            raise SystemExit(f"error: --class must be in 0..{label_dim - 1}")
+            raise ValueError(f"--class must be in 0..{label_dim - 1}")
         return torch.full((len(seeds),), args.class_label, dtype=torch.long)
     return torch.tensor([s % label_dim for s in seeds], dtype=torch.long)
 
@@ -101,21 +108,30 @@ def cmd_sample(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .images import save_samples
+    from .images import check_output, save_samples
     from .models import model_mixture
     from .noise import parse_seeds
     from .sampler import Sampler
 
     seeds = parse_seeds(args.seeds)
+    total = len(seeds)
+    if len(set(seeds)) != total:  # one file per seed: a repeat would overwrite its twin
+        from collections import Counter
+
+        twice = sorted(s for s, n in Counter(seeds).items() if n > 1)[:5]
+        raise ValueError(f"--seeds lists seed(s) {', '.join(map(str, twice))} more than once")
     from .distributed import shard_seeds
 
     seeds, rank, world = shard_seeds(seeds)
+    out = args.out if world == 1 else _rank_path(args.out, rank)
+    check_output(out, toy=model_mixture(args.ckpt) is not None)  # fail before sampling
     sampler = Sampler(args.ckpt, batch_size=min(args.batch, len(seeds)), solver=args.solver,
                       num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                       rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
                       S_noise=args.S_noise, guidance=args.guidance,
                       dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
                       expected_images=len(seeds))
+    check_output(out, toy=len(sampler.shape) == 1)  # a trained toy model's vectors
     labels = _labels_for(args, seeds, sampler.label_dim)
     start = time.perf_counter()
     chunks = []
@@ -126,13 +142,12 @@ def cmd_sample(args) -> int:
                               else labels[lo:lo + sampler.batch_size]).cpu())
     images = torch.cat(chunks)
     seconds = time.perf_counter() - start
-    out = args.out if world == 1 else _rank_path(args.out, rank)
     title = f"{args.ckpt}: {len(seeds)} samples, {args.steps} {args.solver} steps"
     path = save_samples(images, out, seeds=seeds, labels=labels,
                         mixture=model_mixture(args.ckpt), title=title)
     if rank == 0:
         nfe = sampler.num_evals
-        print(f"{len(seeds) * world} samples ({nfe} NFE each) with the '{sampler.backend_name}' "
+        print(f"{total} samples ({nfe} NFE each) with the '{sampler.backend_name}' "
               f"backend on {sampler.device}: {seconds:.2f} s sampling, "
               f"{sampler.warmup_seconds:.2f} s set-up -> {path}"
               + (" (rank 0)" if world > 1 else ""))
@@ -161,7 +176,9 @@ def main(argv=None) -> int:
         print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"edm-fast {args.command}: interrupted", file=sys.stderr)
+        hint = ("; continue from the latest checkpoint with the same command and --resume"
+                if args.command == "train" else "")
+        print(f"edm-fast {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = plain_format

@@ -37,14 +37,25 @@ def _add_bench(sub, formatter) -> None:
 
 
 def _cmd_bench(args) -> int:
+    from .backends import BACKENDS
     from .benchmark import benchmark_case, format_table
     from .device import resolve_device
 
     device = resolve_device(args.device)
     backends = args.backends.split(",") if args.backends else None
+    unknown = sorted(set(backends or ()) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"--backends: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(sorted(BACKENDS))}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise ValueError(f"--batches takes a comma list of sizes, got {args.batches!r}") from None
+    if min(batches) < 1 or args.repeats < 1 or args.steps < 1:
+        raise ValueError("--batches, --repeats and --steps must be >= 1")
     rows = []
     for model in args.models.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             rows += benchmark_case(model, batch, device=device, steps=args.steps,
                                    repeats=args.repeats, backends=backends)
     print(format_table(rows))
@@ -81,13 +92,15 @@ def _add_train(sub, formatter) -> None:
                    help="training length in thousands of images")
     o.add_argument("--batch", type=int, default=d.batch, help="global batch size")
     o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    o.add_argument("--lr-rampup-kimg", type=float, default=d.lr_rampup_kimg)
+    o.add_argument("--lr-rampup-kimg", type=float, default=d.lr_rampup_kimg,
+                   help="learning-rate ramp-up length in thousands of images")
     o.add_argument("--ema-kimg", type=float, default=d.ema_halflife_kimg, dest="ema_halflife_kimg",
                    help="EMA half-life in thousands of images")
     o.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
     o.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp,
                    help="mixed precision autocast")
-    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initial weights, data order, noise levels and noise")
     o.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     r = p.add_argument_group("run")
     r.add_argument("--out", default=d.out, help="run folder")
@@ -98,7 +111,8 @@ def _add_train(sub, formatter) -> None:
                    dest="ckpt_every_kimg", help="checkpoint period in kimg")
     r.add_argument("--sample-every", type=float, default=d.sample_every_kimg,
                    dest="sample_every_kimg", help="sample-grid period in kimg (0: end only)")
-    r.add_argument("--no-progress", action="store_false", dest="progress")
+    r.add_argument("--no-progress", action="store_false", dest="progress",
+                   help="no progress bars (data loading, training)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -111,6 +125,6 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     summary = train(cfg, resume=args.resume)
     if summary.get("checkpoint"):
-        print(f"trained {summary['steps']} steps ({summary['kimg']:.1f} kimg), final loss "
+        print(f"trained {summary['steps']} steps ({summary['kimg']:g} kimg), final loss "
               f"{summary['final_loss']:.4f} -> {summary['checkpoint']}")
     return 0

@@ -60,15 +60,15 @@ def _cmd_export(args) -> int:
 
 def _load(args):
     """(Denoiser on the CPU, sample shape) of --ckpt."""
+    from .device import resolve_device
     from .models import load_denoiser
-    from .precond import Denoiser
+    from .precond import require_denoiser
     from .sampler import _model_shape
 
+    if args.format != "onnx":
+        args.device = str(resolve_device(args.device))  # a clear error for a missing device
     denoiser = load_denoiser(args.ckpt, device="cpu")
-    if not isinstance(denoiser, Denoiser):  # a ValueError: the CLI reports those as usage errors
-        raise ValueError(  # noqa: TRY004
-            f"{args.ckpt!r} is not a network checkpoint (an exact toy denoiser has nothing "
-            "to export)")
+    require_denoiser(denoiser, f"export of {args.ckpt!r}")
     return denoiser.eval(), _model_shape(denoiser)
 
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .precond import Denoiser
+from .precond import Denoiser, require_denoiser
 
 __all__ = [
     "ExportableDenoiser", "export_aoti", "export_torchscript", "read_metadata", "METADATA_FILE",
@@ -56,9 +56,7 @@ class ExportableDenoiser(nn.Module):
 
     def __init__(self, denoiser: Denoiser):
         super().__init__()
-        if not isinstance(denoiser, Denoiser):
-            raise TypeError(f"expected an edm_fast.precond.Denoiser, got {type(denoiser).__name__}"
-                            " (unwrap GuidedDenoiser: guidance runs in the sampling loop)")
+        require_denoiser(denoiser, "export")
         self.model = denoiser.model
         self.precond = denoiser.precond
         self.label_dim = denoiser.label_dim

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,9 @@ def save_figure(fig, path) -> Path:
     return path
 
 
+MAX_GRID_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: larger PNGs do not open
+
+
 def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 1,
               scale: int | None = None) -> Path:
     """Tile (N, C, H, W) images into one PNG, nrow per row (default: a square-ish grid)."""
@@ -63,7 +67,12 @@ def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: i
         y, x = padding + r * (h + padding), padding + col * (w + padding)
         grid[y:y + h, x:x + w] = arr[k]
     img = _pil(grid)
-    scale = scale or max(1, 256 // max(h, w))
+    # small tiles are enlarged for viewing, but the grid's longer side stays within 4096 px
+    scale = scale or max(1, min(256 // max(h, w), 4096 // max(grid.shape[:2])))
+    if grid.shape[0] * grid.shape[1] * scale**2 > MAX_GRID_PIXELS:
+        warnings.warn(f"a grid of {n} images is {img.width * scale} x {img.height * scale} px, "
+                      "more than image viewers open; write a folder or an .npz instead",
+                      stacklevel=2)
     if scale > 1:
         from PIL import Image
 
@@ -84,10 +93,12 @@ def save_per_seed(images: torch.Tensor, seeds, folder) -> list[Path]:
 
 
 def save_npz(samples: torch.Tensor, path, **arrays) -> Path:
-    """Samples as float32 (N, ...) under 'samples', plus any extra named arrays."""
+    """Samples (N, ...) under 'samples' in float32 (float64 ones stay float64: a golden
+    reference), plus any extra named arrays."""
     path = Path(path)
     extra = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
-    data = samples.detach().float().cpu().numpy()
+    keep = samples.dtype == torch.float64
+    data = (samples.detach() if keep else samples.detach().float()).cpu().numpy()
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # closed (flushed) before the rename
@@ -131,21 +142,41 @@ def plot_toy(samples: torch.Tensor, path, mixture=None, *, title: str = "") -> P
     return save_figure(fig, path)
 
 
+def check_output(out, *, toy: bool = False) -> Path:
+    """Raise ValueError now, before any sampling, if ``save_samples`` could not write ``out``:
+    an unsupported suffix, a file where a folder is meant (or the reverse), a parent that is
+    not a writable folder."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in ("", ".png", ".npz"):
+        raise ValueError(f"unsupported output {out}: use .png (grid), .npz or a folder")
+    if toy and suffix == "":
+        raise ValueError("toy samples are written as a .png plot or an .npz file")
+    if suffix and out.is_dir():
+        raise ValueError(f"output {out} is an existing folder, not a {suffix} file")
+    if not suffix and out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is an existing file, not a folder (or name a .png "
+                         "grid or an .npz file)")
+    ancestor = out.parent if suffix else out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: {ancestor} is not a writable folder")
+    return out
+
+
 def save_samples(samples: torch.Tensor, out, *, seeds, labels=None, mixture=None,
                  title: str = "") -> Path:
-    """Dispatch on ``out``: *.npz -> arrays; *.png -> grid (images) or scatter (toy data);
-    anything else -> a folder of per-seed PNGs."""
-    out = Path(out)
-    if out.suffix == ".npz":
+    """Dispatch on ``out`` (suffix in any case): *.npz -> arrays; *.png -> grid (images) or
+    scatter (toy data); no suffix -> a folder of per-seed PNGs."""
+    out = check_output(out, toy=samples.ndim == 2)
+    suffix = out.suffix.lower()
+    if suffix == ".npz":
         return save_npz(samples, out, seeds=np.asarray(list(seeds)),
                         labels=None if labels is None else np.asarray(labels))
     if samples.ndim == 2:
-        if out.suffix != ".png":
-            raise ValueError("toy samples are written as a .png plot or an .npz file")
         return plot_toy(samples, out, mixture, title=title)
-    if out.suffix == ".png":
+    if suffix == ".png":
         return save_grid(samples, out)
-    if out.suffix:
-        raise ValueError(f"unsupported output {out}: use .png (grid), .npz or a folder")
     save_per_seed(samples, seeds, out)
     return out

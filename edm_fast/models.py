@@ -34,6 +34,10 @@ def model_mixture(spec: str):
     return MIXTURES[TOYS[spec]]() if spec in TOYS else None
 
 
+EXPORT_SUFFIXES = {".onnx": "ONNX", ".pt2": "AOTInductor", ".ts": "TorchScript",
+                   ".torchscript": "TorchScript"}
+
+
 def load_denoiser(spec, *, device="cpu", ema: bool = True):
     """Load a denoiser by name or path (see the module docstring) onto ``device``, eval mode."""
     spec_str = str(spec)
@@ -49,6 +53,10 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
         if not path.exists():
             raise FileNotFoundError(f"no model or checkpoint at {spec_str!r}; use a path or one "
                                     f"of {', '.join(MODEL_NAMES)}")
+    if path.suffix.lower() in EXPORT_SUFFIXES:
+        raise ValueError(f"{path} is an exported model ({EXPORT_SUFFIXES[path.suffix.lower()]}), "
+                         "for deployment (ONNX Runtime, the C++ tool edm_fast_sample); sample "
+                         "with the .safetensors checkpoint it was exported from")
     if path.suffix in (".pkl", ".pt"):  # official snapshot / training-state archive
         from .checkpoints import load_official
 

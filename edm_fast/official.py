@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import CheckpointError
+
 __all__ = [
     "read_official", "load_official", "convert_official", "denoiser_state_dict",
     "RestrictedUnpickler", "ModuleRecord", "UnsafePickleError", "OfficialFormatError",
@@ -533,7 +535,13 @@ def read_official(path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no official snapshot at {path}")
-    root = _read_file(path)
+    try:
+        root = _read_file(path)
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable pickle snapshot (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
     wrapper, source = _select_network(root)
     model = _model_record(wrapper)
     config = _config(wrapper, model, root, path, source)

@@ -58,7 +58,7 @@ from collections.abc import Sequence
 import torch
 
 from .export import ExportableDenoiser, _metadata, _prepare, _unwrap
-from .precond import Denoiser
+from .precond import Denoiser, require_denoiser
 
 __all__ = [
     "CHECK_SIGMAS",
@@ -77,6 +77,7 @@ CHECK_SIGMAS = (0.002, 0.05, 1.0, 20.0, 80.0)  # EDM's sigma range and points in
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}  # max|ort - torch| / max|torch|
 NET_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 OUTPUT_NAME = "denoised"
+OPSETS = (13, 21)  # the opsets this module exports and tests (the TorchScript exporter's range)
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's own opset; lower ones go through a converter
 
 
@@ -250,8 +251,7 @@ def check_onnx(module, path, *, sample_shape: Sequence[int], label_dim: int,
 
 def _net_in_dtype(denoiser: Denoiser, dtype: torch.dtype) -> Denoiser:
     """The denoiser itself when F already runs in ``dtype``, else a copy with F in ``dtype``."""
-    if not isinstance(denoiser, Denoiser):
-        raise TypeError(f"expected an edm_fast.precond.Denoiser, got {type(denoiser).__name__}")
+    require_denoiser(denoiser, "ONNX export")
     param = next(denoiser.model.parameters(), None)
     current = denoiser.net_dtype or (param.dtype if param is not None else torch.float32)
     if current == dtype:
@@ -291,6 +291,8 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
     Returns an ``OnnxExportReport`` (max relative error in ``report.max_rel_err``).
     """
     path, dtype = os.fspath(path), _net_dtype(dtype)
+    if not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ValueError(f"opset must be in {OPSETS[0]}..{OPSETS[1]}, got {opset}")
     denoiser = _net_in_dtype(_unwrap(denoiser), dtype)
     min_batch = 2 if dynamic_batch else 1
     module, args, label_dim, sample_shape, restore = _prepare(

@@ -27,6 +27,7 @@ from torch import nn
 __all__ = [
     "Precond", "EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "DDPMPrecond",
     "Denoiser", "PRECONDS", "make_precond", "vp_sigma", "vp_sigma_inv", "ddpm_alpha_bars",
+    "NotADenoiserError", "require_denoiser",
 ]
 
 
@@ -317,3 +318,20 @@ class Denoiser(nn.Module):
                              f"{tuple(x.shape)}")
         c_skip, c_out = _broadcast(c_skip, x.ndim), _broadcast(c_out, x.ndim)
         return c_skip * x + c_out * F_x.to(x.dtype)
+
+
+class NotADenoiserError(TypeError, ValueError):
+    """A model that is not a ``Denoiser`` where an exportable network is needed. Also a
+    ValueError, so that the CLI reports it as a user error in one line."""
+
+
+def require_denoiser(model, purpose: str) -> None:
+    """Raise NotADenoiserError unless ``model`` is a ``Denoiser`` (network + preconditioning)."""
+    if isinstance(model, Denoiser):
+        return
+    hint = ("unwrap GuidedDenoiser: guidance runs in the sampling loop"
+            if hasattr(model, "guidance") else
+            "exact denoisers such as the toy models run on the 'reference' and 'compiled' "
+            "backends")
+    raise NotADenoiserError(f"{purpose} needs a network with EDM preconditioning "
+                            f"(edm_fast.precond.Denoiser), got {type(model).__name__} ({hint})")

@@ -10,8 +10,10 @@ worker (each owns its buffers, compiled graphs and model sessions).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -62,15 +64,13 @@ class Sampler:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
-        self.dtype = dtype
+        self.dtype = _as_dtype(dtype)
         self.label_dim = int(getattr(self.denoiser, "label_dim", 0))
         if guidance is not None and self.label_dim == 0:
             raise ValueError("guidance needs a class-conditional model")
         self.plan = SamplingPlan.build(
-            num_steps=num_steps,
-            sigma_min=max(sigma_min or 0.002, getattr(self.denoiser, "sigma_min", 0.0)),
-            sigma_max=min(sigma_max or 80.0, getattr(self.denoiser, "sigma_max", float("inf"))),
-            rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,
+            num_steps=num_steps, **_sigma_range(self.denoiser, sigma_min, sigma_max), rho=rho,
+            S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,
             guidance=guidance, round_sigma=getattr(self.denoiser, "round_sigma", None))
         self.backend = self._build_backend(backend, expected_images, backend_options or {})
         self.backend_name = self.backend.name
@@ -87,6 +87,8 @@ class Sampler:
 
         if not is_auto(requested):
             return build(resolve_backend(requested, self.device, expected_images, self.dtype))
+        if not _is_network(self.denoiser):  # an exact (toy) denoiser: nothing to export/compile
+            return build(resolve_backend("reference", self.device))
         classes, reasons = auto_candidates(self.device, expected_images, self.dtype)
         for cls in classes:
             try:
@@ -174,3 +176,43 @@ def _model_shape(denoiser) -> tuple[int, ...]:
     if res is not None and chans is not None:
         return (int(chans), int(res), int(res))
     raise ValueError("cannot tell the sample shape from this model: pass shape=")
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    """A torch.dtype from itself or its name ('float32', 'torch.float64', ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype or its name, e.g. 'float32'; got {dtype!r}")
+    return value
+
+
+def _sigma_range(denoiser, sigma_min: float | None, sigma_max: float | None) -> dict:
+    """Alg. 2's sigma_min/sigma_max: EDM's 0.002 .. 80 by default, within the range the model's
+    preconditioning supports (VP, iDDPM); an explicit value outside it is clipped, with a
+    warning."""
+    model_min = float(getattr(denoiser, "sigma_min", 0.0))
+    model_max = float(getattr(denoiser, "sigma_max", math.inf))
+    out = {}
+    for name, asked, default, clip in (("sigma_min", sigma_min, 0.002, max),
+                                       ("sigma_max", sigma_max, 80.0, min)):
+        if asked is not None and not 0 < asked < math.inf:
+            raise ValueError(f"{name} must be a positive finite number, got {asked}")
+        value = clip(default if asked is None else asked, model_min if clip is max else model_max)
+        if asked is not None and value != asked:
+            warnings.warn(f"{name}={asked:g} is outside the model's range [{model_min:g}, "
+                          f"{model_max:g}]; using {value:g}", stacklevel=3)
+        out[name] = value
+    if not out["sigma_min"] < out["sigma_max"]:
+        raise ValueError(f"need sigma_min < sigma_max, got {out['sigma_min']:g} and "
+                         f"{out['sigma_max']:g}")
+    return out
+
+
+def _is_network(denoiser) -> bool:
+    """True for a Denoiser (network + preconditioning), also inside a GuidedDenoiser."""
+    from .precond import Denoiser
+
+    inner = getattr(denoiser, "denoiser", None) if hasattr(denoiser, "guidance") else None
+    return isinstance(inner if inner is not None else denoiser, Denoiser)

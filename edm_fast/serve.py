@@ -670,7 +670,13 @@ class InferenceServer:
         self.info = {"name": self.model_name, "shape": list(self.shape),
                      "label_dim": self.label_dim, "backend": probe.backend_name,
                      "device": str(probe.device), "dtype": str(probe.dtype).split(".")[-1]}
-        self._httpd = _HTTPServer((self.host, self.port), _Handler)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port}")
+        try:
+            self._httpd = _HTTPServer((self.host, self.port), _Handler)
+        except OSError as exc:  # in use, not permitted, unknown host (socket.gaierror)
+            raise ValueError(f"cannot listen on {self.host}:{self.port}: "
+                             f"{exc.strerror or exc}") from exc
         self._httpd.app = self
         self.host, self.port = self._httpd.server_address[:2]
         self.dispatcher.start()

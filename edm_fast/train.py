@@ -93,12 +93,39 @@ class EMA:
             b_ema.copy_(b)
 
 
+def _check_config(cfg: TrainConfig) -> None:
+    """Reject option values that cannot work, before anything is written."""
+    if cfg.loss not in LOSS_PRECOND:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose from {sorted(LOSS_PRECOND)}")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    positive = {"kimg": cfg.kimg, "batch": cfg.batch, "lr": cfg.lr,
+                "ema_halflife_kimg": cfg.ema_halflife_kimg, "ckpt_every_kimg": cfg.ckpt_every_kimg,
+                "log_every": cfg.log_every, "max_nonfinite": cfg.max_nonfinite,
+                "keep_ckpts": cfg.keep_ckpts}
+    positive |= {k: v for k, v in (("max_steps", cfg.max_steps), ("grad_clip", cfg.grad_clip))
+                 if v is not None}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    for name in ("lr_rampup_kimg", "sample_every_kimg"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.augment <= 1:
+        raise ValueError(f"augment is a probability in [0, 1], got {cfg.augment}")
+    for name, value in (("label_dropout", cfg.label_dropout), ("dropout", cfg.dropout or 0)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} is a probability in [0, 1), got {value}")
+    if cfg.label_dropout and not cfg.cond:
+        raise ValueError("label_dropout drops class labels: it needs a conditional run (--cond)")
+
+
 def _load_data(cfg: TrainConfig):
     from .data import load_dataset
 
-    kwargs = {}
+    kwargs = {"progress": cfg.progress and is_main()}
     if not cfg.data.startswith("toy:"):
-        kwargs = {"resolution": cfg.resolution, "channels": cfg.channels}
+        kwargs |= {"resolution": cfg.resolution, "channels": cfg.channels}
     return load_dataset(cfg.data, **kwargs)
 
 
@@ -116,6 +143,12 @@ def _build(cfg: TrainConfig, dataset, device):
     if cfg.label_dropout:
         overrides["label_dropout"] = cfg.label_dropout
     toy = dataset.resolution is None
+    from .nets.presets import get_preset
+
+    if toy != (get_preset(cfg.preset).arch == "mlp"):
+        raise ValueError(f"preset {cfg.preset!r} is {'an image' if toy else 'a vector'} network, "
+                         f"but {cfg.data!r} holds {'vectors' if toy else 'images'}; use "
+                         f"{'--preset toy-mlp' if toy else 'an image preset such as tiny'}")
     spec = net_spec(cfg.preset, img_resolution=None if toy else dataset.resolution,
                     img_channels=dataset.dim if toy else dataset.num_channels,
                     label_dim=label_dim, augment_dim=pipe.label_dim if pipe else 0, **overrides)
@@ -197,6 +230,22 @@ class _Run:
                 f.write(json.dumps(record) + "\n")
 
 
+def _trim_log(log: Path, step: int) -> None:
+    """Keep only the log records up to ``step`` (0 for a fresh run): a run stopped after its last
+    checkpoint logged steps that the resumed run repeats, and a fresh run in a folder without
+    checkpoints starts a new log."""
+    if not log.exists():
+        return
+    def step_of(record: dict) -> float:
+        return record.get("step", record.get("summary", {}).get("steps", math.inf))
+
+    kept = [line for line in log.read_text().splitlines()
+            if line.strip() and step_of(json.loads(line)) <= step]
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(log)
+
+
 def _resume_or_start(run: _Run, resume: bool):
     """Build everything, from the latest checkpoint when resuming."""
     cfg = run.cfg
@@ -209,6 +258,11 @@ def _resume_or_start(run: _Run, resume: bool):
         if latest is None:
             raise CheckpointError(f"--resume: no checkpoint in {run.out}")
         tensors, meta = read_checkpoint(latest)
+        if "train" not in meta or "optimizer" not in meta or not any(
+                k.startswith("model.") for k in tensors):
+            raise CheckpointError(f"--resume: {latest} is not a training checkpoint (no "
+                                  "optimizer state or training weights; an inference file "
+                                  "written by convert/export?)")
         saved = meta["train"]
         for key in ("data", "preset", "loss", "cond", "batch", "augment"):
             if getattr(cfg, key) != saved[key]:
@@ -310,6 +364,8 @@ def _plot_losses(out: Path) -> None:
 @torch.no_grad()
 def _sample_grid(run: _Run, meta, ema, step: int, num: int = 64) -> None:
     """A grid (or toy scatter) of EMA samples with 18 Heun steps, seeds 0..num-1."""
+    from tqdm import tqdm
+
     from .images import save_samples
     from .noise import SeedNoise
     from .precond import Denoiser, make_precond
@@ -321,7 +377,10 @@ def _sample_grid(run: _Run, meta, ema, step: int, num: int = 64) -> None:
     noise = SeedNoise(range(num), shape, device=run.device)
     labels = (torch.arange(num, device=run.device) % den.label_dim) if den.label_dim else None
     sigmas = edm_sigmas(18, max(0.002, den.sigma_min), min(80.0, den.sigma_max))
-    x = sample_edm(den, noise.draw(), sigmas, class_labels=labels)
+    with tqdm(total=len(sigmas) - 1, desc=f"sample grid ({num} images)", unit="step",
+              leave=False, disable=not run.cfg.progress) as bar:
+        x = sample_edm(den, noise.draw(), sigmas, class_labels=labels,
+                       callback=lambda _: bar.update())
     mixture = None
     if meta["data"]["spec"].startswith("toy:"):
         from .toy import MIXTURES
@@ -336,17 +395,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or continue) a training run; returns a summary dict. See TrainConfig for options."""
     from tqdm import tqdm
 
+    _check_config(cfg)
     run = _Run(cfg)
-    if cfg.loss not in LOSS_PRECOND:
-        raise ValueError(f"unknown loss {cfg.loss!r}; choose from {sorted(LOSS_PRECOND)}")
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
     barrier()
     dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total = _resume_or_start(
         run, resume)
     if run.main:
+        _trim_log(run.out / "log.jsonl", step)
         (run.out / "config.json").write_text(json.dumps(meta | {"train": dataclasses.asdict(cfg)},
                                                         indent=2, default=str))
     loss_fn = make_loss(meta["loss"])

@@ -166,6 +166,45 @@ def test_sampler_labels_and_validation():
         Sampler(make_denoiser(label_dim=0), shape=(2, 5, 5), guidance=2.0, device="cpu")
 
 
+def test_sampler_options_sigma_range_and_dtype_names():
+    """sigma_min/sigma_max: EDM's defaults, a clear error for non-positive values, a warning
+    when an explicit value is clipped to the model's range; dtype may be given by name."""
+    den = make_denoiser(label_dim=0)
+    opts = {"shape": (2, 5, 5), "num_steps": 4, "backend": "reference", "device": "cpu"}
+    plan = Sampler(den, **opts).plan
+    assert plan.sigmas[0] == 80.0 and plan.sigmas[-2] == pytest.approx(0.002)
+    assert Sampler(den, sigma_min=0.5, sigma_max=3, **opts).plan.sigmas[0] == pytest.approx(3)
+    for bad in ({"sigma_min": 0}, {"sigma_max": -1.0}, {"sigma_min": 5, "sigma_max": 1}):
+        with pytest.raises(ValueError, match="sigma"):
+            Sampler(den, **bad, **opts)
+    vp = ring_mixture_2d().as_denoiser()
+    approx_20 = pytest.approx(20.0)
+    vp.sigma_max = 20.0  # a model whose preconditioning covers sigma <= 20 only (like VP)
+    with pytest.warns(UserWarning, match="sigma_max=500 is outside the model's range"):
+        assert Sampler(vp, sigma_max=500, **opts | {"shape": (2,)}).plan.sigmas[0] == approx_20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default is clipped silently, as in NVlabs' code
+        assert Sampler(vp, **opts | {"shape": (2,)}).plan.sigmas[0] == approx_20
+    assert Sampler(den, dtype="float64", **opts).dtype == torch.float64
+    assert Sampler(den, dtype="torch.float16", **opts).dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype must be"):
+        Sampler(den, dtype="cuda", **opts)
+
+
+def test_auto_keeps_exact_denoisers_on_the_reference_loop():
+    """An exact (toy) denoiser has no network to export or compile: 'auto' runs it on the
+    reference loop without a warning, and the export backends say why they cannot run it."""
+    from edm_fast.precond import NotADenoiserError
+
+    den = ring_mixture_2d().as_denoiser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler = Sampler(den, batch_size=4, num_steps=3, device="cpu", expected_images=10**6)
+    assert sampler.backend_name == "reference"
+    with pytest.raises(NotADenoiserError, match="'reference' and 'compiled' backends"):
+        Sampler(den, batch_size=4, num_steps=3, device="cpu", backend="onnx")
+
+
 def test_auto_backend_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("EDM_FAST_DISABLE_ONNX", "1")
     monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 
 
 def _run(args, **kw):
@@ -93,3 +95,101 @@ def test_bench_command_prints_consistent_rows():
         assert 0 < float(r["host %"]) < 100, r
     res = _run(["bench", "--models", "nope", "--batches", "1", "--device", "cpu"])
     assert res.returncode == 2 and "Unknown network preset 'nope'" in res.stderr
+
+
+BAD_INVOCATIONS = {
+    "class out of range": (["sample", "--class", "10"], "--class must be in 0..9"),
+    "class, unconditional": (["sample", "--model", "toy-gmm", "--class", "1", "--out",
+                              "{tmp}/t.png"], "the model is unconditional"),
+    "out is a file": (["sample", "--out", "{tmp}/afile"], "is an existing file, not a folder"),
+    "out suffix": (["sample", "--out", "{tmp}/x.jpg"], "unsupported output"),
+    "toy into a folder": (["sample", "--model", "toy-gmm", "--out", "{tmp}/d"], "toy samples"),
+    "repeated seed": (["sample", "--seeds", "0-3,2"], "seed(s) 2 more than once"),
+    "sigma_min 0": (["sample", "--sigma-min", "0"], "sigma_min must be a positive"),
+    "toy on onnx": (["sample", "--model", "toy-gmm", "--backend", "onnx", "--out",
+                     "{tmp}/t.png"], "needs a network with EDM preconditioning"),
+    "corrupt pkl": (["sample", "--ckpt", "{tmp}/g.pkl"], "not a readable pickle snapshot"),
+    "opset": (["export", "--opset", "5", "--out", "{tmp}/m.onnx"], "opset must be in 13..21"),
+    "convert onto itself": (["convert", "{tmp}/m.safetensors", "--out", "{tmp}/m.safetensors"],
+                            "is SRC itself"),
+    "convert onto a ckpt": (["convert", "{tmp}/m.safetensors", "--out",
+                             "{tmp}/ckpt-00000004.safetensors"], "names a training checkpoint"),
+    "kimg 0": (["train", "--kimg", "0", "--out", "{tmp}/run"], "kimg must be > 0"),
+    "toy data, image net": (["train", "--data", "toy:moons", "--out", "{tmp}/run"],
+                            "use --preset toy-mlp"),
+    "bench backend": (["bench", "--backends", "bogus"], "unknown bogus"),
+    "serve port": (["serve", "--port", "-1"], "port must be in 0..65535"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INVOCATIONS))
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case, capsys, monkeypatch):
+    """Each mistake gets `edm-fast CMD: error: ...` and exit code 2, before any sampling."""
+    import shutil
+
+    from edm_fast.cli import main
+    from edm_fast.models import bundled_path
+    from edm_fast.sampler import Sampler
+
+    args, message = BAD_INVOCATIONS[case]
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "g.pkl").write_bytes(bytes(range(256)) * 8)
+    model = tmp_path / "m.safetensors"
+    shutil.copyfile(bundled_path("default"), model)
+    before = model.read_bytes()
+
+    def no_sampling(*_, **__):
+        raise AssertionError("sampled before the error")
+
+    monkeypatch.setattr(Sampler, "__call__", no_sampling)
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"edm-fast {args[0]}: error: ")
+    assert message in err[-1]
+    assert model.read_bytes() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_export_to_a_missing_device_is_a_user_error(tmp_path, capsys):
+    from edm_fast.cli import main
+
+    code = main(["export", "--format", "torchscript", "--device", "cuda", "--out",
+                 str(tmp_path / "a.ts")])
+    assert code == 2 and "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_help_states_defaults_once():
+    """--help appends "(default: X)" only where X means something and the text has none."""
+    import contextlib
+    import io
+
+    from edm_fast.cli import build_parser
+
+    for command in ("sample", "train", "export", "bench", "serve", "convert", "compare"):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(buffer.getvalue().split())
+        assert "(default: None)" not in text and "default: the model's, else 0.002) (" not in text
+        assert "(default:" in text  # the defaults that mean something are still shown
+
+
+def test_outputs_keep_float64_and_grids_stay_viewable(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from edm_fast import images
+    from edm_fast.images import save_grid, save_samples
+    from edm_fast.models import load_denoiser
+
+    x = torch.linspace(-1, 1, 2 * 16 * 16, dtype=torch.float64).reshape(2, 1, 16, 16)
+    path = save_samples(x, tmp_path / "golden.NPZ", seeds=[0, 1])
+    assert np.load(path)["samples"].dtype == np.float64  # the float64 reference, unrounded
+    many = torch.zeros(400, 1, 16, 16)
+    with Image.open(save_grid(many, tmp_path / "many.png")) as img:  # 20 x 20 tiles of 17 px
+        assert max(img.size) <= 4096 and img.size[0] == (20 * 17 + 1) * 12
+    with pytest.warns(UserWarning, match="more than image viewers open"):
+        monkeypatch.setattr(images, "MAX_GRID_PIXELS", 2000**2)  # stands in for Pillow's limit
+        save_grid(torch.zeros(90_000, 1, 8, 8), tmp_path / "huge.png")  # 2701 px at scale 1
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    with pytest.raises(ValueError, match="is an exported model"):
+        load_denoiser(tmp_path / "m.onnx")

@@ -454,7 +454,7 @@ def test_cli_export_safetensors(tmp_path):
 
 
 def test_cli_rejects_toy_models(tmp_path):
-    with pytest.raises(ValueError, match="not a network checkpoint"):
+    with pytest.raises(ValueError, match="needs a network with EDM preconditioning"):
         export_cli("--ckpt", "toy-gmm", "--format", "onnx", "--out", str(tmp_path / "t.onnx"))
 
 

@@ -94,6 +94,38 @@ def _assert_resume_is_exact(tmp_path, extra):
     assert ma["stream"] == mb["stream"]
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"lr": 0.0}, "lr must be > 0"), ({"max_steps": 0}, "max_steps must be > 0"),
+    ({"grad_clip": -1.0}, "grad_clip must be > 0"), ({"augment": 1.5}, "augment is a probability"),
+    ({"label_dropout": 0.1}, "needs a conditional run"), ({"dropout": 1.0}, "dropout is a prob"),
+    ({"data": "digits:8"}, "use an image preset"), ({"preset": "tiny"}, "use --preset toy-mlp"),
+])
+def test_bad_options_are_refused_up_front(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train(_toy(tmp_path / "run", 4, **bad))
+    with pytest.raises(ValueError, match="kimg must be > 0"):
+        train(TrainConfig(**{**TOY, "out": str(tmp_path / "run"), "kimg": 0.0}))
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_log_restarts_with_the_run(tmp_path):
+    """log.jsonl (and so loss.png) holds each step once: a resumed run drops the records logged
+    after its checkpoint, a fresh run in a folder without checkpoints drops the old log."""
+    def logged_steps():
+        lines = (tmp_path / "log.jsonl").read_text().splitlines()
+        return [json.loads(x).get("step") for x in lines if '"summary"' not in x]
+
+    train(_toy(tmp_path, 12, max_steps=8, ckpt_every_kimg=4 * 64 / 1000))
+    assert logged_steps() == [4, 8]
+    (tmp_path / "ckpt-00000008.safetensors").unlink()  # as if killed before that checkpoint
+    train(_toy(tmp_path, 12), resume=True)
+    assert logged_steps() == [4, 8, 12]
+    for ckpt in tmp_path.glob("ckpt-*"):
+        ckpt.unlink()
+    train(_toy(tmp_path, 4))
+    assert logged_steps() == [4]
+
+
 def test_resume_guards(tmp_path):
     train(_toy(tmp_path, 4))
     with pytest.raises(ValueError, match="already holds checkpoints"):
@@ -102,6 +134,18 @@ def test_resume_guards(tmp_path):
         train(_toy(tmp_path, 8, batch=32), resume=True)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train(_toy(tmp_path / "empty", 8), resume=True)
+
+
+def test_resume_from_an_inference_file_gives_clear_error(tmp_path):
+    """A file written by convert/export in place of the latest training checkpoint."""
+    from edm_fast.checkpoints import export_inference_checkpoint
+
+    train(_toy(tmp_path, 4))
+    latest = latest_checkpoint(tmp_path)
+    export_inference_checkpoint(latest, tmp_path / "inference.safetensors")
+    (tmp_path / "inference.safetensors").replace(latest)
+    with pytest.raises(CheckpointError, match="is not a training checkpoint"):
+        train(_toy(tmp_path, 8), resume=True)
 
 
 def test_truncated_checkpoint_gives_clear_error(tmp_path):
