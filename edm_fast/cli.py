@@ -105,10 +105,12 @@ def _labels_for(args, seeds, label_dim):
 
 
 def cmd_sample(args) -> int:
+    from pathlib import Path
+
     import torch
     from tqdm import tqdm
 
-    from .images import check_output, save_samples
+    from .images import check_output, save_per_seed, save_samples
     from .models import model_mixture
     from .noise import parse_seeds
     from .sampler import Sampler
@@ -133,18 +135,25 @@ def cmd_sample(args) -> int:
                       expected_images=len(seeds))
     check_output(out, toy=len(sampler.shape) == 1)  # a trained toy model's vectors
     labels = _labels_for(args, seeds, sampler.label_dim)
-    start = time.perf_counter()
-    chunks = []
+    # a folder gets each batch's files as soon as it is sampled: an interrupted run keeps them
+    per_seed_files = Path(out).suffix == ""
+    seconds, chunks = 0.0, []
     batches = range(0, len(seeds), sampler.batch_size)
     for lo in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) < 2 or rank > 0):
         part = seeds[lo:lo + sampler.batch_size]
-        chunks.append(sampler(seeds=part, class_labels=None if labels is None
-                              else labels[lo:lo + sampler.batch_size]).cpu())
-    images = torch.cat(chunks)
-    seconds = time.perf_counter() - start
-    title = f"{args.ckpt}: {len(seeds)} samples, {args.steps} {args.solver} steps"
-    path = save_samples(images, out, seeds=seeds, labels=labels,
-                        mixture=model_mixture(args.ckpt), title=title)
+        start = time.perf_counter()
+        images = sampler(seeds=part, class_labels=None if labels is None
+                         else labels[lo:lo + sampler.batch_size]).cpu()
+        seconds += time.perf_counter() - start
+        if per_seed_files:
+            save_per_seed(images, part, out)
+        else:
+            chunks.append(images)
+    path = Path(out)
+    if not per_seed_files:
+        title = f"{args.ckpt}: {len(seeds)} samples, {args.steps} {args.solver} steps"
+        path = save_samples(torch.cat(chunks), out, seeds=seeds, labels=labels,
+                            mixture=model_mixture(args.ckpt), title=title)
     if rank == 0:
         nfe = sampler.num_evals
         print(f"{total} samples ({nfe} NFE each) with the '{sampler.backend_name}' "

@@ -32,8 +32,18 @@ def _cmd_compare(args) -> int:
     from .compare import DigitsScorer, compare, reference_row, runs_for, write_report
     from .models import load_denoiser
 
-    scorer = DigitsScorer()
+    from .sampler import _model_shape
+
+    if args.samples < 2 or args.repeats < 1:
+        raise ValueError("--samples must be >= 2 and --repeats >= 1")
     models = {"edm": load_denoiser(args.edm), "ddpm": load_denoiser(args.ddpm)}
+    for name, den in models.items():  # the scorer is a classifier of the 10 digits at 16x16
+        shape, classes = tuple(_model_shape(den)), getattr(den, "label_dim", 0)
+        if shape != (1, 16, 16) or classes != 10:
+            raise ValueError(f"compare scores class-conditional digits models (samples 1x16x16, "
+                             f"10 classes); --{name} {getattr(args, name)!r} has samples {shape} "
+                             f"and {classes} classes")
+    scorer = DigitsScorer()
     runs = []
     for model, sampler, nfes in ROWS:
         runs += runs_for(model, sampler, nfes + ([1000] if args.full and sampler == "ddpm" else []))

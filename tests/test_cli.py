@@ -117,6 +117,7 @@ BAD_INVOCATIONS = {
     "kimg 0": (["train", "--kimg", "0", "--out", "{tmp}/run"], "kimg must be > 0"),
     "toy data, image net": (["train", "--data", "toy:moons", "--out", "{tmp}/run"],
                             "use --preset toy-mlp"),
+    "compare a toy": (["compare", "--edm", "toy-gmm"], "compare scores class-conditional digits"),
     "bench backend": (["bench", "--backends", "bogus"], "unknown bogus"),
     "serve port": (["serve", "--port", "-1"], "port must be in 0..65535"),
 }
@@ -193,3 +194,24 @@ def test_outputs_keep_float64_and_grids_stay_viewable(tmp_path, monkeypatch):
     (tmp_path / "m.onnx").write_bytes(b"onnx")
     with pytest.raises(ValueError, match="is an exported model"):
         load_denoiser(tmp_path / "m.onnx")
+
+
+def test_interrupted_folder_run_keeps_finished_batches(tmp_path, monkeypatch, capsys):
+    """`--out FOLDER` writes each batch as it finishes; Ctrl-C in the 2nd batch keeps the 1st."""
+    from edm_fast.cli import main
+    from edm_fast.sampler import Sampler
+
+    calls, sample = [], Sampler.__call__
+
+    def interrupted_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "__call__", interrupted_second_batch)
+    code = main(["sample", "--steps", "2", "--seeds", "10-17", "--batch", "4", "--backend",
+                 "reference", "--out", str(tmp_path / "imgs")])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == [
+        f"seed{s:06d}.png" for s in range(10, 14)]
