@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (.safetensors, run folder, official .pkl) or a model name: "
                    "default, default-ddpm, toy-gmm, toy-gmm1d")
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9")
-    p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
-                   help="class to generate (conditional models; default: cycle through classes)")
+    p.add_argument("--class", dest="class_label", default=None, metavar="K|NAME",
+                   help="class to generate, by index or by the name it had in the training "
+                   "data (e.g. a folder name); conditional models; default: cycle through "
+                   "classes")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight (1 = conditional only)")
     p.add_argument("--out", default="samples.png",
@@ -90,17 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _labels_for(args, seeds, label_dim):
+def _class_index(value: str, label_dim: int, names: list[str]) -> int:
+    """--class K or NAME (a class name stored in the checkpoint) as an index in 0..label_dim-1."""
+    if value in names:
+        return names.index(value)
+    try:
+        index = int(value)
+    except ValueError:
+        known = f"; its classes: {', '.join(names)}" if names else ""
+        raise ValueError(f"--class {value!r} is neither an index nor a class name of the "
+                         f"model{known}") from None
+    if not 0 <= index < label_dim:
+        raise ValueError(f"--class must be in 0..{label_dim - 1}")
+    return index
+
+
+def _labels_for(args, seeds, sampler):
     import torch
 
+    label_dim = sampler.label_dim
     if label_dim == 0:
         if args.class_label is not None:
             raise ValueError("--class given, but the model is unconditional")
         return None
     if args.class_label is not None:
-        if not 0 <= args.class_label < label_dim:
-            raise ValueError(f"--class must be in 0..{label_dim - 1}")
-        return torch.full((len(seeds),), args.class_label, dtype=torch.long)
+        meta = getattr(sampler.denoiser, "checkpoint_meta", None) or {}
+        names = [str(n) for n in meta.get("data", {}).get("class_names", [])]
+        index = _class_index(str(args.class_label), label_dim, names)
+        return torch.full((len(seeds),), index, dtype=torch.long)
     return torch.tensor([s % label_dim for s in seeds], dtype=torch.long)
 
 
@@ -134,7 +153,7 @@ def cmd_sample(args) -> int:
                       dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
                       expected_images=len(seeds))
     check_output(out, toy=len(sampler.shape) == 1)  # a trained toy model's vectors
-    labels = _labels_for(args, seeds, sampler.label_dim)
+    labels = _labels_for(args, seeds, sampler)
     # a folder gets each batch's files as soon as it is sampled: an interrupted run keeps them
     per_seed_files = Path(out).suffix == ""
     seconds, chunks = 0.0, []

@@ -68,6 +68,11 @@ class Sampler:
         self.label_dim = int(getattr(self.denoiser, "label_dim", 0))
         if guidance is not None and self.label_dim == 0:
             raise ValueError("guidance needs a class-conditional model")
+        trained = (getattr(self.denoiser, "checkpoint_meta", None) or {}).get("train", {})
+        if guidance not in (None, 1) and trained.get("label_dropout", None) == 0:
+            warnings.warn("guidance mixes in the model's unconditional output, which this model "
+                          "never learned (it was trained with label_dropout=0); expect worse "
+                          "samples", stacklevel=2)
         self.plan = SamplingPlan.build(
             num_steps=num_steps, **_sigma_range(self.denoiser, sigma_min, sigma_max), rho=rho,
             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,

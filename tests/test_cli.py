@@ -215,3 +215,26 @@ def test_interrupted_folder_run_keeps_finished_batches(tmp_path, monkeypatch, ca
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == [
         f"seed{s:06d}.png" for s in range(10, 14)]
+
+
+def test_class_by_folder_name_and_guidance_warning(tmp_path, capsys):
+    """A model trained on `cat/`, `dog/` folders samples `--class dog` (index 1); guidance on a
+    model trained without label dropout warns that its unconditional branch is untrained."""
+    from data_fixtures import make_image_folder
+
+    from edm_fast.cli import main
+    from edm_fast.train import TrainConfig, train
+
+    make_image_folder(tmp_path / "pets")
+    train(TrainConfig(data=str(tmp_path / "pets"), out=str(tmp_path / "run"), preset="tiny",
+                      cond=True, resolution=8, batch=4, kimg=0.004, sample_every_kimg=0,
+                      progress=False, net_overrides={"channel_mult": [1, 2],
+                                                     "attn_resolutions": [4]}))
+    common = ["sample", "--ckpt", str(tmp_path / "run"), "--steps", "2", "--seeds", "0-1"]
+    assert main([*common, "--class", "dog", "--out", str(tmp_path / "dog.npz")]) == 0
+    assert list(np.load(tmp_path / "dog.npz")["labels"]) == [1, 1]
+    capsys.readouterr()
+    assert main([*common, "--class", "cow", "--out", str(tmp_path / "cow.npz")]) == 2
+    assert "its classes: cat, dog" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="trained with label_dropout=0"):
+        assert main([*common, "--guidance", "2", "--out", str(tmp_path / "g.npz")]) == 0
