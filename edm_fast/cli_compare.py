@@ -31,7 +31,6 @@ def add_compare_command(sub, formatter) -> None:
 def _cmd_compare(args) -> int:
     from .compare import DigitsScorer, compare, reference_row, runs_for, write_report
     from .models import load_denoiser
-
     from .sampler import _model_shape
 
     if args.samples < 2 or args.repeats < 1:
