@@ -36,11 +36,21 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt or of an unknown format."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # the mode open() gives a new file here (0644 with umask 022)
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # safetensors writes 0600; give the mode of every other output
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

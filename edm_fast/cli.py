@@ -195,11 +195,15 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     plain_format = warnings.formatwarning
-    # warnings reach a CLI user as one line each, not as a source location and a code line
+    # warnings reach a CLI user as one line each, not as a source location and a code line;
+    # the deprecation notices of libraries (torch.export, torch.jit) are for developers
     warnings.formatwarning = (lambda message, category, *_, **__:
                               f"edm-fast {args.command}: warning: {message}\n")
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
+            return args.func(args) or 0
     except (FileNotFoundError, ValueError) as exc:
         print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -148,6 +148,15 @@ def test_resume_from_an_inference_file_gives_clear_error(tmp_path):
         train(_toy(tmp_path, 8), resume=True)
 
 
+def test_checkpoints_get_the_mode_of_other_new_files(tmp_path):
+    from edm_fast.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(2)}, {"note": "x"})
+    (tmp_path / "plain.txt").write_text("")
+    mode = (tmp_path / "plain.txt").stat().st_mode
+    assert (tmp_path / "c.safetensors").stat().st_mode == mode
+
+
 def test_truncated_checkpoint_gives_clear_error(tmp_path):
     train(_toy(tmp_path, 4))
     ckpt = latest_checkpoint(tmp_path)
