@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate samples with EDM's sampler (Algorithm 2). Each "
                        "image depends only on its seed, whatever the batch or device.")
     p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
-                   help="checkpoint (.safetensors, run folder, official .pkl) or a model name: "
-                   "default, default-ddpm, toy-gmm, toy-gmm1d")
+                   help="checkpoint (.safetensors, run folder, official .pkl or training-state "
+                   ".pt) or a model name: default, default-ddpm, toy-gmm (= toy-gmm2d), "
+                   "toy-gmm1d")
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9")
     p.add_argument("--class", dest="class_label", default=None, metavar="K|NAME",
                    help="class to generate, by index or by the name it had in the training "

@@ -24,8 +24,9 @@ def add_serve_command(sub, formatter) -> None:
         "GET /metrics report the model and the load. SIGINT/SIGTERM stop it cleanly. "
         "See edm_fast/serve.py for every response format and error code.")
     p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
-                   help="checkpoint (.safetensors, run folder, official .pkl) or a model name: "
-                   "default, default-ddpm, toy-gmm, toy-gmm1d")
+                   help="checkpoint (.safetensors, run folder, official .pkl or training-state "
+                   ".pt) or a model name: default, default-ddpm, toy-gmm (= toy-gmm2d), "
+                   "toy-gmm1d")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight for every request (1 = conditional)")
     _add_sampling_options(p)

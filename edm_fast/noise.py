@@ -60,12 +60,24 @@ class SeedNoise:
         return self.draw().to(device=x.device, dtype=x.dtype)
 
 
+MAX_SEEDS = 100_000_000  # per call; the C++ tool has the same limit (kMaxSeeds)
+SEED_LIMIT = 2**64  # torch.Generator().manual_seed takes seeds in [0, 2^64)
+
+
 def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
-    """Parse '0-63', '1,5,9', '0-3,10' (inclusive ranges) or an int / list into a list of ints."""
+    """Parse '0-63', '1,5,9', '0-3,10' (inclusive ranges) or an int / list into a list of ints,
+    each in [0, 2^64)."""
     if isinstance(spec, int):
-        return [spec]
+        spec = [spec]  # a bool is refused below, like a float
     if not isinstance(spec, str):
-        return [int(s) for s in spec]
+        seeds = []
+        for s in spec:
+            value = s.item() if hasattr(s, "item") else s  # numpy / torch scalars
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"seeds must be integers, got {s!r}")
+            seeds.append(value)
+        _check_seed_range(seeds, spec)
+        return seeds
     seeds: list[int] = []
     for part in spec.split(","):
         part = part.strip()
@@ -73,15 +85,23 @@ def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
             continue
         lo, sep, hi = part.partition("-")
         try:
+            a = b = int(lo)
             if sep:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(part))
+                b = int(hi)
         except ValueError:
             raise ValueError(f"bad seed list {spec!r}: use e.g. '0-63' or '1,5,9'") from None
+        if b < a:
+            raise ValueError(f"bad seed list {spec!r}: the range {part} decreases")
+        if b - a + 1 > MAX_SEEDS - len(seeds):
+            raise ValueError(f"bad seed list {spec!r}: more than {MAX_SEEDS:,} seeds; split the "
+                             "job")
+        _check_seed_range((a, b), spec)
+        seeds.extend(range(a, b + 1))
     if not seeds:
         raise ValueError(f"bad seed list {spec!r}: no seeds")
     return seeds
+
+
+def _check_seed_range(seeds, spec) -> None:
+    if seeds and not (0 <= min(seeds) and max(seeds) < SEED_LIMIT):
+        raise ValueError(f"bad seed list {spec!r}: seeds must lie in [0, 2^64)")

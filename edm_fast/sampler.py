@@ -1,7 +1,7 @@
 """``Sampler``: build once (plan, allocation, compilation, export, graph capture), call many times.
 
     sampler = Sampler("default", num_steps=18, batch_size=64, device="cuda")
-    images = sampler(seeds=range(64), class_labels=3)   # (64, C, H, W) in [-1, 1]
+    images = sampler(seeds=range(64), class_labels=3)   # (64, C, H, W), about [-1, 1]
 
 Thread safety: one lock per instance serialises calls, so a Sampler may be shared by the threads
 of an inference server (requests queue on it); for parallel throughput create one Sampler per
@@ -38,7 +38,8 @@ class Sampler:
             last chunk is padded, which cannot change results: noise is per seed).
         solver, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise: Alg. 2's
             options (sigma range defaults to the model's, else EDM's 0.002 .. 80).
-        guidance: classifier-free guidance weight (None: off; 1: conditional only).
+        guidance: classifier-free guidance weight w in D_u + w (D_c - D_u) (None: off, one
+            evaluation per step; 1: conditional only; 0: the unconditional model).
         dtype: dtype of the sampler state (float32, or float64 for the golden reference).
         device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ...
         backend: 'auto', 'reference', 'compiled', 'cpp' or 'onnx' (see edm_fast.backends).
@@ -118,13 +119,18 @@ class Sampler:
                  noise: torch.Tensor | None = None, churn_noise: torch.Tensor | None = None):
         """Sample images for ``seeds`` (per-seed noise) or for explicit ``noise`` (N, *shape).
 
-        class_labels: None (unconditional / zero labels), an int for all, (N,) ints or
-        (N, label_dim) floats. Returns (N, *shape) in the sampler's dtype, on its device.
+        class_labels: None (unconditional / zero labels), an int (or 0-d integer array) for all,
+        (N,) ints or (N, label_dim) floats. Returns (N, *shape) in the sampler's dtype, on its
+        device. Samples are not clipped: values slightly outside [-1, 1] are the model's own.
         """
         latents, churn = self._noise(seeds, noise, churn_noise)
         n = latents.shape[0]
-        if isinstance(class_labels, int):
-            class_labels = torch.full((n,), class_labels, dtype=torch.long)
+        if isinstance(class_labels, bool):
+            raise ValueError("class_labels must be class indices or one-hot rows, not a bool")
+        if isinstance(class_labels, int) or (getattr(class_labels, "ndim", None) == 0
+                                             and not torch.is_floating_point(
+                                                 torch.as_tensor(class_labels))):
+            class_labels = torch.full((n,), int(class_labels), dtype=torch.long)  # one for all
         labels = one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
                                 dtype=self.dtype)
         if self.label_dim == 0:

@@ -17,7 +17,7 @@ Endpoints
                      "format": "png" | "npy" | "json"}    default: png (json for non-images)
         png, one seed       -> image/png
         png, several seeds  -> application/json {"seeds", "classes", "steps", "images": [base64]}
-        npy                 -> application/x-npy: float32 (N, *shape) in [-1, 1], rows in seed
+        npy                 -> application/x-npy: float32 (N, *shape), about [-1, 1] (unclipped), rows in seed
                                order (also in the X-Seeds header)
         json                -> application/json {"seeds", "classes", "steps", "shape", "samples"}
     GET /healthz    200 {"status": "ok", "model": {...}, "limits": {...}}
@@ -46,6 +46,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -472,23 +473,40 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         log.debug("%s " + format, self.address_string(), *args)
 
+    def _endpoint(self) -> str:
+        return urllib.parse.urlsplit(self.path).path  # without a query string
+
     def do_GET(self):
-        if self.path == "/healthz":
+        endpoint = self._endpoint()
+        if endpoint == "/healthz":
             self._send_json(200, self.app.health())
-        elif self.path == "/metrics":
+        elif endpoint == "/metrics":
             self._send_json(200, self.app.metrics_snapshot())
-        elif self.path == "/generate":
-            self._send_json(405, {"error": "use POST /generate"}, allow="POST")
         else:
-            self._send_json(404, {"error": f"no such endpoint {self.path!r}"})
+            self._wrong_method_or_endpoint()
+
+    def _wrong_method_or_endpoint(self):
+        """405 (with Allow) for a known endpoint asked with the wrong method, else 404. A body
+        is not read, so the connection closes after the answer."""
+        allowed = {"/healthz": "GET", "/metrics": "GET", "/generate": "POST"}.get(
+            self._endpoint())
+        if self.command not in ("GET", "HEAD"):
+            self.close_connection = True
+        if allowed is None:
+            self._send_json(404, {"error": f"no such endpoint {self.path!r}; use POST "
+                                           "/generate, GET /healthz or GET /metrics"})
+        else:
+            self._send_json(405, {"error": f"use {allowed} {self._endpoint()}"}, allow=allowed)
+
+    do_PUT = do_DELETE = do_PATCH = _wrong_method_or_endpoint
 
     def do_POST(self):
         start = time.perf_counter()
+        if self._endpoint() != "/generate":
+            self._wrong_method_or_endpoint()
+            return
         try:
             body = self._read_json()  # read first: an unread body would poison keep-alive
-            if self.path != "/generate":
-                raise HTTPError(404 if self.path not in ("/healthz", "/metrics") else 405,
-                                f"POST {self.path} is not supported; use POST /generate")
             ctype, data, headers = self.app.generate(body, self.connection)
         except HTTPError as exc:
             self._send_json(exc.status, {"error": exc.message})

@@ -91,6 +91,30 @@ def test_compiled_backend_step_math_matches_reference(solver, S_churn, batch, gu
     assert rel_err(fast, ref64) <= bound, (rel_err(fast, ref64), bound)
 
 
+def test_guidance_zero_is_the_unconditional_model_on_every_backend():
+    """w = 0 in D_u + w (D_c - D_u) is the unconditional output (all-zero labels) on every
+    backend, not 'guidance off' (the reference once took 0 as off, unlike the others)."""
+    from edm_fast import ops
+    from edm_fast.backends import available_backends
+
+    den = make_denoiser(label_dim=3, channels=1)
+    opts = {"shape": (1, 5, 5), "batch_size": 3, "num_steps": 4, "device": "cpu"}
+    seeds, labels = [5, 6, 7], torch.tensor([0, 1, 2])
+    uncond = Sampler(den, backend="reference", dtype=torch.float64, **opts)(seeds=seeds)
+    cond = Sampler(den, backend="reference", dtype=torch.float64, **opts)(seeds, labels)
+    assert rel_err(cond, uncond) > 1e-3  # the labels matter for this net
+    loadable = available_backends()
+    backends = {"reference": {}, "compiled": {"compile": False}}
+    if loadable["onnx"] is None:
+        backends["onnx"] = {}
+    if loadable["cpp"] is None and ops.cpp_available():
+        backends["cpp"] = {"kind": "torchscript"}
+    for name, options in backends.items():
+        out = Sampler(den, backend=name, guidance=0.0, backend_options=options, **opts)(
+            seeds, labels)
+        assert rel_err(out, uncond) <= 1e-5, name
+
+
 def test_fused_precond_triton_path_is_used_and_correct():
     """For an EDM Denoiser without guidance the triton path fuses the preconditioning into the
     step kernels (precond_in -> F -> precond_out_euler / precond_out_heun)."""

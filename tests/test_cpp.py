@@ -457,3 +457,27 @@ def test_standalone_binary_matches_python(models, standalone_binary, tmp_path, d
     bad = subprocess.run([standalone_binary, "--model", str(tmp_path / "missing.pt2")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+@needs_cpp
+@pytest.mark.slow
+def test_standalone_binary_takes_seeds_up_to_the_generators_limit(models, standalone_binary,
+                                                                    tmp_path):
+    """Seeds 2^64 - 2 and 2^64 - 1 equal the Python reference (the range loop used to overflow
+    at 2^63 - 1); seeds out of range or too many are refused with one message."""
+    top = 2**64 - 1
+    out = tmp_path / "top.npy"
+    model = models.path("aoti", LABEL_DIM, device=torch.device("cpu"))
+    args = ["--model", model, "--seeds", f"{top - 1}-{top}", "--steps", "4", "--class", "1",
+            "--shape", ",".join(map(str, SHAPE)), "--device", "cpu", "--out", str(out)]
+    subprocess.run([standalone_binary, *args], check=True, capture_output=True)
+    plan = SamplingPlan.build(num_steps=4)
+    labels = nn.functional.one_hot(torch.full((2,), 1), LABEL_DIM).float()
+    ref = reference(make_denoiser(LABEL_DIM), plan, SeedNoise([top - 1, top], SHAPE).draw(),
+                    None, labels)
+    assert rel_err(torch.from_numpy(np.load(out)), ref) < 1e-5
+    for seeds in ("18446744073709551616", "-1", "0-999999999999", "5-3", "1e3"):
+        bad = subprocess.run([standalone_binary, *args[:2], "--seeds", seeds], text=True,
+                             capture_output=True)
+        assert bad.returncode == 1 and "bad seed list" in bad.stderr, (seeds, bad.stderr)
+

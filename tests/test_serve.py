@@ -135,6 +135,8 @@ def test_healthz_reports_the_model(digits_server):
     assert status == 200 and info["status"] == "ok"
     assert info["model"]["shape"] == [1, 16, 16] and info["model"]["label_dim"] == 10
     assert info["limits"]["max_batch"] == 16 and info["limits"]["default_steps"] == STEPS
+    status, _, body = request(digits_server.url, path="/healthz?probe=1")  # a query is ignored
+    assert status == 200 and json.loads(body)["status"] == "ok"
 
 
 #----------------------------------------------------------------------------
@@ -185,10 +187,13 @@ BAD_REQUESTS = [  # (id, method, path, body bytes, extra headers, status, words 
     ("no-length", "POST", "/generate", None, {}, 411, "Content-Length"),
     ("chunked", "POST", "/generate", None, {"Transfer-Encoding": "chunked"}, 411, "chunked"),
     ("bad-length", "POST", "/generate", None, {"Content-Length": "abc"}, 400, "Content-Length"),
-    ("wrong-path", "POST", "/nope", _json_body({"seeds": 1}), {}, 404, "not supported"),
+    ("wrong-path", "POST", "/nope", _json_body({"seeds": 1}), {}, 404, "no such endpoint"),
+    ("post-healthz", "POST", "/healthz", _json_body({}), {}, 405, "use GET /healthz"),
     ("get-generate", "GET", "/generate", None, {}, 405, "POST"),
     ("unknown-get", "GET", "/nope", None, {}, 404, "no such endpoint"),
-    ("put", "PUT", "/generate", None, {}, 501, "Unsupported method"),
+    ("put", "PUT", "/generate", _json_body({"seeds": 1}), {}, 405, "use POST /generate"),
+    ("delete", "DELETE", "/metrics", None, {}, 405, "use GET /metrics"),
+    ("options", "OPTIONS", "/generate", None, {}, 501, "Unsupported method"),
 ]
 
 
@@ -203,6 +208,8 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(digits_server, case):
     assert resp_headers["Content-Type"] == "application/json"
     err = json.loads(data)
     assert err["status"] == want and words in err["error"], err
+    if want == 405:
+        assert resp_headers["Allow"] in ("GET", "POST")
     status, _, data = generate(digits_server.url, seeds=1, format="npy")
     assert status == 200 and npy(data).shape == (1, 1, 16, 16)
 

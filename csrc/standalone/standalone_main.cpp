@@ -111,6 +111,20 @@ int64_t to_int(const std::string& text, const std::string& what) {
   }
 }
 
+// A seed in [0, 2^64), as torch.Generator().manual_seed takes (digits only: no sign).
+uint64_t to_seed(const std::string& text, const std::string& spec) {
+  const bool digits = !text.empty() && text.find_first_not_of("0123456789") == std::string::npos;
+  try {
+    TORCH_CHECK(digits, "");
+    return std::stoull(text);  // throws std::out_of_range from 2^64 on
+  } catch (const std::exception&) {
+    TORCH_CHECK(false, "bad seed list '", spec, "': seeds are integers in [0, 2^64), e.g. 0-63 "
+                "or 1,5,9");
+  }
+}
+
+constexpr uint64_t kMaxSeeds = 100000000;  // as edm_fast.noise.MAX_SEEDS
+
 // "0-3,10" -> {0, 1, 2, 3, 10} (inclusive ranges, as edm_fast.noise.parse_seeds).
 std::vector<uint64_t> parse_seeds(const std::string& spec) {
   std::vector<uint64_t> seeds;
@@ -119,10 +133,15 @@ std::vector<uint64_t> parse_seeds(const std::string& spec) {
   while (std::getline(parts, part, ',')) {
     if (part.empty()) continue;
     const auto dash = part.find('-', 1);
-    const int64_t lo = to_int(part.substr(0, dash), "--seeds");
-    const int64_t hi = dash == std::string::npos ? lo : to_int(part.substr(dash + 1), "--seeds");
-    TORCH_CHECK(lo >= 0 && hi >= lo, "bad seed list '", spec, "': use e.g. 0-63 or 1,5,9");
-    for (int64_t s = lo; s <= hi; ++s) seeds.push_back(static_cast<uint64_t>(s));
+    const uint64_t lo = to_seed(part.substr(0, dash), spec);
+    const uint64_t hi = dash == std::string::npos ? lo : to_seed(part.substr(dash + 1), spec);
+    TORCH_CHECK(hi >= lo, "bad seed list '", spec, "': a range must not decrease");
+    TORCH_CHECK(hi - lo < kMaxSeeds - seeds.size(), "bad seed list '", spec, "': more than ",
+                kMaxSeeds, " seeds; split the job");
+    for (uint64_t s = lo;; ++s) {  // up to hi inclusive, without overflowing at 2^64 - 1
+      seeds.push_back(s);
+      if (s == hi) break;
+    }
   }
   TORCH_CHECK(!seeds.empty(), "bad seed list '", spec, "': no seeds");
   return seeds;

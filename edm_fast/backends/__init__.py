@@ -1,13 +1,17 @@
 """The fast paths behind one Sampler interface, and the rule that picks one.
 
-Each backend is a class ``Backend(denoiser, plan, batch_shape, *, dtype, device, label_dim)``
+Each backend is a class ``Backend(denoiser, plan, batch_shape, *, dtype, device, label_dim,
+**options)`` (options are backend-specific: ``compile``/``step_impl`` for compiled, ``kind``/
+``model_path`` for cpp, ``net_dtype``/``opset`` for onnx, ...; ``Sampler(backend_options=)``)
 with ``run(latents (N, ...), churn_noise (K, N, ...) | None, class_labels (N, L) | None)`` and a
 ``warmup_seconds`` attribute. ``reference`` (samplers.py) is always available and is the
 ground truth; the others are imported lazily so that a missing compiler, extension or
 onnxruntime never breaks ``import edm_fast``.
 
-Environment switches: ``EDM_FAST_BACKEND=<name>`` forces a backend (``reference`` forces every
-fallback); ``EDM_FAST_DISABLE_<NAME>=1`` (COMPILED, CPP, ONNX, TRITON) takes one out of 'auto'.
+Environment switches: ``EDM_FAST_BACKEND=<name>`` forces that backend for every Sampler, 'auto'
+or not (``reference`` thus switches every fast path off); ``EDM_FAST_DISABLE_<NAME>=1`` (COMPILED,
+CPP, ONNX) takes one out of 'auto', and ``EDM_FAST_DISABLE_TRITON=1`` keeps the compiled
+backend's step math in PyTorch instead of the Triton kernels.
 """
 
 from __future__ import annotations

@@ -58,6 +58,9 @@ class SamplingPlan:
         """Plan from EDM's rho schedule (Eq. 5), or from an explicit ``sigmas`` grid."""
         if solver not in ("heun", "euler"):
             raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+        if guidance is not None and not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite weight (0: unconditional, 1: "
+                             f"conditional), got {guidance}")
         grid = validate_sigmas(sigmas if sigmas is not None
                                else edm_sigmas(num_steps, sigma_min, sigma_max, rho))
         grid = _rounded(grid, round_sigma)

@@ -33,7 +33,8 @@ class ReferenceBackend:
     def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *, dtype, device, label_dim):
         self.plan = plan
         self.dtype, self.device = dtype, device
-        self.denoiser = GuidedDenoiser(denoiser, plan.guidance) if plan.guidance else denoiser
+        self.denoiser = (GuidedDenoiser(denoiser, plan.guidance) if plan.guidance is not None
+                         else denoiser)
         self.warmup_seconds = 0.0
 
     def run(self, latents, churn_noise=None, class_labels=None) -> torch.Tensor:
