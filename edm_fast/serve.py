@@ -17,8 +17,8 @@ Endpoints
                      "format": "png" | "npy" | "json"}    default: png (json for non-images)
         png, one seed       -> image/png
         png, several seeds  -> application/json {"seeds", "classes", "steps", "images": [base64]}
-        npy                 -> application/x-npy: float32 (N, *shape), about [-1, 1] (unclipped), rows in seed
-                               order (also in the X-Seeds header)
+        npy                 -> application/x-npy: float32 (N, *shape), about [-1, 1] (not
+                               clipped), rows in seed order (also in the X-Seeds header)
         json                -> application/json {"seeds", "classes", "steps", "shape", "samples"}
     GET /healthz    200 {"status": "ok", "model": {...}, "limits": {...}}
     GET /metrics    counters (requests: every HTTP response, by status in "responses"),
