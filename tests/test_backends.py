@@ -9,6 +9,7 @@ shows (the flash-attention rule: no worse than twice the reference's own error i
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -180,8 +181,14 @@ def test_sampler_labels_and_validation():
     a = s(seeds=[1, 2], class_labels=1)
     b = s(seeds=[1, 2], class_labels=torch.tensor([1, 1]))
     assert torch.equal(a, b)
+    assert torch.equal(a, s(seeds=[1, 2], class_labels=torch.tensor(1)))  # 0-d: for all
+    assert torch.equal(a, s(seeds=[1, 2], class_labels=np.int64(1)))
+    with pytest.raises(ValueError, match="not a bool"):
+        s(seeds=[1], class_labels=True)
     with pytest.raises(ValueError, match="class labels must lie"):
         s(seeds=[1], class_labels=5)
+    with pytest.raises(ValueError, match="guidance must be a finite"):
+        Sampler(den, shape=(2, 5, 5), guidance=float("nan"), device="cpu")
     with pytest.raises(ValueError, match="exactly one of"):
         s()
     with pytest.raises(ValueError, match="noise must be"):
