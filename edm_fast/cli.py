@@ -146,14 +146,14 @@ def cmd_sample(args) -> int:
 
     seeds, rank, world = shard_seeds(seeds)
     out = args.out if world == 1 else _rank_path(args.out, rank)
-    check_output(out, toy=model_mixture(args.ckpt) is not None)  # fail before sampling
+    check_output(out)  # before loading the model: the file kinds and a writable folder
     sampler = Sampler(args.ckpt, batch_size=min(args.batch, len(seeds)), solver=args.solver,
                       num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                       rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
                       S_noise=args.S_noise, guidance=args.guidance,
                       dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
                       expected_images=len(seeds))
-    check_output(out, toy=len(sampler.shape) == 1)  # a trained toy model's vectors
+    check_output(out, toy=len(sampler.shape) == 1)  # toy vectors: a .png plot or an .npz only
     labels = _labels_for(args, seeds, sampler)
     # a folder gets each batch's files as soon as it is sampled: an interrupted run keeps them
     per_seed_files = Path(out).suffix == ""

@@ -125,12 +125,12 @@ class Sampler:
         """
         latents, churn = self._noise(seeds, noise, churn_noise)
         n = latents.shape[0]
+        if getattr(class_labels, "ndim", None) == 0:  # a numpy / torch scalar
+            class_labels = class_labels.item()
         if isinstance(class_labels, bool):
             raise ValueError("class_labels must be class indices or one-hot rows, not a bool")
-        if isinstance(class_labels, int) or (getattr(class_labels, "ndim", None) == 0
-                                             and not torch.is_floating_point(
-                                                 torch.as_tensor(class_labels))):
-            class_labels = torch.full((n,), int(class_labels), dtype=torch.long)  # one for all
+        if isinstance(class_labels, int):
+            class_labels = torch.full((n,), class_labels, dtype=torch.long)  # one for all
         labels = one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
                                 dtype=self.dtype)
         if self.label_dim == 0:
@@ -206,11 +206,11 @@ def _sigma_range(denoiser, sigma_min: float | None, sigma_max: float | None) -> 
     model_min = float(getattr(denoiser, "sigma_min", 0.0))
     model_max = float(getattr(denoiser, "sigma_max", math.inf))
     out = {}
-    for name, asked, default, clip in (("sigma_min", sigma_min, 0.002, max),
-                                       ("sigma_max", sigma_max, 80.0, min)):
+    for name, asked, default, clip, bound in (("sigma_min", sigma_min, 0.002, max, model_min),
+                                              ("sigma_max", sigma_max, 80.0, min, model_max)):
         if asked is not None and not 0 < asked < math.inf:
             raise ValueError(f"{name} must be a positive finite number, got {asked}")
-        value = clip(default if asked is None else asked, model_min if clip is max else model_max)
+        value = clip(default if asked is None else asked, bound)
         if asked is not None and value != asked:
             warnings.warn(f"{name}={asked:g} is outside the model's range [{model_min:g}, "
                           f"{model_max:g}]; using {value:g}", stacklevel=3)

@@ -682,14 +682,14 @@ class InferenceServer:
 
     def start(self) -> "InferenceServer":
         """Make the first Sampler (loads the model), bind, start dispatcher and HTTP threads."""
+        if not 0 <= self.port <= 65535:  # before the model is loaded
+            raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port}")
         probe = self.dispatcher._sampler(self.default_steps, 1)
         self.shape = tuple(probe.shape)
         self.label_dim = probe.label_dim
         self.info = {"name": self.model_name, "shape": list(self.shape),
                      "label_dim": self.label_dim, "backend": probe.backend_name,
                      "device": str(probe.device), "dtype": str(probe.dtype).split(".")[-1]}
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port}")
         try:
             self._httpd = _HTTPServer((self.host, self.port), _Handler)
         except OSError as exc:  # in use, not permitted, unknown host (socket.gaierror)

@@ -132,6 +132,7 @@ def _load_data(cfg: TrainConfig):
 def _build(cfg: TrainConfig, dataset, device):
     """(denoiser, meta, augment_pipe) for a new run."""
     from .augment import AugmentPipe
+    from .nets.presets import get_preset
 
     pipe = AugmentPipe(p=cfg.augment) if cfg.augment > 0 else None
     label_dim = dataset.num_classes if cfg.cond else 0
@@ -143,8 +144,6 @@ def _build(cfg: TrainConfig, dataset, device):
     if cfg.label_dropout:
         overrides["label_dropout"] = cfg.label_dropout
     toy = dataset.resolution is None
-    from .nets.presets import get_preset
-
     if toy != (get_preset(cfg.preset).arch == "mlp"):
         raise ValueError(f"preset {cfg.preset!r} is {'an image' if toy else 'a vector'} network, "
                          f"but {cfg.data!r} holds {'vectors' if toy else 'images'}; use "
@@ -236,6 +235,7 @@ def _trim_log(log: Path, step: int) -> None:
     checkpoints starts a new log."""
     if not log.exists():
         return
+
     def step_of(record: dict) -> float:
         return record.get("step", record.get("summary", {}).get("steps", math.inf))
 
@@ -281,7 +281,7 @@ def _resume_or_start(run: _Run, resume: bool):
     # batch per epoch: its batches run across epoch boundaries instead (each item then appears
     # about batch/len times per batch).
     small = len(dataset) < cfg.batch
-    if small and run.rank == 0:
+    if small and run.main:
         warnings.warn(f"the data set has {len(dataset)} items, fewer than one batch of "
                       f"{cfg.batch}: batches span epochs and repeat items", stacklevel=2)
     stream = BatchStream(dataset, cfg.batch // run.world, seed=cfg.seed, rank=run.rank,
