@@ -61,7 +61,8 @@ class Sampler:
 
             model = load_denoiser(model, device=self.device)
         self.denoiser = model.to(self.device).eval() if hasattr(model, "to") else model
-        self.shape = tuple(shape) if shape is not None else _model_shape(self.denoiser)
+        self.shape = (_model_shape(self.denoiser) if shape is None
+                      else _check_shape(self.denoiser, tuple(int(n) for n in shape)))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -187,6 +188,31 @@ def _model_shape(denoiser) -> tuple[int, ...]:
     if res is not None and chans is not None:
         return (int(chans), int(res), int(res))
     raise ValueError("cannot tell the sample shape from this model: pass shape=")
+
+
+def _check_shape(denoiser, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` if this model can sample it: a ValueError for a wrong rank or channel count, or
+    for a size the UNet's down-sampling cannot halve; a warning for another resolution than the
+    one the network was built for (a convolutional net runs there, but was not trained there)."""
+    if any(n < 1 for n in shape):
+        raise ValueError(f"shape sizes must be >= 1, got {shape}")
+    try:
+        native = _model_shape(denoiser)
+    except ValueError:
+        return shape  # a model that does not say: the caller knows
+    if len(shape) != len(native) or shape[0] != native[0]:
+        raise ValueError(f"shape {shape} does not fit this model, which makes samples of shape "
+                         f"{native}")
+    if shape != native:
+        net = getattr(getattr(denoiser, "denoiser", denoiser), "model", None)
+        levels = len(getattr(net, "channel_mult", ()) or ())
+        factor = 2 ** max(levels - 1, 0)
+        if any(n % factor for n in shape[1:]):
+            raise ValueError(f"shape {shape}: this UNet halves the image {levels - 1} times, so "
+                             f"height and width must be multiples of {factor}")
+        warnings.warn(f"sampling at shape {shape}, but the model was built for {native}; "
+                      "expect poor samples", stacklevel=3)
+    return shape
 
 
 def _as_dtype(dtype) -> torch.dtype:

@@ -197,6 +197,22 @@ def test_sampler_labels_and_validation():
         Sampler(make_denoiser(label_dim=0), shape=(2, 5, 5), guidance=2.0, device="cpu")
 
 
+def test_sampler_shape_must_fit_the_model():
+    """A wrong channel count or rank, or a size the UNet cannot halve, fails at construction
+    with a message (not inside the network on the first call); another resolution warns."""
+    opts = {"batch_size": 2, "num_steps": 2, "backend": "reference", "device": "cpu"}
+    assert Sampler("default", **opts).shape == (1, 16, 16)
+    with pytest.raises(ValueError, match=r"makes samples of shape \(1, 16, 16\)"):
+        Sampler("default", (3, 16, 16), **opts)
+    with pytest.raises(ValueError, match="makes samples of shape"):
+        Sampler("default", (16, 16), **opts)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        Sampler("default", (1, 18, 18), **opts)
+    with pytest.warns(UserWarning, match="built for \\(1, 16, 16\\)"):
+        sampler = Sampler("default", (1, 32, 16), **opts)
+    assert sampler(seeds=[0]).shape == (1, 1, 32, 16)
+
+
 def test_sampler_options_sigma_range_and_dtype_names():
     """sigma_min/sigma_max: EDM's defaults, a clear error for non-positive values, a warning
     when an explicit value is clipped to the model's range; dtype may be given by name."""

@@ -353,6 +353,22 @@ def test_backend_exports_at_construction_and_through_sampler(song):
     assert rel_max(once, GuidedDenoiser(song, 2.0)(x, sigma[0].item(), labels)) <= 1e-4
 
 
+def test_float64_state_warns_that_the_network_stays_float32(song, song_onnx):
+    """dtype=float64 on onnx runs only the step math in float64: a user who asked for a float64
+    sampler is told, and the result still meets the float32 tolerance."""
+    plan = SamplingPlan.build(num_steps=3)
+    opts = {"model_path": song_onnx.path, "reuse_model": True, "label_dim": LABEL_DIM}
+    with pytest.warns(UserWarning, match="runs the network in float32"):
+        be = OnnxBackend(song, plan, (2, *IMAGE), dtype=torch.float64, **opts)
+    latents = SeedNoise(range(2), IMAGE).draw()
+    labels = torch.eye(LABEL_DIM)[[0, 2]]
+    out = be.run(latents, None, labels)
+    ref = ReferenceBackend(song, plan, (2, *IMAGE), dtype=torch.float64, device="cpu",
+                           label_dim=LABEL_DIM)
+    assert out.dtype == torch.float64
+    assert rel_err(out, ref.run(latents, None, labels)) <= 1e-5
+
+
 def test_backend_device_errors(song, song_onnx):
     """CUDA without onnxruntime-gpu and unsupported devices fail at construction, clearly."""
     plan = SamplingPlan.build(num_steps=2)

@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 
 import torch
@@ -183,6 +184,10 @@ class OnnxBackend:
         self.net_dtype = _net_dtype(net_dtype)
         if self.plan.guidance is not None and self.label_dim <= 0:
             raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
+        if dtype == torch.float64:
+            warnings.warn(f"the onnx backend runs the network in {str(self.net_dtype)[6:]}; only "
+                          "the step math runs in float64 (use backend='reference' for a float64 "
+                          "network)", stacklevel=3)
         providers = _providers(self.device, tf32)
         self.model_path = self._model_path(model_path)
         self.export_report = None
