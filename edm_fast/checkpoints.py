@@ -98,13 +98,19 @@ def read_checkpoint(path, *, prefixes: tuple[str, ...] | None = None):
     return tensors, meta
 
 
-def latest_checkpoint(folder) -> Path | None:
-    """The highest-numbered ckpt-<step>.safetensors in ``folder``, or None."""
+def list_checkpoints(folder) -> list[Path]:
+    """The ckpt-<step>.safetensors files in ``folder``, newest (highest step) first."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(folder) -> Path | None:
+    """The highest-numbered ckpt-<step>.safetensors in ``folder``, or None."""
+    found = list_checkpoints(folder)
+    return found[0] if found else None
 
 
 def net_spec(preset: str, *, img_resolution, img_channels, label_dim: int = 0,

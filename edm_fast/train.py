@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (
-    CheckpointError, build_denoiser, latest_checkpoint, net_spec, read_checkpoint,
-    save_checkpoint,
+    CheckpointError, build_denoiser, latest_checkpoint, list_checkpoints, net_spec,
+    read_checkpoint, save_checkpoint,
 )
 from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main
@@ -83,6 +83,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, nimg: int, batch: int) -> None:
+        """One EMA step after a batch of ``batch`` images; ``nimg`` counts the images trained on
+        before it (NVlabs' cur_nimg at its update), so the first update copies the weights."""
         halflife = self.halflife_nimg
         if self.rampup_ratio is not None:
             halflife = min(halflife, nimg * self.rampup_ratio)
@@ -246,6 +248,24 @@ def _trim_log(log: Path, step: int) -> None:
     tmp.replace(log)
 
 
+def _read_newest_intact(folder: Path):
+    """(path, tensors, meta) of the newest checkpoint in ``folder`` that reads. Writes are atomic,
+    but a file can still be torn later (a copy cut short, a full disk on another tool's
+    rewrite): then the previous checkpoint is used, with a warning that names the lost one."""
+    torn = []
+    for path in list_checkpoints(folder):
+        try:
+            tensors, meta = read_checkpoint(path)
+        except CheckpointError as exc:
+            torn.append(str(exc))
+            continue
+        if torn:
+            warnings.warn(f"--resume: skipped {len(torn)} unreadable checkpoint(s), resuming "
+                          f"from {path.name}: {'; '.join(torn)}", stacklevel=3)
+        return path, tensors, meta
+    raise CheckpointError(f"--resume: no readable checkpoint in {folder}: {'; '.join(torn)}")
+
+
 def _resume_or_start(run: _Run, resume: bool):
     """Build everything, from the latest checkpoint when resuming."""
     cfg = run.cfg
@@ -257,7 +277,7 @@ def _resume_or_start(run: _Run, resume: bool):
     if resume:
         if latest is None:
             raise CheckpointError(f"--resume: no checkpoint in {run.out}")
-        tensors, meta = read_checkpoint(latest)
+        latest, tensors, meta = _read_newest_intact(run.out)
         if "train" not in meta or "optimizer" not in meta or not any(
                 k.startswith("model.") for k in tensors):
             raise CheckpointError(f"--resume: {latest} is not a training checkpoint (no "
@@ -462,7 +482,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         scaler.step(opt)
         scaler.update()
         step += 1
-        ema.update(denoiser.model, step * cfg.batch, cfg.batch)
+        ema.update(denoiser.model, (step - 1) * cfg.batch, cfg.batch)  # images before this one
         loss_value = loss.item()
         loss_sum += loss_value
         steps_since_log += 1

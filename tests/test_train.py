@@ -15,7 +15,7 @@ from edm_fast.checkpoints import (
     CheckpointError, latest_checkpoint, load_denoiser_checkpoint, read_checkpoint,
 )
 from edm_fast.losses import EDMLoss
-from edm_fast.train import TrainConfig, TrainingDiverged, train
+from edm_fast.train import EMA, TrainConfig, TrainingDiverged, train
 
 TOY = dict(data="toy:gmm2d", preset="toy-mlp", loss="edm", batch=64, lr=1e-3,
            lr_rampup_kimg=0.2, sample_every_kimg=0, progress=False, log_every=4)
@@ -60,6 +60,24 @@ def test_short_digits_training_lowers_edm_loss(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["summary"]["steps"] == 40 and any("img_per_s" in r for r in log)
     assert (tmp_path / "loss.png").exists() and list(tmp_path.glob("samples-*.png"))
+
+
+def test_ema_half_life_with_ramp_up():
+    """beta = 0.5^(batch / min(half-life, nimg * ramp-up ratio)) with nimg the images trained
+    on before the batch (as NVlabs' training loop): the first update copies the weights."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, halflife_kimg=0.5, rampup_ratio=0.05)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, nimg=0, batch=10)
+    assert torch.equal(ema.model.weight, model.weight)
+    for nimg, halflife in ((1000, 50.0), (10**6, 500.0)):
+        before = ema.model.weight.clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model, nimg=nimg, batch=10)
+        beta = 0.5 ** (10 / halflife)
+        torch.testing.assert_close(ema.model.weight, beta * before + (1 - beta) * model.weight)
 
 
 @pytest.mark.parametrize("extra", [{}, {"data": "digits:8", "preset": "tiny", "augment": 0.5,
@@ -124,6 +142,27 @@ def test_log_restarts_with_the_run(tmp_path):
         ckpt.unlink()
     train(_toy(tmp_path, 4))
     assert logged_steps() == [4]
+
+
+def test_resume_skips_a_torn_latest_checkpoint(tmp_path):
+    """A torn newest checkpoint (a copy cut short) is skipped with a warning that names it; the
+    run resumes from the one before and still ends bit for bit equal to an uninterrupted run.
+    With no readable checkpoint left, resume fails with a clear error."""
+    every = {"ckpt_every_kimg": 4 * 64 / 1000, "keep_ckpts": 5}
+    train(_toy(tmp_path / "a", 12, **every))
+    train(_toy(tmp_path / "b", 12, max_steps=8, **every))
+    torn = tmp_path / "b" / "ckpt-00000008.safetensors"
+    torn.write_bytes(torn.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="resuming from ckpt-00000004.safetensors: .*ckpt-00000008"):
+        summary = train(_toy(tmp_path / "b", 12, **every), resume=True)
+    assert summary["steps_this_run"] == 8
+    ta, _ = read_checkpoint(latest_checkpoint(tmp_path / "a"))
+    tb, _ = read_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    for ckpt in (tmp_path / "b").glob("ckpt-*"):
+        ckpt.write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        train(_toy(tmp_path / "b", 16, **every), resume=True)
 
 
 def test_resume_guards(tmp_path):
