@@ -144,6 +144,12 @@ void DenoiserRunner::set_metadata(const std::unordered_map<std::string, std::str
   info_.sample_shape = parse_shape(get("edm_fast.sample_shape"));
   info_.dtype = parse_dtype(get("edm_fast.dtype"));
   info_.precond = get("edm_fast.precond");
+  if (!get("edm_fast.sigma_min").empty()) {
+    info_.sigma_min = std::stod(get("edm_fast.sigma_min"));
+  }
+  if (!get("edm_fast.sigma_max").empty()) {
+    info_.sigma_max = std::stod(get("edm_fast.sigma_max"));
+  }
   if (get("edm_fast.dynamic_batch") == "0" && !get("edm_fast.batch").empty()) {
     info_.static_batch = std::stoll(get("edm_fast.batch"));
   }

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -30,6 +31,8 @@ struct ModelInfo {
   std::optional<at::ScalarType> dtype;  // dtype of x / sigma / labels, none = unknown
   std::string precond;                // e.g. "edm" ("" = unknown)
   int64_t static_batch = -1;          // batch size baked in (dynamic_batch=False), -1 = dynamic
+  double sigma_min = 0.0;             // the sigma range the preconditioning supports (VP, VE:
+  double sigma_max = std::numeric_limits<double>::infinity();  // finite; EDM: unbounded)
 };
 
 class DenoiserRunner {

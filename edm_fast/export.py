@@ -130,6 +130,9 @@ def _metadata(module: ExportableDenoiser, sample_shape, label_dim: int, dtype, d
         "edm_fast.device": torch.device(device).type,
         "edm_fast.precond": module.precond.name,
         "edm_fast.precond_config": json.dumps(module.precond.config()),
+        # The sigma range the preconditioning supports (VP, VE: finite), which samplers clip to.
+        "edm_fast.sigma_min": repr(float(module.precond.sigma_min)),
+        "edm_fast.sigma_max": repr(float(module.precond.sigma_max)),
         "edm_fast.dynamic_batch": "1" if dynamic_batch else "0",
         "edm_fast.batch": str(batch),
     }

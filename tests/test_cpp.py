@@ -25,7 +25,8 @@ from edm_fast.backends.plan import SamplingPlan
 from edm_fast.export import export_aoti, export_torchscript
 from edm_fast.guidance import GuidedDenoiser
 from edm_fast.noise import SeedNoise
-from edm_fast.precond import Denoiser, EDMPrecond
+from edm_fast.precond import Denoiser, EDMPrecond, VEPrecond
+from edm_fast.sampler import Sampler
 from edm_fast.samplers import churn_gammas, sample_edm
 from edm_fast.schedules import edm_sigmas
 
@@ -481,3 +482,26 @@ def test_standalone_binary_takes_seeds_up_to_the_generators_limit(models, standa
                              capture_output=True)
         assert bad.returncode == 1 and "bad seed list" in bad.stderr, (seeds, bad.stderr)
 
+
+
+@needs_cpp
+@pytest.mark.slow
+def test_standalone_binary_keeps_sigma_within_the_models_range(standalone_binary, tmp_path):
+    """A VE model supports sigma in [0.02, 100]: the binary clips EDM's default sigma_min 0.002
+    to 0.02 silently and an explicit --sigma-max 500 to 100 with a warning, as
+    edm_fast.Sampler does, and then matches it."""
+    torch.manual_seed(5)
+    net = TinyConvNet(SHAPE[0]).eval()
+    den = Denoiser(net, VEPrecond())
+    model = export_torchscript(den, (2, *SHAPE), path=tmp_path / "ve.ts")
+    out = tmp_path / "ve.npy"
+    args = ["--model", str(model), "--seeds", "0-1", "--steps", "5", "--sigma-max", "500",
+            "--out", str(out)]
+    run = subprocess.run([standalone_binary, *args], check=True, capture_output=True, text=True)
+    assert "--sigma-max 500 is outside the model's range [0.02, 100]; using 100" in run.stderr
+    assert "sigma-min" not in run.stderr
+    with pytest.warns(UserWarning, match="sigma_max=500"):
+        sampler = Sampler(den, SHAPE, batch_size=2, num_steps=5, sigma_max=500,
+                          backend="reference", dtype=torch.float64, device="cpu")
+    assert sampler.plan.sigmas[0] == pytest.approx(100) and sampler.plan.sigmas[-2] == pytest.approx(0.02)
+    assert rel_err(torch.from_numpy(np.load(out)), sampler(seeds=[0, 1])) < 1e-5

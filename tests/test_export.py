@@ -8,6 +8,7 @@ input only when label_dim > 0).
 from __future__ import annotations
 
 import os
+from math import inf
 
 import pytest
 import torch
@@ -113,9 +114,19 @@ def test_torchscript_dynamic_batch_and_metadata(tmp_path, label_dim, device):
     assert meta["edm_fast.sample_shape"] == str(DIM)
     assert meta["edm_fast.dtype"] == "float32" and meta["edm_fast.precond"] == "edm"
     assert meta["edm_fast.device"] == device.type
+    assert float(meta["edm_fast.sigma_min"]) == 0 and float(meta["edm_fast.sigma_max"]) == inf
     files = {METADATA_FILE: ""}
     torch.jit.load(path, _extra_files=files)
     assert b"edm_fast.label_dim=" in files[METADATA_FILE]
+
+
+def test_metadata_carries_the_sigma_range_of_the_preconditioning(tmp_path):
+    """VE and VP support a finite sigma range, which C++ samplers clip their schedule to."""
+    for precond in (VEPrecond(), VPPrecond()):
+        den = make_denoiser(precond=precond)
+        meta = read_metadata(export_torchscript(den, (2, DIM), path=tmp_path / "p.ts"))
+        assert float(meta["edm_fast.sigma_min"]) == precond.sigma_min
+        assert float(meta["edm_fast.sigma_max"]) == precond.sigma_max < inf
 
 
 def test_export_restores_training_mode_and_unwraps_guidance(tmp_path):

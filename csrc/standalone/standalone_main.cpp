@@ -37,8 +37,8 @@ Sample images with EDM's sampler (Karras et al. 2022, Alg. 2) from an exported d
   --seeds LIST         e.g. 0-7 or 1,5,9 or 0-3,10 (one image per seed)  [0-7]
   --batch B            images per denoiser batch (results do not depend on it)  [64]
   --steps N            number of steps                                 [18]
-  --sigma-min S        smallest noise level                            [0.002]
-  --sigma-max S        largest noise level                             [80]
+  --sigma-min S        smallest noise level, within the model's range  [0.002]
+  --sigma-max S        largest noise level, within the model's range   [80]
   --rho R              schedule exponent (Eq. 5)                       [7]
   --S-churn S          stochasticity (Alg. 2)                          [0]
   --S-min S            churn only where t >= S_min                     [0]
@@ -58,7 +58,7 @@ using Options = std::map<std::string, std::string>;
 
 Options parse_args(int argc, char** argv) {
   Options opts{{"kind", "auto"},     {"seeds", "0-7"},    {"batch", "64"},  {"steps", "18"},
-               {"sigma-min", "0.002"}, {"sigma-max", "80"}, {"rho", "7"},    {"S-churn", "0"},
+               {"rho", "7"},         {"S-churn", "0"},
                {"S-min", "0"},       {"S-max", "inf"},    {"S-noise", "1"}, {"solver", "heun"},
                {"device", "cpu"},    {"out", "out.npy"},  {"tf32", "0"}};
   const std::vector<std::string> known{"model", "kind", "seeds", "batch", "steps", "sigma-min",
@@ -184,6 +184,25 @@ void write_npy(const std::string& path, const at::Tensor& images) {
   TORCH_CHECK(out.good(), "writing '", path, "' failed");
 }
 
+// Alg. 2's sigma_min or sigma_max: EDM's default, or the asked value, within the range the
+// model's preconditioning supports (as generate.py and edm_fast.Sampler do); an asked value
+// outside it is clipped with a warning.
+double sigma_bound(const Options& opts, const edm_fast::ModelInfo& info, bool upper) {
+  const std::string key = upper ? "sigma-max" : "sigma-min";
+  const double model = upper ? info.sigma_max : info.sigma_min;
+  const bool asked = opts.count(key) > 0;
+  const double value = asked ? to_double(opts, key) : (upper ? 80.0 : 0.002);
+  TORCH_CHECK(value > 0 && std::isfinite(value), "--", key,
+              " must be a positive finite number, got ", value);
+  const double clipped = upper ? std::min(value, model) : std::max(value, model);
+  if (asked && clipped != value) {
+    std::cerr << "edm_fast_sample: warning: --" << key << " " << value
+              << " is outside the model's range [" << info.sigma_min << ", " << info.sigma_max
+              << "]; using " << clipped << "\n";
+  }
+  return clipped;
+}
+
 int run(const Options& opts) {
   const c10::Device device(opts.at("device"));
   TORCH_CHECK(opts.at("tf32") == "0" || opts.at("tf32") == "1", "--tf32 expects 0 or 1");
@@ -208,8 +227,8 @@ int run(const Options& opts) {
   std::optional<double> guidance;
   if (opts.count("guidance")) guidance = to_double(opts, "guidance");
   const auto plan = edm_fast::make_edm_plan(
-      to_int(opts.at("steps"), "--steps"), to_double(opts, "sigma-min"),
-      to_double(opts, "sigma-max"), to_double(opts, "rho"), to_double(opts, "S-churn"),
+      to_int(opts.at("steps"), "--steps"), sigma_bound(opts, info, false),
+      sigma_bound(opts, info, true), to_double(opts, "rho"), to_double(opts, "S-churn"),
       to_double(opts, "S-min"), to_double(opts, "S-max"), to_double(opts, "S-noise"),
       opts.at("solver"), guidance);
 
