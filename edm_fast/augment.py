@@ -76,11 +76,13 @@ def _reflect_index(i: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _translate_int(images: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
-    """Shift each image by integer (tx, ty) pixels, (N,) each, filling with its reflection."""
+    """Shift each image by integer (tx, ty) pixels, (N,) each, filling with its reflection.
+    NVlabs' convention, which the augment label encodes: output pixel (x, y) reads source pixel
+    (x - tx, y + ty), so content moves right by tx and up by ty."""
     N, C, H, W = images.shape
     dev = images.device
     xs = _reflect_index(torch.arange(W, device=dev)[None] - tx[:, None], W)  # (N, W)
-    ys = _reflect_index(torch.arange(H, device=dev)[None] - ty[:, None], H)  # (N, H)
+    ys = _reflect_index(torch.arange(H, device=dev)[None] + ty[:, None], H)  # (N, H)
     n = torch.arange(N, device=dev)[:, None, None]
     return images[n, :, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)  # (N,H,W,C) -> NCHW
 

@@ -194,6 +194,16 @@ class iDDPMPrecond(_DiscretePrecond):
             u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
         return u
 
+    def timestep(self, sigma):
+        """c_noise = M - 1 - argmin_j |u_j - sigma| over j = 0 .. M (Table 1), so u_M = 0 is a
+        candidate too: sigma below u_{M-1} / 2 gets c_noise = -1 and rounds to 0, as in the
+        paper and NVlabs' iDDPMPrecond (samplers never go there: sigma_min = u_{M-1})."""
+        return _nearest(self.u.flip(0), torch.as_tensor(sigma)) - 1
+
+    def round_sigma(self, sigma):
+        sigma = torch.as_tensor(sigma)
+        return self.u.flip(0).to(sigma.device)[self.timestep(sigma) + 1].to(sigma.dtype)
+
     def config(self):
         return {"name": self.name, "C_1": self.C_1, "C_2": self.C_2, "M": self.M}
 

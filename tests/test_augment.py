@@ -75,9 +75,10 @@ def test_translate_int_shifts_with_reflection():
     y, labels = pipe(x, _gen(2))
     tx = (labels[:, 0] * 16 * 0.25).round().long()
     ty = (labels[:, 1] * 16 * 0.25).round().long()
-    assert tx.abs().max() > 0
+    assert tx.abs().max() > 0 and ty.abs().max() > 0
     for i in range(8):
-        shifted = torch.roll(x[i], (int(ty[i]), int(tx[i])), dims=(1, 2))
+        # NVlabs' convention: output (x, y) reads source (x - tx, y + ty)
+        shifted = torch.roll(x[i], (-int(ty[i]), int(tx[i])), dims=(1, 2))
         inner = (slice(None), slice(4, 12), slice(4, 12))  # |t| <= 4: untouched by the border
         assert torch.equal(y[i][inner], shifted[inner])
         assert set(y[i].flatten().tolist()) <= set(x[i].flatten().tolist())  # values are moved

@@ -106,6 +106,10 @@ def test_iddpm_u_recursion_and_rounding():
     assert torch.equal(p.round_sigma(sig), torch.stack([u[3], u[500]]))
     c_noise = p.coefficients(sig)[3]
     assert c_noise.tolist() == [1000 - 1 - 3, 1000 - 1 - 500]  # c_noise = M - 1 - j
+    # j runs over 0..M with u_M = 0: below u_{M-1}/2 sigma rounds to 0 and c_noise is -1
+    low = torch.tensor([u[999].item() * 0.49, u[999].item() * 0.51], dtype=torch.float64)
+    assert p.round_sigma(low).tolist() == [0.0, u[999].item()]
+    assert p.coefficients(low)[3].tolist() == [-1.0, 0.0]
 
 
 def test_ddpm_levels():
