@@ -32,6 +32,16 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def no_tf32():
+    """Exact float32 convolutions and matmuls on CUDA (cuDNN uses TF32 by default), restored
+    afterwards."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked `gpu` cleanly when no CUDA device is present."""
     if torch.cuda.is_available():

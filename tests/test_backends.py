@@ -7,6 +7,7 @@ target; the second accepts the network's own float32 rounding, which the float32
 shows (the flash-attention rule: no worse than twice the reference's own error in that dtype).
 """
 
+import copy
 import warnings
 
 import numpy as np
@@ -52,12 +53,26 @@ def make_denoiser(label_dim=3, channels=2):
     return Denoiser(TinyConvNet(channels, label_dim), EDMPrecond()).eval()
 
 
-def run_backend(backend_cls, den, plan, shape, dtype, labels, seeds, **opts):
+# The Triton step kernels run on the GPU where there is one, else on the CPU through Triton's
+# interpreter (conftest sets TRITON_INTERPRET=1 only on hosts without CUDA).
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def impl_device(step_impl: str) -> torch.device:
+    return TRITON_DEVICE if step_impl == "triton" else torch.device("cpu")
+
+
+def run_backend(backend_cls, den, plan, shape, dtype, labels, seeds, device="cpu", **opts):
+    """The backend's samples (on the CPU) for per-seed noise; the net runs on ``device``."""
+    device = torch.device(device)
     noise = SeedNoise(seeds, shape[1:])
     latents, churn = noise.draw(), noise.draw_many(len(plan.churn_steps))
-    be = backend_cls(den, plan, shape, dtype=dtype, device=torch.device("cpu"),
-                     label_dim=den.label_dim, **opts)
-    return be.run(latents, churn if len(plan.churn_steps) else None, labels)
+    if device.type != "cpu":
+        den = copy.deepcopy(den).to(device)
+        labels = None if labels is None else labels.to(device)
+    be = backend_cls(den, plan, shape, dtype=dtype, device=device, label_dim=den.label_dim,
+                     **opts)
+    return be.run(latents, churn if len(plan.churn_steps) else None, labels).cpu()
 
 
 CASES = [
@@ -74,7 +89,7 @@ CASES = [
 @pytest.mark.parametrize("solver, S_churn, batch, guidance, image", CASES)
 @pytest.mark.parametrize("step_impl", ["torch", "triton"])
 def test_compiled_backend_step_math_matches_reference(solver, S_churn, batch, guidance, image,
-                                                      step_impl):
+                                                      step_impl, no_tf32):
     """The compiled backend's loop (eager net here; Triton kernels through the interpreter on
     the CPU) against the float64 reference, same per-seed noise, labels and guidance."""
     den = make_denoiser(label_dim=3, channels=image[0])
@@ -86,7 +101,7 @@ def test_compiled_backend_step_math_matches_reference(solver, S_churn, batch, gu
     ref64 = run_backend(ReferenceBackend, den, plan, shape, torch.float64, labels, seeds)
     ref32 = run_backend(ReferenceBackend, den, plan, shape, torch.float32, labels, seeds)
     fast = run_backend(CompiledBackend, den, plan, shape, torch.float32, labels, seeds,
-                       compile=False, step_impl=step_impl)
+                       device=impl_device(step_impl), compile=False, step_impl=step_impl)
     assert fast.dtype == torch.float32 and fast.shape == shape
     bound = max(1e-5, 2 * rel_err(ref32, ref64))
     assert rel_err(fast, ref64) <= bound, (rel_err(fast, ref64), bound)
@@ -116,19 +131,46 @@ def test_guidance_zero_is_the_unconditional_model_on_every_backend():
         assert rel_err(out, uncond) <= 1e-5, name
 
 
-def test_fused_precond_triton_path_is_used_and_correct():
+def test_fused_precond_triton_path_is_used_and_correct(no_tf32):
     """For an EDM Denoiser without guidance the triton path fuses the preconditioning into the
     step kernels (precond_in -> F -> precond_out_euler / precond_out_heun)."""
     den = make_denoiser(label_dim=0)
     plan = SamplingPlan.build(num_steps=6)
-    be = CompiledBackend(den, plan, (3, 2, 5, 5), dtype=torch.float32, device=torch.device("cpu"),
-                         label_dim=0, compile=False, step_impl="triton")
+    be = CompiledBackend(copy.deepcopy(den).to(TRITON_DEVICE), plan, (3, 2, 5, 5),
+                         dtype=torch.float32, device=TRITON_DEVICE, label_dim=0, compile=False,
+                         step_impl="triton")
     assert be.fused_precond
     latents = SeedNoise(range(3), (2, 5, 5)).draw()
-    out = be.run(latents)
+    out = be.run(latents).cpu()
     ref = sample_edm(den, latents.double(), plan.sigmas)
     ref32 = sample_edm(den, latents, plan.sigmas)
     assert rel_err(out, ref) <= max(1e-5, 2 * rel_err(ref32, ref))
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"),
+                                    pytest.param(torch.device("cuda"), marks=pytest.mark.gpu)])
+def test_compiled_single_evaluation_takes_floats_and_any_batch(device, no_tf32):
+    """evaluate_once (the benchmarks' t_F) is D(x; sigma) as the loop runs it, for a float or a
+    per-row sigma, at other batch sizes than the loop's (one CUDA graph per shape on CUDA)."""
+    den = make_denoiser(label_dim=3)
+    be = CompiledBackend(copy.deepcopy(den).to(device), SamplingPlan.build(num_steps=3),
+                         (4, 2, 5, 5), dtype=torch.float32, device=device, label_dim=3,
+                         compile=False, step_impl="torch")
+    for n in (4, 2, 4):
+        x = torch.randn(n, 2, 5, 5)
+        labels = nn.functional.one_hot(torch.arange(n) % 3, 3).float()
+        for sigma in (2.5, torch.linspace(0.5, 3.0, n)):
+            got = be.evaluate_once(x, sigma, labels).cpu()
+            want = den(x, torch.as_tensor(sigma).expand(n), labels)
+            assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.gpu
+def test_compile_modes_with_their_own_cuda_graphs_are_refused_inside_ours():
+    den = make_denoiser(label_dim=0).cuda()
+    with pytest.raises(ValueError, match="captures CUDA graphs of its own"):
+        CompiledBackend(den, SamplingPlan.build(num_steps=3), (2, 2, 5, 5), dtype=torch.float32,
+                        device="cuda", label_dim=0, compile_mode="reduce-overhead")
 
 
 def test_inductor_cpu_compile_matches_reference():
@@ -309,7 +351,7 @@ def test_auto_sampler_skips_and_survives_backends_that_cannot_serve_the_job(monk
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("S_churn, guidance", [(0.0, None), (30.0, None), (0.0, 2.0)])
-def test_cuda_graph_loop_matches_reference(S_churn, guidance):
+def test_cuda_graph_loop_matches_reference(S_churn, guidance, no_tf32):
     """On CUDA: torch.compile + Triton fused kernels + the whole loop as one CUDA graph."""
     from edm_fast.nets import build_net
 
@@ -317,8 +359,6 @@ def test_cuda_graph_loop_matches_reference(S_churn, guidance):
     den = Denoiser(build_net("tiny", label_dim=10, dropout=0.0), EDMPrecond()).eval().cuda()
     den_cpu64 = Denoiser(build_net("tiny", label_dim=10, dropout=0.0), EDMPrecond()).eval()
     den_cpu64.load_state_dict(den.state_dict())
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     s = Sampler(den, batch_size=8, num_steps=18, S_churn=S_churn, S_min=0.05, S_max=50,
                 guidance=guidance, device="cuda", backend="compiled")
     assert s.backend.graph is not None
@@ -363,12 +403,10 @@ def test_reference_loop_has_no_host_sync_on_cuda():
 
 @pytest.mark.parametrize("net_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("step_impl", ["torch", "triton"])
-def test_half_precision_network_error_within_twice_reference(net_dtype, step_impl):
+def test_half_precision_network_error_within_twice_reference(net_dtype, step_impl, no_tf32):
     """A bf16/fp16 network (float32 sampler state): the compiled backend's error against the
     float64 reference of the float32 network is at most twice the reference loop's own error
     with the same half-precision network (+1e-6 for float32 state rounding)."""
-    import copy
-
     den32 = make_denoiser(label_dim=3)
     den_half = copy.deepcopy(den32)
     den_half.model.to(net_dtype)
@@ -377,9 +415,10 @@ def test_half_precision_network_error_within_twice_reference(net_dtype, step_imp
     labels = nn.functional.one_hot(torch.arange(3), 3).float()
     ref64 = run_backend(ReferenceBackend, den32, plan, shape, torch.float64, labels, range(3))
     ref_half = run_backend(ReferenceBackend, den_half, plan, shape, torch.float32, labels,
-                           range(3))
+                           range(3), device=impl_device(step_impl))  # same device's half kernels
     fast_half = run_backend(CompiledBackend, den_half, plan, shape, torch.float32, labels,
-                            range(3), compile=False, step_impl=step_impl)
+                            range(3), device=impl_device(step_impl), compile=False,
+                            step_impl=step_impl)
     own = rel_err(ref_half, ref64)
     assert own > 1e-4  # the half-precision net really is less precise
     assert rel_err(fast_half, ref64) <= 2 * own + 1e-6

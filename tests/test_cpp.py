@@ -109,15 +109,6 @@ def models(tmp_path_factory):
     return ModelCache(str(tmp_path_factory.mktemp("cpp_models")))
 
 
-@pytest.fixture
-def no_tf32():
-    """Exact float32 convolutions on CUDA (cuDNN uses TF32 by default)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 # ------------------------------------------------------------------------------------------
 # Loading and the kill-switch (no extension needed).
 

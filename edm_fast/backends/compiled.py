@@ -72,6 +72,13 @@ class CompiledBackend:
         if compile and self.device.type == "cpu" and shutil.which("c++") is None \
                 and shutil.which("g++") is None:
             raise RuntimeError("torch.compile on the CPU needs a C++ compiler (c++/g++)")
+        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if use_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        if use_graph and compile and compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile_mode={compile_mode!r} captures CUDA graphs of its own, "
+                             "inside this backend's graph of the whole loop; use None or "
+                             "'max-autotune-no-cudagraphs', or cuda_graph=False")
         if compile:
             _allow_many_compiled_samplers()
         self.step_impl = self._pick_step_impl(step_impl)
@@ -94,11 +101,9 @@ class CompiledBackend:
         if compile_steps and self.step_impl == "torch":
             self._math = {k: torch.compile(f, dynamic=False) for k, f in self._math.items()}
         self._build_constants()
-        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        if use_graph and self.device.type != "cuda":
-            raise ValueError("cuda_graph=True needs a CUDA device")
         self.graph = None
         self._static_labels = None
+        self._eval_graphs: dict = {}
         if use_graph:
             self._capture()
         else:
@@ -197,19 +202,27 @@ class CompiledBackend:
         """Trigger compilation now, so that it counts as warm-up and not as the first call."""
         self._loop(*self._example_inputs())
 
+    def _graph_of(self, fn, *args):
+        """(graph, output) of ``fn(*args)`` captured on this backend's device: two warm-up runs
+        on a side stream first (compilation, autotuning and lazy initialisation stay outside the
+        capture). ``thread_local`` capture lets other threads (a server's) use CUDA meanwhile."""
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn(*args)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = fn(*args)
+        return graph, out
+
     @torch.no_grad()
     def _capture(self) -> None:
         self._static_latents, self._static_churn, self._static_labels = self._example_inputs()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile + autotune outside the capture
-                self._loop(self._static_latents, self._static_churn, self._static_labels)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._static_out = self._loop(self._static_latents, self._static_churn,
-                                          self._static_labels)
+        self.graph, self._static_out = self._graph_of(
+            self._loop, self._static_latents, self._static_churn, self._static_labels)
 
     # -- public ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,22 +231,27 @@ class CompiledBackend:
         loop runs it, with its inputs prepared beforehand (for benchmarks: t_F). In CUDA-graph
         mode it replays a graph of its own, so it is timed without the Python and launch costs
         the sampling graph does not pay either."""
+        x = x.to(self.device, self.dtype)
+        sigma = torch.as_tensor(sigma, dtype=self.dtype, device=self.device)
+        sigma = sigma.expand(x.shape[0]).contiguous() if sigma.ndim == 0 else sigma
         labels = self._labels_buffer(class_labels)
+        if labels is not None and labels.shape[0] != x.shape[0]:
+            labels = labels.expand(x.shape[0], -1) if labels.shape[0] == 1 else labels
         if self.graph is None:
             return lambda: self._evaluate_direct(x, sigma, labels)
-        if getattr(self, "_eval_graph", None) is None:
-            self._eval_in = [x.clone(), sigma.clone(), None if labels is None else labels.clone()]
-            self._eval_out = self._evaluate_direct(*self._eval_in)  # warm (already compiled)
-            self._eval_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._eval_graph):
-                self._eval_out = self._evaluate_direct(*self._eval_in)
-        for static, value in zip(self._eval_in, (x, sigma, labels)):
+        key = (tuple(x.shape), labels is not None)  # one graph per input shape
+        if key not in self._eval_graphs:
+            inputs = [x.clone(), sigma.clone(), None if labels is None else labels.clone()]
+            graph, out = self._graph_of(self._evaluate_direct, *inputs)
+            self._eval_graphs[key] = (graph, inputs, out)
+        graph, inputs, out = self._eval_graphs[key]
+        for static, value in zip(inputs, (x, sigma, labels)):
             if static is not None:
                 static.copy_(value)
 
         def replay():
-            self._eval_graph.replay()
-            return self._eval_out
+            graph.replay()
+            return out
         return replay
 
     def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
@@ -260,13 +278,14 @@ class CompiledBackend:
             churn = churn_noise.to(self.device, self.dtype) if k else None
             return self._loop(latents.to(self.device, self.dtype), churn,
                               self._labels_buffer(class_labels))
-        self._static_latents.copy_(latents)
-        if k:
-            self._static_churn.copy_(churn_noise)
-        if self._static_labels is not None:
-            self._static_labels.copy_(class_labels if class_labels is not None else 0)
-        self.graph.replay()
-        return self._static_out.clone()
+        with torch.cuda.device(self.device):
+            self._static_latents.copy_(latents)
+            if k:
+                self._static_churn.copy_(churn_noise)
+            if self._static_labels is not None:
+                self._static_labels.copy_(class_labels if class_labels is not None else 0)
+            self.graph.replay()
+            return self._static_out.clone()
 
 
 def _noise_dtype(net_dtype):

@@ -91,9 +91,14 @@ class _Evaluation:
         where = "cuda" if device.type == "cuda" else "cpu"
         index = ((device.index if device.index is not None else torch.cuda.current_device())
                  if device.type == "cuda" else 0)
-        inputs = (self.x, self.sigma) + ((labels,) if labels is not None else ())
+        inputs = {"x": self.x, "sigma": self.sigma, "class_labels": labels}
         self.binding = session.io_binding()
-        for spec, t in zip(session.get_inputs(), inputs):
+        for spec in session.get_inputs():  # by name, as export_onnx names them
+            t = inputs.get(spec.name)
+            if t is None:
+                raise ValueError(f"the ONNX model has an input {spec.name!r} that the sampler "
+                                 "cannot feed (expected x, sigma and, for a conditional model, "
+                                 "class_labels)")
             self.binding.bind_input(spec.name, where, index, float32, tuple(t.shape),
                                     t.data_ptr())
         self.binding.bind_output(OUTPUT_NAME, where, index, float32, tuple(self.out.shape),
