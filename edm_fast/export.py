@@ -18,8 +18,10 @@ label normalisation), which would specialise the batch; ``ExportableDenoiser`` b
 such branches.
 
 Every exported file carries ``edm_fast.*`` metadata (label_dim, sample_shape, dtype, device,
-precond, batch) that the C++ loader (csrc/denoiser_runner.cpp) checks inputs against: in the
-AOTInductor package's metadata, or in the TorchScript extra file ``edm_fast_metadata.txt``.
+precond, sigma_min/sigma_max of the preconditioning, batch) that the C++ loader
+(csrc/denoiser_runner.cpp) checks inputs against and the standalone sampler clips its schedule
+to: in the AOTInductor package's metadata, or in the TorchScript extra file
+``edm_fast_metadata.txt``.
 """
 
 from __future__ import annotations
