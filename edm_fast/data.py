@@ -66,6 +66,8 @@ class ArrayDataset(Dataset):
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, *, name: str,
                  class_names: list[str] | None = None, transform=None):
+        if len(data) == 0:  # the first-sample probe below would raise a bare IndexError
+            raise ValueError(f"{name}: no samples")
         self.data = data
         self.labels = (torch.zeros(len(data), dtype=torch.int64) if labels is None
                        else torch.as_tensor(labels, dtype=torch.int64))
@@ -217,6 +219,8 @@ def load_mnist(path, *, split: str = "train", pad_to: int | None = None,
         img_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
         lab_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
         img, lab = read_idx(img_path, ndim=3), read_idx(lab_path, ndim=1)
+        if len(img) == 0:  # a valid header with 0 images: say so, not an IndexError later
+            raise ValueError(f"{img_path}: holds no images (header dims {img.shape})")
         if len(img) != len(lab):
             raise ValueError(f"{img_path} has {len(img)} images but {lab_path} has "
                              f"{len(lab)} labels")
@@ -232,14 +236,38 @@ def load_mnist(path, *, split: str = "train", pad_to: int | None = None,
 # Image folder: root/<label>/<file>.{jpg,jpeg,png,bmp,webp}.
 
 
+# Greyscale modes wider than 8 bits. Pillow opens a 16-bit greyscale PNG as 'I;16' (or
+# 'I;16B'/'I;16L'), and older Pillow as 'I' (32-bit int); none of IMAGE_EXTENSIONS decodes to
+# 'I' otherwise, so 'I' holds 16-bit data too. 'F' (float) has no bit depth: like Pillow's own
+# convert('L') its values are taken as 8-bit levels.
+_WIDE_GREY_SCALE = {"I;16": 257.0, "I;16B": 257.0, "I;16L": 257.0, "I": 257.0, "F": 1.0}
+
+
+def _wide_grey_to_8bit(im):
+    """A 16-bit / float greyscale image -> 'L' (or 'LA' with a transparency key).
+
+    The scale comes from the mode, never from the pixel values: 0..65535 maps onto 0..255
+    (divide by 257) for every image, so levels stay monotonic across images and a dark 16-bit
+    image stays dark (scaling by each image's own maximum did neither).
+    """
+    from PIL import Image
+
+    raw = np.asarray(im)
+    grey = Image.fromarray((raw.astype(np.float64) / _WIDE_GREY_SCALE[im.mode])
+                           .clip(0, 255).round().astype(np.uint8))
+    key = im.info.get("transparency")
+    if isinstance(key, (int, float)):  # a tRNS grey level: keep it as alpha, composited below
+        alpha = Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8))
+        grey = Image.merge("LA", (grey, alpha))
+    return grey
+
+
 def _to_mode(im, channels: int):
     """Any Pillow image -> 'RGB' (channels=3) or 'L' (channels=1); alpha composited on white."""
     from PIL import Image
 
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale
-        arr = np.asarray(im, dtype=np.float64)
-        arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
-        im = Image.fromarray(arr.clip(0, 255).round().astype(np.uint8))
+    if im.mode in _WIDE_GREY_SCALE:
+        im = _wide_grey_to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
@@ -288,11 +316,15 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     found = {d.name: sorted(p for p in d.rglob("*") if is_image(p)) for d in subdirs}
     class_names = [name for name in found if found[name]]
+    loose = sum(1 for p in root.iterdir() if is_image(p))  # they have no class folder
     if not class_names:
-        loose = sum(1 for p in root.iterdir() if is_image(p))
         hint = f" ({loose} images lie directly in it: move them into subfolders)" if loose else ""
         raise ValueError(f"{root}: no class subfolders with images "
                          f"({', '.join(IMAGE_EXTENSIONS)}){hint}; expected {_FOLDER_LAYOUT}")
+    if loose:  # the labels come from the subfolders, so a loose image has none: say so once
+        warnings.warn(f"{root}: skipped {loose} image file(s) lying directly in the folder, "
+                      f"outside any class subfolder (so without a label); expected "
+                      f"{_FOLDER_LAYOUT}", stacklevel=3)
     for name in found:
         if not found[name]:
             warnings.warn(f"{root / name}: no images, folder ignored", stacklevel=3)
@@ -584,11 +616,19 @@ class BatchStream:
     a DataLoader whose workers decode ahead; state_dict() still describes the batches handed
     out, so a resumed run continues with exactly the batches it would have seen. (Files a worker
     finds unreadable are reported by its warnings but not added to the main dataset's skipped.)
+
+    Neither path touches the global torch RNG: the DataLoader draws its workers' base seed from
+    its own generator, seeded from (seed, rank, epoch, position) where it starts, so creating
+    it (first batch, or again after load_state_dict) cannot shift the training noise of a
+    resumed run. The datasets here draw no random numbers, so workers yield exactly the
+    batches num_workers=0 does.
     """
 
     def __init__(self, dataset, batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, num_workers: int = 0,
                  pin_memory: bool = False):
+        if num_workers < 0:  # DataLoader's own message does not say which option is wrong
+            raise ValueError(f"workers must be >= 0, got num_workers={num_workers}")
         self.dataset = dataset
         self.sampler = InfiniteSampler(len(dataset), batch_size, seed=seed, rank=rank,
                                        world_size=world_size, drop_last=drop_last)
@@ -606,12 +646,25 @@ class BatchStream:
             self._state = self.sampler.state_dict()
             return batch
         if self._loader_iter is None:
-            self._loader_iter = iter(DataLoader(
-                self.dataset, batch_sampler=self._index_batches(), num_workers=self.num_workers,
-                collate_fn=_collate, pin_memory=self.pin_memory))
+            self._loader_iter = self._start_loader()
         batch = next(self._loader_iter)
         self._state = self._pending.popleft()
         return batch
+
+    def _start_loader(self):
+        """An iterator over a DataLoader fed by _index_batches from the sampler's position.
+
+        iter(DataLoader) draws the workers' base seed from `generator`, or from the global torch
+        RNG when there is none: that draw would consume the training noise's RNG each time the
+        loader is (re)created, so a resumed run would diverge. Its own generator, seeded from
+        where the loader starts, keeps the global RNG untouched and the workers' seeds fixed.
+        """
+        s = self.sampler
+        mixed = np.random.SeedSequence([s.seed, s.rank, s.epoch, s.position, 0x10AD])
+        gen = torch.Generator().manual_seed(int(mixed.generate_state(1, np.uint64)[0]) >> 1)
+        return iter(DataLoader(
+            self.dataset, batch_sampler=self._index_batches(), num_workers=self.num_workers,
+            collate_fn=_collate, pin_memory=self.pin_memory, generator=gen))
 
     def _index_batches(self):
         """Index lists for the DataLoader; remembers the sampler state after each one."""

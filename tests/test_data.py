@@ -76,6 +76,12 @@ def test_idx_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-images"):
         data.load_mnist(tmp_path)  # a folder without MNIST files
 
+
+def test_mnist_without_images_names_the_file(tmp_path):
+    write_mnist(tmp_path, np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))  # valid, empty
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte: holds no images"):
+        data.load_mnist(tmp_path)
+
 #----------------------------------------------------------------------------
 # Image folders.
 
@@ -148,6 +154,52 @@ def test_image_folder_errors(tmp_path):
         data.load_dataset(str(flat))
     with pytest.raises(ValueError, match="cannot parse"):
         data.load_dataset("toyy:gmm")
+
+
+def test_16bit_png_scaled_by_bit_depth_not_content(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "grey").mkdir()
+    levels = [0, 255, 256, 257 * 100, 40000, 65535]  # 16-bit values; 8-bit expected = v / 257
+    for i, v in enumerate(levels):
+        path = tmp_path / "grey" / f"{i}.png"
+        Image.fromarray(np.full((8, 8), v, np.uint16)).save(path)
+        with Image.open(path) as im:  # a real 16-bit PNG, opened in a 16-bit mode
+            assert im.mode in ("I;16", "I;16B", "I;16L", "I") and np.asarray(im).max() == v
+    for channels in (1, 3):
+        ds = data.ImageFolderDataset(tmp_path, resolution=8, channels=channels, progress=False)
+        got = [int(ds.data[i].max()) for i in range(len(levels))]  # uint8 cache, in file order
+        assert got == [round(v / 257) for v in levels] == [0, 1, 1, 100, 156, 255]
+        assert all(ds.data[i].min() == ds.data[i].max() for i in range(len(levels)))
+    dark = Image.fromarray(np.linspace(0, 1000, 64, dtype=np.uint16).reshape(8, 8))
+    assert np.asarray(data._to_mode(dark, 1)).max() == 4  # a dark image stays dark
+    as_int32 = Image.fromarray(np.full((8, 8), 257 * 100, np.int32))  # older Pillow: mode 'I'
+    assert as_int32.mode == "I" and np.asarray(data._to_mode(as_int32, 1)).max() == 100
+    keyed = np.zeros((8, 8), np.uint16)
+    keyed[0] = 5
+    Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=5)  # tRNS grey key
+    with Image.open(tmp_path / "keyed.png") as im:
+        out = np.asarray(data._to_mode(im, 1))
+    assert (out[0] == 255).all() and (out[1:] == 0).all()  # transparent -> white background
+
+
+def test_image_folder_warns_about_loose_images(tmp_path):
+    from PIL import Image
+
+    make_image_folder(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.ImageFolderDataset(tmp_path, resolution=8, progress=False)
+    assert not any("directly" in str(w.message) for w in caught)
+    for name in ("loose1.png", "loose2.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "readme.txt").write_text("not an image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.ImageFolderDataset(tmp_path, resolution=8, progress=False)
+    loose = [str(w.message) for w in caught if "directly" in str(w.message)]
+    assert len(loose) == 1 and "skipped 2 image" in loose[0] and "<label>" in loose[0]
+    assert len(ds) == 6 and ds.class_names == ["cat", "dog"]
 
 #----------------------------------------------------------------------------
 # scikit-learn digits (real data).
@@ -262,3 +314,45 @@ def test_resume_with_workers_matches_in_process(tmp_path):
     resumed.load_state_dict(state)
     for (x, y), (xr, yr) in zip(first + [next(resumed) for _ in range(3)], batches):
         assert torch.equal(x, xr) and torch.equal(y, yr)
+
+
+def _tiny_images(n=24):
+    """Small uint8 images resized and converted on access, like MNIST with a transform."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=gen)
+    return data.ArrayDataset(x, torch.arange(n) % 3, name="tiny", class_names=["a", "b", "c"],
+                             transform=data._fitter(pad_to=None, resolution=6, channels=3))
+
+
+def test_workers_leave_global_rng_alone_and_match_in_process():
+    ds = _tiny_images()
+    ref = data.infinite_loader(ds, 4, seed=5)
+    expected = [next(ref) for _ in range(8)]  # crosses the epoch boundary (6 batches/epoch)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    w = data.infinite_loader(ds, 4, seed=5, num_workers=2)
+    got = [next(w) for _ in range(8)]
+    assert torch.equal(torch.get_rng_state(), before)  # creating/iterating drew nothing
+    for (x, y), (xw, yw) in zip(expected, got):
+        assert xw.shape == (4, 3, 6, 6) and torch.equal(x, xw) and torch.equal(y, yw)
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        data.infinite_loader(ds, 4, seed=5, num_workers=-1)
+
+
+def test_resume_with_workers_is_bit_exact():
+    ds = _tiny_images()
+    torch.manual_seed(0)  # uninterrupted run: a batch, then training noise, each step
+    full = data.infinite_loader(ds, 4, seed=9, num_workers=2)
+    steps, saved = [], None
+    for i in range(7):
+        if i == 4:  # a checkpoint mid-epoch: stream and RNG state
+            saved = full.state_dict(), torch.get_rng_state()
+        x, y = next(full)
+        steps.append((x, y, torch.randn(3)))
+    resumed = data.infinite_loader(ds, 4, seed=9, num_workers=2)
+    resumed.load_state_dict(saved[0])
+    torch.set_rng_state(saved[1])
+    for x, y, noise in steps[4:]:
+        xr, yr = next(resumed)
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+        assert torch.equal(noise, torch.randn(3))  # the loader's start did not shift the noise
