@@ -1,6 +1,6 @@
 """EDM versus DDPM, measured: sample quality against NFE on real data and on a 2-D toy mixture.
 
-    python bench/compare_edm_ddpm.py --bundled-logs /work/bundled   # full run, ~40 min on 1 core
+    python bench/compare_edm_ddpm.py --bundled-logs /work/bundled   # full run, ~24 min, 1 thread
     python bench/compare_edm_ddpm.py --quick --out /tmp/cmp          # smoke test, ~2 min
 
 Digits: the two bundled models, ``load_denoiser('default')`` (EDM) and ``'default-ddpm'``
@@ -13,7 +13,14 @@ NOT Inception-FID) and the classifier accuracy of class-conditional samples (lab
 Toy: EDM and DDPM versions of the 'toy-mlp' net trained here with ``edm_fast.train`` on the 2-D
 ring mixture (same net, data, batch, optimiser and budget), plus the mixture's exact denoiser,
 which isolates the sampler from training error. Scores: sliced W2 to fresh true samples and
-the mean exact log-likelihood under the true mixture.
+the mean exact log-likelihood under the true mixture. Toy nets already in --work are reused
+only when their checkpoint metadata (the TrainConfig under meta['train']) shows the same data,
+net, loss, budget, batch, lr and seed as this run asks for, trained to the end; otherwise the
+script refuses before doing anything. The reports state the budget read from the checkpoints.
+--quick trains into its own default --work (runs/compare-toy-quick) for that reason.
+
+The full run took 23.6 min on one CPU thread (13.5 min toy, training both toy nets included;
+10 min digits), the trajectory pictures 36 s more (docs/COMPARISON.md).
 
 Every (net, sampler, NFE) row is scored on --repeats disjoint seed sets of --samples seeds and
 reported as mean ± standard error. Outputs (in --out): {digits,toy}_table.md,
@@ -25,7 +32,10 @@ loss_curves.png and the trajectory pictures trajectories_1d.{gif,png}, trajector
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +44,8 @@ import torch
 from edm_fast.compare import (
     DigitsScorer,
     ToyScorer,
+    check_reference_size,
+    check_report_folder,
     compare,
     find_row,
     paired_difference,
@@ -78,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--toy-samples", type=int, default=4000, help="toy samples per seed set")
     p.add_argument("--repeats", type=int, default=4, help="seed sets per row (for the SE)")
     p.add_argument("--out", default="docs/figures", help="folder for tables, plots, JSON")
-    p.add_argument("--work", default="runs/compare-toy", help="folder for the toy training runs")
+    p.add_argument("--work", default=None,
+                   help="folder for the toy training runs and saved rows (default: "
+                   "runs/compare-toy, or runs/compare-toy-quick with --quick)")
     p.add_argument("--toy-kimg", type=float, default=2048.0, help="toy training budget (kimg)")
     p.add_argument("--toy-batch", type=int, default=512, help="toy training batch")
     p.add_argument("--bundled-logs", default=None, metavar="DIR",
@@ -88,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replot", action="store_true",
                    help="only rewrite the reports from the rows saved in --work by a past run")
     args = p.parse_args(argv)
+    if args.work is None:
+        args.work = "runs/compare-toy-quick" if args.quick else "runs/compare-toy"
     if args.quick:
         args.samples, args.toy_samples, args.repeats = 32, 256, 2
         args.toy_kimg = min(args.toy_kimg, 51.2)
@@ -139,27 +155,103 @@ def run_digits(args, out: Path) -> None:
              f"reference, so that row is optimistic, the pooled one most. Classifier holdout "
              f"accuracy {scorer.classifier.holdout_accuracy:.3f}. Time = all sets, 1 CPU thread. "
              f"Paired differences (same seeds):\n\n{headlines(rows, scorer)}")
+    bias = scorer.bias_note(args.samples, args.repeats)
+    if bias:
+        notes = f"Warning: {bias}\n\n{notes}"
     write_report(rows, scorer, out, "digits", reference=ref, notes=notes,
                  title="Digits 16x16: bundled EDM vs DDPM nets (same net, data, budget)")
     print(f"[digits] done in {time.perf_counter() - start:.0f} s")
 
 
+TOY_LOSSES = ("edm", "ddpm")
+# TrainConfig fields that must agree for a toy checkpoint in --work to be reused
+REUSE_KEYS = ("data", "preset", "loss", "kimg", "batch", "lr", "seed")
+
+
+def toy_config(args, loss: str, run: Path):
+    """The TrainConfig of one toy net: the same for EDM and DDPM but for the loss."""
+    from edm_fast.train import TrainConfig
+
+    return TrainConfig(data="toy:gmm2d", preset="toy-mlp", loss=loss, kimg=args.toy_kimg,
+                       batch=args.toy_batch, lr=1e-3, seed=0, out=str(run), progress=False,
+                       ckpt_every_kimg=1e9, sample_every_kimg=0)
+
+
+def reuse_mismatch(meta: dict, cfg) -> str:
+    """Why a checkpoint (its metadata) is not the net that ``cfg`` would train, or '' when it is:
+    the same REUSE_KEYS in meta['train'], and trained to the end of the budget."""
+    saved = meta.get("train")
+    if not isinstance(saved, dict):
+        return "its metadata records no training config"
+    wanted = dataclasses.asdict(cfg)
+    diffs = [f"{k}={saved.get(k)!r} (this run: {wanted[k]!r})" for k in REUSE_KEYS
+             if saved.get(k) != wanted[k]]
+    steps = math.ceil(cfg.kimg * 1000 / cfg.batch)  # train()'s step count for this budget
+    if not diffs and meta.get("step") != steps:
+        diffs.append(f"it stopped at step {meta.get('step')} of {steps}")
+    return ", ".join(diffs)
+
+
+def _toy_meta(run: Path) -> dict | None:
+    """The metadata of the newest checkpoint in a toy run folder, or None when it has none."""
+    from edm_fast.checkpoints import latest_checkpoint, read_checkpoint
+
+    latest = latest_checkpoint(run)
+    return None if latest is None else read_checkpoint(latest, prefixes=())[1]
+
+
+def check_toy_work(args, work: Path) -> list[str]:
+    """One message per toy checkpoint in ``work`` that this run would reuse but must not: it
+    was trained with another budget or config (reusing it would report the wrong budget)."""
+    from edm_fast.checkpoints import CheckpointError
+
+    problems = []
+    for loss in TOY_LOSSES:
+        run = work / loss
+        try:
+            meta = _toy_meta(run)
+        except CheckpointError as exc:
+            problems.append(f"cannot reuse the toy net in {run}: {exc}")
+            continue
+        why = None if meta is None else reuse_mismatch(meta, toy_config(args, loss, run))
+        if why:
+            problems.append(f"{run} holds a toy net that does not match this run: {why}; "
+                            f"delete {run}, pass another --work, or match --toy-kimg and "
+                            f"--toy-batch to it")
+    return problems
+
+
+def trained_budget(work: Path) -> str:
+    """The budget the toy nets in ``work`` were actually trained with, from their checkpoints."""
+    found = {}
+    for loss in TOY_LOSSES:
+        meta = _toy_meta(work / loss)
+        if meta is not None and isinstance(meta.get("train"), dict):
+            found[loss] = (f"{meta['step'] * meta['train']['batch'] / 1000:g} kimg "
+                           f"({meta['step']} steps at batch {meta['train']['batch']})")
+    if not found:
+        return f"toy nets: training budget unknown (no checkpoints in {work})"
+    if len(set(found.values())) == 1 and len(found) == len(TOY_LOSSES):
+        return f"toy nets trained for {next(iter(found.values()))}"
+    return "toy nets trained for " + ", ".join(f"{v} ({k})" for k, v in found.items())
+
+
 def train_toy(args, work: Path) -> dict:
-    """EDM and DDPM toy-mlp nets on the 2-D ring mixture, same everything but the loss."""
+    """EDM and DDPM toy-mlp nets on the 2-D ring mixture, same everything but the loss. Nets
+    already in ``work`` are reused; ``check_toy_work`` has made sure they match this run."""
     from edm_fast.models import load_denoiser
-    from edm_fast.train import TrainConfig, train
+    from edm_fast.train import train
 
     models = {}
-    for loss in ("edm", "ddpm"):
+    for loss in TOY_LOSSES:
         run = work / loss
-        if not any(run.glob("ckpt-*.safetensors")):
-            cfg = TrainConfig(data="toy:gmm2d", preset="toy-mlp", loss=loss, kimg=args.toy_kimg,
-                              batch=args.toy_batch, lr=1e-3, seed=0, out=str(run),
-                              progress=False, ckpt_every_kimg=1e9, sample_every_kimg=0)
+        if _toy_meta(run) is None:
             t0 = time.perf_counter()
-            summary = train(cfg)
+            summary = train(toy_config(args, loss, run))
             print(f"[toy] trained {loss}: {summary['steps']} steps, final loss "
                   f"{summary['final_loss']:.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
+        else:
+            print(f"[toy] reusing the {loss} net in {run}", flush=True)
         models[loss] = load_denoiser(run)
     return models
 
@@ -179,8 +271,8 @@ def run_toy(args, out: Path, work: Path) -> None:
                        repeats=args.repeats, batch=args.toy_samples, keep=1000,
                        log=lambda s: print("[toy]", s, flush=True))
         torch.save(rows, work / "toy_rows.pt")
-    notes = (f"{args.toy_samples} samples x {args.repeats} seed sets per row; toy nets trained "
-             f"for {args.toy_kimg:g} kimg at batch {args.toy_batch}; 'exact' = the mixture's "
+    notes = (f"{args.toy_samples} samples x {args.repeats} seed sets per row; "
+             f"{trained_budget(work)}; 'exact' = the mixture's "
              f"closed-form denoiser. Paired differences (same seeds):\n\n"
              f"{headlines(rows, scorer)}")
     write_report(rows, scorer, out, "toy", reference=ref, mixture=mixture, notes=notes,
@@ -257,10 +349,33 @@ def plot_loss_curves(panels: dict[str, dict[str, Path]], path: Path) -> None:
     plt.close(fig)
 
 
+def preflight(args, out: Path, work: Path) -> list[str]:
+    """Everything that can be checked before the first minute of training or sampling: the
+    output folder, the real digits the digits reference needs, and the toy nets in --work."""
+    problems = []
+    parts = {"toy": ("toy",), "digits": ("digits",), "all": ("toy", "digits")}.get(args.only, ())
+    checks = [lambda part=part: check_report_folder(out, part) for part in parts or (None,)]
+    if "digits" in parts:
+        checks.append(lambda: check_reference_size(args.samples, args.repeats))
+    for check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            problems.append(str(exc))
+    if "toy" in parts and not args.replot:
+        problems += check_toy_work(args, work)
+    return problems
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     out, work = Path(args.out), Path(args.work)
+    problems = preflight(args, out, work)
+    for problem in problems:
+        print(f"compare_edm_ddpm.py: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.only in ("toy", "all"):

@@ -20,7 +20,9 @@ Scores (``Scorer``):
   all 1797 real digits, plus the accuracy of that classifier on class-conditional samples. This is
   a *feature-space FD for 16x16 digits*, NOT Inception-FID: its values are not comparable with
   published FIDs, and like FID it is biased upwards at small sample counts, so only runs with the
-  same number of samples are compared.
+  same number of samples are compared. Below 64 samples per seed set (the feature dimension)
+  the fitted covariance is singular and the bias dominates, real data included: ``compare``
+  warns, and ``Scorer.bias_note`` gives the note for the report.
 - 2-D toy mixture: the sliced 2-Wasserstein distance to as many fresh true samples, and the mean
   exact log-likelihood log p(x) of the samples under the true mixture (``GaussianMixture``). The
   latter rewards mode-seeking too (samples piled on the means score above true samples), so it
@@ -34,7 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +67,8 @@ __all__ = [
     "RunSpec",
     "Scorer",
     "ToyScorer",
+    "check_reference_size",
+    "check_report_folder",
     "compare",
     "find_row",
     "format_table",
@@ -70,6 +76,7 @@ __all__ = [
     "paired_difference",
     "plot_quality_vs_nfe",
     "plot_sample_sheet",
+    "real_digit_labels",
     "reference_row",
     "runs_for",
     "sample_at_nfe",
@@ -77,6 +84,8 @@ __all__ = [
     "steps_for_nfe",
     "write_report",
 ]
+
+REPORT_FILES = ("table.md", "quality_vs_nfe.png", "samples.png", "results.json")
 
 SAMPLER_NAMES = ("edm_heun", "edm_euler", "edm_churn", "ddpm", "ddim")
 SECOND_ORDER = ("edm_heun", "edm_churn")
@@ -179,6 +188,26 @@ class Scorer:
     yscales: ClassVar[dict[str, str]] = {}  # matplotlib y-scale per metric (default linear)
     shape: tuple[int, ...] = ()
     num_classes = 0
+    feature_dim = 0  # dimension of the features a Frechet distance is taken in (0: no FD)
+
+    def check_sizes(self, samples: int, repeats: int) -> None:
+        """Raise ValueError, before any sampling, for sizes this scorer cannot score."""
+        if samples < 1 or repeats < 1:
+            raise ValueError(f"need >= 1 sample and >= 1 seed set, got {samples} and {repeats}")
+
+    def bias_note(self, samples: int, repeats: int) -> str:
+        """A warning for the report when ``samples`` per seed set is below the feature
+        dimension: the fitted covariance then has rank < dimension, and the FD (the real-data
+        floor included) is dominated by small-sample bias; empty otherwise."""
+        if not self.feature_dim or samples >= self.feature_dim:
+            return ""
+        pooled = samples * repeats
+        also = ("is less affected" if pooled >= self.feature_dim else "is affected as well")
+        return (f"{samples} samples per seed set is fewer than the {self.feature_dim} "
+                f"feature dimensions, so the fitted covariance is singular and the FD values "
+                f"(the real-data floor included) are dominated by small-sample bias, not by "
+                f"sample quality; fd_pooled over all {pooled} samples {also}. Use at least "
+                f"{self.feature_dim} samples per seed set.")
 
     def labels(self, seeds: Sequence[int]) -> torch.Tensor | None:
         """Class labels for conditional sampling (seed mod num_classes), else None."""
@@ -214,6 +243,10 @@ class DigitsScorer(Scorer):
     yscales: ClassVar[dict[str, str]] = {"fd": "log"}
     num_classes = 10
 
+    @property
+    def feature_dim(self) -> int:
+        return self.classifier.head.in_features
+
     def __init__(self, classifier: DigitsClassifier | None = None, resolution: int = 16):
         self.classifier = classifier or DigitsClassifier.fit(resolution)
         self.shape = (1, self.classifier.resolution, self.classifier.resolution)
@@ -224,6 +257,12 @@ class DigitsScorer(Scorer):
     @torch.no_grad()
     def _stats(self, images: torch.Tensor):
         return feature_stats(self.classifier.features(images.float().cpu()))
+
+    def check_sizes(self, samples, repeats):
+        if samples < 2:
+            raise ValueError(f"the feature FD needs >= 2 samples per seed set, got {samples}")
+        super().check_sizes(samples, repeats)
+        check_reference_size(samples, repeats, self.real_labels, self.num_classes)
 
     def fd(self, images: torch.Tensor) -> float:
         """FD between DigitsClassifier features of ``images`` and of all real digits."""
@@ -258,6 +297,56 @@ class DigitsScorer(Scorer):
     def reference_pooled(self, n):
         idx = self._stratified(self.labels(range(n)), torch.Generator().manual_seed(999))
         return self.pooled(self.real[idx], None)
+
+
+def real_digit_labels() -> torch.Tensor:
+    """Labels of the 1797 real digits that the digits reference draws from, without fitting the
+    classifier (seconds faster than ``DigitsScorer()``): for checks before anything is loaded."""
+    from .data import load_digits
+
+    return load_digits(8).labels
+
+
+def check_reference_size(samples: int, repeats: int, real_labels: torch.Tensor | None = None,
+                         num_classes: int = 10) -> None:
+    """Raise ValueError unless the class-balanced real-data reference can be drawn: the pooled
+    row takes ``samples * repeats`` distinct real digits with labels seed mod ``num_classes``
+    (seeds 0, 1, ...), so class c needs about samples * repeats / num_classes of them."""
+    if real_labels is None:
+        real_labels = real_digit_labels()
+    counts = torch.bincount(real_labels, minlength=num_classes).tolist()
+    total = samples * repeats
+    # seeds 0..n-1 hold ceil((n - c) / num_classes) of class c: n <= num_classes * count_c + c
+    limit = min(num_classes * k + c for c, k in enumerate(counts))
+    if total <= limit:
+        return
+    need = [len(range(c, total, num_classes)) for c in range(num_classes)]
+    c = next(c for c in range(num_classes) if need[c] > counts[c])
+    raise ValueError(f"{samples} samples x {repeats} repeats = {total} samples need "
+                     f"{need[c]} real digits of class {c} for the class-balanced real-data "
+                     f"reference, but there are only {counts[c]}; keep samples x repeats "
+                     f"<= {limit}")
+
+
+def check_report_folder(out, prefix: str | None = None) -> Path:
+    """Raise ValueError now, before any sampling, if ``write_report`` could not write its files
+    into the folder ``out``: a file in its place, a file among its parents, a folder where a
+    {prefix}_* report file goes, or no write permission. Missing folders are fine (they are
+    created, as ``write_report`` does)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder")
+    for name in REPORT_FILES if prefix else ():
+        if (out / f"{prefix}_{name}").is_dir():
+            raise ValueError(f"--out {out}: {prefix}_{name} there is a folder, not a file")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot create --out {out}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write --out {out}: {ancestor} is not a writable folder")
+    return out
 
 
 class ToyScorer(Scorer):
@@ -332,7 +421,14 @@ class Row:
 def compare(models: dict, runs: Sequence[RunSpec], scorer: Scorer, *, samples: int,
             repeats: int, batch: int = 256, churn: dict | None = None, keep: int = 40,
             log: Callable[[str], None] | None = print) -> list[Row]:
-    """Score every RunSpec on ``repeats`` disjoint seed sets of ``samples`` seeds each."""
+    """Score every RunSpec on ``repeats`` disjoint seed sets of ``samples`` seeds each.
+
+    The sizes are checked first (``Scorer.check_sizes``), and a warning is given when the FD
+    would be dominated by small-sample bias (``Scorer.bias_note``)."""
+    scorer.check_sizes(samples, repeats)
+    note = scorer.bias_note(samples, repeats)
+    if note:
+        warnings.warn(note, stacklevel=2)
     rows = []
     for spec in runs:
         row, start, pool = Row(spec), time.perf_counter(), []
@@ -546,8 +642,8 @@ def write_report(rows: Sequence[Row], scorer: Scorer, out, prefix: str, *, refer
     {prefix}_results.json (raw per-repeat scores) into ``out``; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"table": out / f"{prefix}_table.md", "plot": out / f"{prefix}_quality_vs_nfe.png",
-             "samples": out / f"{prefix}_samples.png", "json": out / f"{prefix}_results.json"}
+    paths = dict(zip(("table", "plot", "samples", "json"),
+                     (out / f"{prefix}_{name}" for name in REPORT_FILES)))
     table = format_table(rows, scorer, reference=reference)
     paths["table"].write_text((f"## {title}\n\n" if title else "") + table
                               + (f"\n{notes}\n" if notes else ""))

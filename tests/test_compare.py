@@ -1,7 +1,13 @@
 """edm_fast.compare and edm_fast.trajectories: NFE bookkeeping, seed-paired sampling, scores,
 a small EDM-versus-DDPM comparison on the exact toy denoiser, and the written reports."""
 
+import dataclasses
+import importlib.util
 import math
+import os
+import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ from edm_fast.compare import (
     DigitsScorer,
     RunSpec,
     ToyScorer,
+    check_reference_size,
     compare,
     find_row,
     format_table,
@@ -167,3 +174,169 @@ def test_trajectories_record_every_state_and_draw(tmp_path):
     ring = ring_mixture_2d()
     traj2 = record_trajectories(ring.as_denoiser(), "edm_heun", 7, range(100), 2)
     assert plot_frames_2d(ring, [traj2], tmp_path / "f.png", levels=(80, 1, 0), dpi=40).exists()
+
+
+#----------------------------------------------------------------------------
+# Input checks before any sampling, the small-sample warning, the bench's toy-net reuse.
+
+
+def _no_heavy_work(monkeypatch):
+    """Make model loading, classifier fitting and sampling fail loudly if they are reached."""
+    import edm_fast.compare
+    import edm_fast.models
+
+    def reached(*_, **__):
+        raise AssertionError("loaded, fitted or sampled before the error")
+
+    monkeypatch.setattr(edm_fast.compare, "sample_at_nfe", reached)
+    monkeypatch.setattr(edm_fast.models, "load_denoiser", reached)
+    monkeypatch.setattr(DigitsClassifier, "fit", reached)
+
+
+COMPARE_MISTAKES = {
+    "too few real digits": (["--samples", "900", "--repeats", "2"],
+                            "need 180 real digits of class 0"),
+    "pooled size": (["--samples", "1749", "--repeats", "1"], "keep samples x repeats <= 1748"),
+    "out is a file": (["--out", "{tmp}/afile"], "is an existing file, not a folder"),
+    "out under a file": (["--out", "{tmp}/afile/sub"], "afile is a file, not a folder"),
+    "report file is a folder": (["--out", "{tmp}"], "digits_table.md there is a folder"),
+    "one sample": (["--samples", "1"], "--samples must be >= 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPARE_MISTAKES))
+def test_compare_command_checks_inputs_before_sampling(tmp_path, case, capsys, monkeypatch):
+    """`edm-fast compare` rejects what would fail after minutes of sampling at once, with the
+    CLI's one-line error and exit code 2, before loading models or fitting the classifier."""
+    from edm_fast.cli import main
+
+    args, message = COMPARE_MISTAKES[case]
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "digits_table.md").mkdir()
+    _no_heavy_work(monkeypatch)
+    start = time.perf_counter()
+    code = main(["compare", *(a.format(tmp=tmp_path) for a in args)])
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("edm-fast compare: error: ")
+    assert message in err[-1]
+    assert seconds < 10  # the digits' labels only: no sampling (minutes), no classifier fit
+
+
+def test_compare_command_rejects_an_unwritable_out(tmp_path, capsys, monkeypatch):
+    """A folder without write permission (faked for os.access: root may write anywhere)."""
+    from edm_fast.cli import main
+
+    locked, real_access = tmp_path / "locked", os.access
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked
+                        and real_access(path, mode))
+    _no_heavy_work(monkeypatch)
+    assert main(["compare", "--out", str(locked / "report")]) == 2
+    assert "locked is not a writable folder" in capsys.readouterr().err
+
+
+def test_reference_size_check_counts_each_class():
+    """Seeds 0..n-1 with label seed mod K need ceil((n - c) / K) real samples of class c."""
+    labels = torch.tensor([0, 0, 0, 1, 1])  # 3 of class 0, 2 of class 1: n <= min(6, 5)
+    check_reference_size(5, 1, labels, num_classes=2)
+    with pytest.raises(ValueError, match="need 3 real digits of class 1.*only 2.*<= 5"):
+        check_reference_size(3, 2, labels, num_classes=2)
+    check_reference_size(874, 2)  # the real digits: class 8 has 174, so 1748 in all
+    with pytest.raises(ValueError, match="class 0"):
+        check_reference_size(900, 2)
+
+
+def test_small_sample_fd_warns_and_notes_the_report(digits_scorer, tmp_path, capsys,
+                                                    monkeypatch):
+    """Below 64 samples per seed set (the feature dimension) the FD is mostly bias: compare()
+    warns before sampling, and `edm-fast compare` says so on stderr and in the written table."""
+    import edm_fast.compare
+    from edm_fast.cli import main
+
+    assert digits_scorer.feature_dim == 64
+    with pytest.warns(UserWarning, match="20 samples per seed set .* small-sample bias"):
+        compare({}, [], digits_scorer, samples=20, repeats=2, log=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare({}, [], digits_scorer, samples=64, repeats=2, log=None)
+    assert digits_scorer.bias_note(64, 1) == ""
+    assert "fd_pooled over all 80 samples is less affected" in digits_scorer.bias_note(20, 4)
+
+    monkeypatch.setattr(DigitsClassifier, "fit", lambda *_, **__: digits_scorer.classifier)
+    monkeypatch.setattr(edm_fast.compare, "sample_at_nfe",  # real sampling takes minutes
+                        lambda den, sampler, nfe, seeds, shape, **_: torch.zeros(len(seeds),
+                                                                                 *shape))
+    with pytest.warns(UserWarning, match="small-sample bias"):  # stderr, one line, outside pytest
+        code = main(["compare", "--samples", "20", "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert "Warning: 20 samples per seed set" in (tmp_path / "digits_table.md").read_text()
+    assert "small-sample bias" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """bench/compare_edm_ddpm.py as a module."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "compare_edm_ddpm.py"
+    spec = importlib.util.spec_from_file_location("compare_edm_ddpm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_toy_checkpoint(bench, run, args, loss="edm", steps=None):
+    """A checkpoint whose metadata is what train() records for the script's toy net at ``args``
+    (no real net)."""
+    from edm_fast.checkpoints import save_checkpoint
+    from edm_fast.train import TrainConfig
+
+    cfg = TrainConfig(data="toy:gmm2d", preset="toy-mlp", loss=loss, kimg=args.toy_kimg,
+                      batch=args.toy_batch, lr=1e-3, seed=0, out=str(run), progress=False,
+                      ckpt_every_kimg=1e9, sample_every_kimg=0)
+    steps = math.ceil(cfg.kimg * 1000 / cfg.batch) if steps is None else steps
+    meta = {"train": dataclasses.asdict(cfg), "step": steps, "kimg": steps * cfg.batch / 1000}
+    save_checkpoint(run / f"ckpt-{steps:08d}.safetensors", {"ema.w": torch.zeros(1)}, meta)
+    return meta
+
+
+def test_bench_reuses_toy_nets_only_with_the_same_budget(bench, tmp_path):
+    """A --quick net (51.2 kimg, 100 steps) is not the full run's (2048 kimg); the report
+    states the budget the checkpoints record."""
+    quick = bench.parse_args(["--quick", "--work", str(tmp_path)])
+    full = bench.parse_args(["--work", str(tmp_path)])
+    meta = _fake_toy_checkpoint(bench, tmp_path / "edm", quick)
+    quick_cfg, full_cfg = (bench.toy_config(a, "edm", tmp_path) for a in (quick, full))
+    assert bench.reuse_mismatch(meta, quick_cfg) == ""
+    assert "kimg=51.2 (this run: 2048.0)" in bench.reuse_mismatch(meta, full_cfg)
+    assert "stopped at step 7 of 100" in bench.reuse_mismatch(meta | {"step": 7}, quick_cfg)
+    assert "no training config" in bench.reuse_mismatch({}, quick_cfg)
+    assert bench.check_toy_work(quick, tmp_path) == []
+    assert "does not match this run: kimg=51.2" in bench.check_toy_work(full, tmp_path)[0]
+    _fake_toy_checkpoint(bench, tmp_path / "ddpm", quick, loss="ddpm")
+    budget = bench.trained_budget(tmp_path)
+    assert budget == "toy nets trained for 51.2 kimg (100 steps at batch 512)"
+    assert bench.parse_args(["--quick"]).work != bench.parse_args([]).work
+
+
+BENCH_MISTAKES = {
+    "toy nets of another budget": (["--only", "toy"], "kimg=51.2 (this run: 2048.0)"),
+    "too few real digits": (["--only", "digits", "--samples", "900", "--repeats", "2"],
+                            "need 180 real digits of class 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BENCH_MISTAKES))
+def test_bench_checks_before_training_or_sampling(bench, tmp_path, case, capsys, monkeypatch):
+    """The script refuses at once (exit 2, one line) instead of training, sampling or reusing
+    toy nets of another budget, and writes nothing."""
+    import edm_fast.train
+
+    args, message = BENCH_MISTAKES[case]
+    work, out = tmp_path / "work", tmp_path / "out"
+    _fake_toy_checkpoint(bench, work / "edm", bench.parse_args(["--quick"]))
+    _no_heavy_work(monkeypatch)
+    monkeypatch.setattr(edm_fast.train, "train", lambda *_, **__: pytest.fail("trained"))
+    assert bench.main([*args, "--work", str(work), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("compare_edm_ddpm.py: error: ") and message in err[-1]
+    assert not out.exists()
