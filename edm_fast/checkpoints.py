@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint",
+    "list_checkpoints", "remove_stale_temporaries",
     "build_denoiser", "load_denoiser_checkpoint", "net_spec", "load_official",
     "export_inference_checkpoint",
     "FORMAT_VERSION",
@@ -49,7 +50,12 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            raise OSError(f"could not write {path}: {exc}") from exc
         os.chmod(tmp, _FILE_MODE)  # safetensors writes 0600; give the mode of every other output
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -105,6 +111,16 @@ def list_checkpoints(folder) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the hidden .ckpt-*.tmp<pid> files of writes that a killed process (SIGKILL, power
+    loss) never finished or cleaned up; returns them."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".ckpt-*.safetensors.tmp*")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def latest_checkpoint(folder) -> Path | None:

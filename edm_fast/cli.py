@@ -19,10 +19,11 @@ __all__ = ["main", "build_parser"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Adds "(default: X)" to an option's help unless X is None or the help names its default."""
+    """Adds "(default: X)" to an option's help unless X is None, the option is a flag (its
+    default is to be off), or the help names its default."""
 
     def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -192,6 +193,20 @@ def _rank_path(out: str, rank: int) -> str:
     return str(p)  # a folder: every rank writes its own seeds' files into it
 
 
+def _resume_hint(args, exc: KeyboardInterrupt) -> str:
+    """What an interrupted command leaves: for train, the checkpoint to --resume from."""
+    if args.command != "train":
+        return ""
+    from .checkpoints import latest_checkpoint
+    from .train import TrainingInterrupted
+
+    stopped = f" at step {exc.step}" if isinstance(exc, TrainingInterrupted) else ""
+    latest = latest_checkpoint(args.out)
+    if latest is None:
+        return f"{stopped}; no checkpoint was written yet, so start again without --resume"
+    return (f"{stopped}; saved {latest}; continue with the same command and --resume")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -205,13 +220,18 @@ def main(argv=None) -> int:
             for category in (FutureWarning, DeprecationWarning):
                 warnings.filterwarnings("ignore", category=category)
             return args.func(args) or 0
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # bad paths, full disks, bad options and files
         print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        hint = ("; continue from the latest checkpoint with the same command and --resume"
-                if args.command == "train" else "")
-        print(f"edm-fast {args.command}: interrupted{hint}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"edm-fast {args.command}: interrupted{_resume_hint(args, exc)}", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from .train import TrainingDiverged
+
+        if not isinstance(exc, TrainingDiverged):
+            raise
+        print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         warnings.formatwarning = plain_format

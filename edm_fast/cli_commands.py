@@ -124,7 +124,12 @@ def _cmd_train(args) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     summary = train(cfg, resume=args.resume)
-    if summary.get("checkpoint"):
-        print(f"trained {summary['steps']} steps ({summary['kimg']:g} kimg), final loss "
-              f"{summary['final_loss']:.4f} -> {summary['checkpoint']}")
+    if not summary.get("checkpoint"):
+        return 0  # not the main process of a torchrun job
+    if summary["steps_this_run"] == 0:
+        print(f"{args.out} is already at step {summary['steps']} ({summary['kimg']:g} kimg), the "
+              "length asked for: nothing to train (raise --kimg or --max-steps to continue)")
+        return 0
+    print(f"trained {summary['steps']} steps ({summary['kimg']:g} kimg), final loss "
+          f"{summary['final_loss']:.4f} (smoothed) -> {summary['checkpoint']}")
     return 0

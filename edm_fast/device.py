@@ -23,6 +23,8 @@ def resolve_device(spec=None) -> torch.device:
             device = torch.device(spec)
         except RuntimeError as exc:
             raise ValueError(f"bad device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {spec!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {spec!r} asked for, but CUDA is not available here")
     if device.type == "cuda" and device.index is not None:

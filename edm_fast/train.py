@@ -14,6 +14,8 @@ import copy
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import torch
 
 from .checkpoints import (
     CheckpointError, build_denoiser, latest_checkpoint, list_checkpoints, net_spec,
-    read_checkpoint, save_checkpoint,
+    read_checkpoint, remove_stale_temporaries, save_checkpoint,
 )
 from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main
@@ -36,6 +38,36 @@ LOSS_PRECOND = {"edm": "edm", "ddpm": "ddpm", "vp": "vp", "ve": "ve"}
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with non-finite gradients."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the run stopped after a whole step and saved it (``checkpoint``)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step, with a checkpoint,
+    so that no finished step is lost; a second Ctrl-C interrupts at once. Installed for
+    single-process runs in the main thread only (ranks of a torchrun job would stop at different
+    steps and hang in the next collective)."""
+
+    def __init__(self, enabled: bool):
+        self.signal, self._previous = None, {}
+        if enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -108,11 +140,11 @@ def _check_config(cfg: TrainConfig) -> None:
     positive |= {k: v for k, v in (("max_steps", cfg.max_steps), ("grad_clip", cfg.grad_clip))
                  if v is not None}
     for name, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-    for name in ("lr_rampup_kimg", "sample_every_kimg"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+        if not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    for name in ("lr_rampup_kimg", "sample_every_kimg", "seed", "workers"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.augment <= 1:
         raise ValueError(f"augment is a probability in [0, 1], got {cfg.augment}")
     for name, value in (("label_dropout", cfg.label_dropout), ("dropout", cfg.dropout or 0)):
@@ -238,14 +270,38 @@ def _trim_log(log: Path, step: int) -> None:
     if not log.exists():
         return
 
-    def step_of(record: dict) -> float:
+    def step_of(line: str) -> float:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            warnings.warn(f"{log}: dropped an unreadable line ({line[:40]!r})", stacklevel=3)
+            return math.inf
         return record.get("step", record.get("summary", {}).get("steps", math.inf))
 
-    kept = [line for line in log.read_text().splitlines()
-            if line.strip() and step_of(json.loads(line)) <= step]
+    kept = [line for line in log.read_text().splitlines() if line.strip() and step_of(line) <= step]
     tmp = log.with_name(log.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(log)
+
+
+def _check_same_model(saved: dict, new: dict, path: Path) -> None:
+    """--resume must rebuild the saved network: the same architecture and constructor arguments
+    (resolution, channels, dropout, label dropout, overrides) and the same sample shape."""
+    def plain(value):  # what a JSON round trip makes of it (tuples -> lists)
+        return json.loads(json.dumps(value))
+
+    old_net, new_net = plain(saved["net"]), plain(new["net"])
+    changed = [f"sample shape {saved['sample_shape']} -> {new['sample_shape']}"
+               ] if plain(saved["sample_shape"]) != plain(new["sample_shape"]) else []
+    if old_net.get("arch") != new_net.get("arch"):
+        changed.append(f"arch {old_net.get('arch')} -> {new_net.get('arch')}")
+    old_kw, new_kw = old_net.get("kwargs", {}), new_net.get("kwargs", {})
+    changed += [f"{k} {old_kw.get(k)!r} -> {new_kw.get(k)!r}"
+                for k in sorted(set(old_kw) | set(new_kw)) if old_kw.get(k) != new_kw.get(k)]
+    if changed:
+        raise ValueError(f"--resume: these options build another network than {path.name}: "
+                         f"{'; '.join(changed)}; resume with the run's options or choose another "
+                         "--out")
 
 
 def _read_newest_intact(folder: Path):
@@ -291,6 +347,8 @@ def _resume_or_start(run: _Run, resume: bool):
     torch.manual_seed(cfg.seed * 1000 + run.rank)
     dataset = _load_data(cfg)
     denoiser, new_meta, pipe = _build(cfg, dataset, run.device)
+    if meta is not None:
+        _check_same_model(meta, new_meta, latest)
     meta = meta or new_meta
     meta["train"] = dataclasses.asdict(cfg)
     ema = EMA(denoiser.model, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
@@ -326,7 +384,8 @@ def _resume_or_start(run: _Run, resume: bool):
     return dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total
 
 
-def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total) -> Path | None:
+def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total,
+          scaler) -> Path | None:
     """All ranks gather RNG states; rank 0 writes the checkpoint atomically and prunes old ones."""
     rng = _rng_state(run.device)
     all_rng = [rng]
@@ -345,7 +404,8 @@ def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total) ->
             tensors.update({f"rng.rank{r}.{k}": v for k, v in states.items()})
         meta = {**meta, "step": step, "kimg": step * run.cfg.batch / 1000,
                 "optimizer": optim_info, "stream": stream.state_dict(),
-                "nonfinite_total": nonfinite_total, "world_size": run.world}
+                "nonfinite_total": nonfinite_total, "world_size": run.world,
+                "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None}
         path = save_checkpoint(run.out / f"ckpt-{step:08d}.safetensors", tensors, meta)
         old = sorted(run.out.glob("ckpt-*.safetensors"))[:-max(run.cfg.keep_ckpts, 1)]
         for p in old:
@@ -419,6 +479,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     run = _Run(cfg)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(run.out):
+            warnings.warn(f"removed {stale.name}, an unfinished checkpoint write of a killed "
+                          "process", stacklevel=2)
     barrier()
     dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total = _resume_or_start(
         run, resume)
@@ -440,18 +503,44 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    ckpt_every = max(1, round(cfg.ckpt_every_kimg * 1000 / cfg.batch))
-    sample_every = round(cfg.sample_every_kimg * 1000 / cfg.batch) if cfg.sample_every_kimg else 0
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")
+    if scaler.is_enabled() and meta.get("grad_scaler"):  # fp16 loss scale: resume bit for bit
+        scaler.load_state_dict(meta["grad_scaler"])
+    if step >= total_steps:  # a finished run resumed with the same length: nothing to do
+        return _summary(run, step, 0, None, nonfinite_total, in_sync=True, log=False)
+    start_step = step
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss}", unit="step",
                disable=not (cfg.progress and run.main), dynamic_ncols=True)
+    stop = _StopRequest(run.world == 1 and threading.current_thread() is threading.main_thread())
+    try:
+        step, smooth, nonfinite_total = _loop(run, cfg, meta, denoiser, train_den, ema, opt,
+                                              stream, pipe, scaler, loss_fn, bar, stop, step,
+                                              total_steps, nonfinite_total)
+    finally:
+        stop.restore()
+        bar.close()
+    in_sync = _ranks_in_sync(denoiser.model, run.world)
+    return _summary(run, step, step - start_step, smooth, nonfinite_total, in_sync)
+
+
+def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, loss_fn, bar,
+          stop, step, total_steps, nonfinite_total):
+    """The training steps from ``step`` to ``total_steps``; returns (step, smoothed loss,
+    nonfinite_total)."""
+    ckpt_every = max(1, round(cfg.ckpt_every_kimg * 1000 / cfg.batch))
+    sample_every = round(cfg.sample_every_kimg * 1000 / cfg.batch) if cfg.sample_every_kimg else 0
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    saved_step = step
     consecutive_bad, smooth, steps_since_log, loss_sum = 0, None, 0, 0.0
     t_last = time.perf_counter()
-    start_step = step
-    while step < total_steps:
-        images, labels = next(stream)
+    while step < total_steps and stop.signal is None:
+        try:
+            images, labels = next(stream)
+        except Exception:
+            if stop.signal is None:
+                raise
+            break  # Ctrl-C also reached the data loader's workers: stop at the last whole step
         images = images.to(run.device, non_blocking=True)
         labels = labels.to(run.device) if denoiser.label_dim else None
         aug_labels = None
@@ -473,10 +562,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             nonfinite_total += 1
             scaler.update()
             if consecutive_bad > cfg.max_nonfinite:
+                latest = latest_checkpoint(run.out)
                 raise TrainingDiverged(
                     f"{consecutive_bad} consecutive steps had NaN/Inf gradients (step {step}); "
-                    "lower --lr, use --grad-clip, or try --amp none. The last good checkpoint "
-                    f"is in {run.out}")
+                    "lower --lr or use --grad-clip" + (", or try --amp none" if amp_dtype else "")
+                    + (f"; the last good checkpoint is {latest}" if latest else
+                       "; no checkpoint was written"))
             continue
         consecutive_bad = 0
         scaler.step(opt)
@@ -498,16 +589,26 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.0f}")
             t_last, steps_since_log, loss_sum = now, 0, 0.0
         if step % ckpt_every == 0 or step == total_steps:
-            _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total)
+            _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total, scaler)
+            saved_step = step
         if run.main and ((sample_every and step % sample_every == 0) or step == total_steps):
             _sample_grid(run, meta, ema, step)
-    bar.close()
-    in_sync = _ranks_in_sync(denoiser.model, run.world)
-    summary = {"steps": step, "steps_this_run": step - start_step, "kimg": step * cfg.batch / 1000,
-               "final_loss": smooth, "nonfinite_total": nonfinite_total,
-               "ranks_in_sync": in_sync, "world_size": run.world,
+    if stop.signal is not None:
+        if saved_step != step:
+            _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total, scaler)
+        raise TrainingInterrupted(step, latest_checkpoint(run.out))
+    return step, smooth, nonfinite_total
+
+
+def _summary(run: _Run, step, steps_this_run, smooth, nonfinite_total, in_sync,
+             log: bool = True) -> dict:
+    summary = {"steps": step, "steps_this_run": steps_this_run,
+               "kimg": step * run.cfg.batch / 1000, "final_loss": smooth,
+               "nonfinite_total": nonfinite_total, "ranks_in_sync": in_sync,
+               "world_size": run.world,
                "checkpoint": str(latest_checkpoint(run.out)) if run.main else None}
-    run.log({"summary": summary})
+    if log:
+        run.log({"summary": summary})
     return summary
 
 

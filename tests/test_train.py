@@ -1,6 +1,7 @@
 """Training: the loss goes down, resume is bit for bit, checkpoints survive kills, DDP syncs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -89,6 +90,14 @@ def test_resume_equals_uninterrupted_run(tmp_path, extra):
     _assert_resume_is_exact(tmp_path, extra)
 
 
+def test_fp16_resume_keeps_the_loss_scale(tmp_path):
+    """--amp fp16: the GradScaler's loss scale and growth counter are saved and restored (a
+    resumed run restarting at scale 65536 skipped steps that the straight run did not)."""
+    _assert_resume_is_exact(tmp_path, {"amp": "fp16"})
+    _, meta = read_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert meta["grad_scaler"]["_growth_tracker"] > 0
+
+
 def test_data_set_smaller_than_one_batch_trains_and_resumes(tmp_path):
     """A user's folder of 6 images with batch 16: batches run across epochs (with a warning)
     instead of failing, and resume stays bit for bit."""
@@ -109,19 +118,22 @@ def _assert_resume_is_exact(tmp_path, extra):
     assert ta.keys() == tb.keys()
     different = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert different == []
-    assert ma["stream"] == mb["stream"]
+    assert ma["stream"] == mb["stream"] and ma["grad_scaler"] == mb["grad_scaler"]
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"lr": 0.0}, "lr must be > 0"), ({"max_steps": 0}, "max_steps must be > 0"),
-    ({"grad_clip": -1.0}, "grad_clip must be > 0"), ({"augment": 1.5}, "augment is a probability"),
+    ({"lr": 0.0}, "lr must be a finite number > 0"), ({"lr": math.inf}, "lr must be a finite"),
+    ({"max_steps": 0}, "max_steps must be a finite number > 0"),
+    ({"lr_rampup_kimg": math.nan}, "lr_rampup_kimg must be a finite number >= 0"),
+    ({"workers": -1}, "workers must be a finite number >= 0"),
+    ({"grad_clip": -1.0}, "grad_clip must be a finite"), ({"augment": 1.5}, "augment is a prob"),
     ({"label_dropout": 0.1}, "needs a conditional run"), ({"dropout": 1.0}, "dropout is a prob"),
     ({"data": "digits:8"}, "use an image preset"), ({"preset": "tiny"}, "use --preset toy-mlp"),
 ])
 def test_bad_options_are_refused_up_front(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         train(_toy(tmp_path / "run", 4, **bad))
-    with pytest.raises(ValueError, match="kimg must be > 0"):
+    with pytest.raises(ValueError, match="kimg must be a finite number > 0"):
         train(TrainConfig(**{**TOY, "out": str(tmp_path / "run"), "kimg": 0.0}))
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
@@ -136,7 +148,10 @@ def test_log_restarts_with_the_run(tmp_path):
     train(_toy(tmp_path, 12, max_steps=8, ckpt_every_kimg=4 * 64 / 1000))
     assert logged_steps() == [4, 8]
     (tmp_path / "ckpt-00000008.safetensors").unlink()  # as if killed before that checkpoint
-    train(_toy(tmp_path, 12), resume=True)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 9, "kimg')  # torn by a kill mid-write
+    with pytest.warns(UserWarning, match="dropped an unreadable line"):
+        train(_toy(tmp_path, 12), resume=True)
     assert logged_steps() == [4, 8, 12]
     for ckpt in tmp_path.glob("ckpt-*"):
         ckpt.unlink()
@@ -163,6 +178,80 @@ def test_resume_skips_a_torn_latest_checkpoint(tmp_path):
         ckpt.write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="no readable checkpoint"):
         train(_toy(tmp_path / "b", 16, **every), resume=True)
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path):
+    """Resuming with the length already reached trains nothing, says so, and adds no log line."""
+    train(_toy(tmp_path, 4))
+    lines = (tmp_path / "log.jsonl").read_text()
+    summary = train(_toy(tmp_path, 4), resume=True)
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 0
+    assert (tmp_path / "log.jsonl").read_text() == lines
+    res = subprocess.run([sys.executable, "-m", "edm_fast", "train", "--data", "toy:gmm2d",
+                          "--preset", "toy-mlp", "--batch", "64", "--kimg", str(4 * 64 / 1000),
+                          "--no-progress", "--out", str(tmp_path), "--resume"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and "already at step 4" in res.stdout, res.stderr
+
+
+def test_resume_refuses_options_that_build_another_network(tmp_path):
+    """dropout, resolution, channels... must match the saved network (a silent change trained
+    another net than the checkpoint described; a shape change failed with 50 lines)."""
+    net = {"data": "digits", "resolution": 8, "preset": "tiny", "batch": 16, "net_overrides":
+           {"channel_mult": [1, 2], "attn_resolutions": [4]}}
+    train(_toy(tmp_path, 2, **net))
+    for change, named in (({"dropout": 0.5}, "dropout"), ({"resolution": 16}, "sample shape"),
+                          ({"channels": 3}, "sample shape")):
+        with pytest.raises(ValueError, match=f"another network.*{named}"):
+            train(_toy(tmp_path, 4, **(net | change)), resume=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_the_last_step_and_resume_is_exact(tmp_path, sig):
+    """Ctrl-C or SIGTERM: training stops after the current step, writes it as a checkpoint
+    (exit 130, the message names it), and --resume ends bit for bit equal to a straight run."""
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "edm_fast", "train", "--data", "toy:gmm2d", "--preset",
+                "toy-mlp", "--batch", "64", "--kimg", str(64 * 3000 / 1000), "--ckpt-every",
+                "1e9", "--sample-every", "0", "--no-progress", "--out", str(out), *extra]
+
+    proc = subprocess.Popen(cmd(tmp_path / "b"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log, deadline = tmp_path / "b" / "log.jsonl", time.time() + 120
+    while not (log.exists() and log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    ckpt = latest_checkpoint(tmp_path / "b")
+    step = read_checkpoint(ckpt)[1]["step"]
+    assert 0 < step < 3000 and f"interrupted at step {step}; saved {ckpt}" in err
+    done = subprocess.run(cmd(tmp_path / "b", "--resume"), capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    subprocess.run(cmd(tmp_path / "a"), check=True, capture_output=True)
+    ta, _ = read_checkpoint(latest_checkpoint(tmp_path / "a"))
+    tb, _ = read_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path):
+    train(_toy(tmp_path, 2))
+    stale = tmp_path / ".ckpt-00000009.safetensors.tmp12345"
+    stale.write_bytes(b"\0" * 100)
+    with pytest.warns(UserWarning, match="removed .ckpt-00000009.safetensors.tmp12345"):
+        train(_toy(tmp_path, 4), resume=True)
+    assert not stale.exists()
+
+
+def test_divergence_is_one_line_and_names_what_is_left(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "edm_fast", "train", "--data", "toy:gmm2d",
+                          "--preset", "toy-mlp", "--batch", "64", "--lr", "1e30",
+                          "--lr-rampup-kimg", "0", "--kimg", "3", "--no-progress", "--out",
+                          str(tmp_path)], capture_output=True, text=True, check=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and lines[-1].startswith("edm-fast train: error: "), res.stderr
+    assert "NaN/Inf gradients" in lines[-1] and "no checkpoint was written" in lines[-1]
+    assert "--amp none" not in lines[-1]
 
 
 def test_resume_guards(tmp_path):
