@@ -4,8 +4,10 @@ What it does (EDM App. F.1 habits): Adam with a learning-rate ramp-up, an EMA of
 with a half-life measured in images (and a ramp-up), optional gradient clipping, bf16/fp16
 autocast, skipping of steps whose gradients are NaN/Inf (and a clear stop after too many),
 tqdm progress with loss and images/s, a JSONL loss log and a loss-curve plot, periodic sample
-grids, atomic safetensors checkpoints holding everything needed to resume bit for bit, and
-multi-process data parallelism under torchrun (DistributedDataParallel, rank-0-only I/O).
+grids, atomic safetensors checkpoints holding everything needed to resume bit for bit (the
+fp16 loss scale and the data position included), a checkpoint of the last whole step on Ctrl-C
+or SIGTERM (single-process runs), and multi-process data parallelism under torchrun
+(DistributedDataParallel, rank-0-only I/O).
 """
 
 from __future__ import annotations
