@@ -609,6 +609,14 @@ class InfiniteSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the main process, which finishes its step and saves
+    it (a terminal sends SIGINT to the whole process group); they exit with the main process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchStream:
     """Endless iterator of (x (B, ...), labels (B,)) batches driven by an InfiniteSampler.
 
@@ -664,7 +672,8 @@ class BatchStream:
         gen = torch.Generator().manual_seed(int(mixed.generate_state(1, np.uint64)[0]) >> 1)
         return iter(DataLoader(
             self.dataset, batch_sampler=self._index_batches(), num_workers=self.num_workers,
-            collate_fn=_collate, pin_memory=self.pin_memory, generator=gen))
+            collate_fn=_collate, pin_memory=self.pin_memory, generator=gen,
+            worker_init_fn=_ignore_interrupts if self.num_workers else None))
 
     def _index_batches(self):
         """Index lists for the DataLoader; remembers the sampler state after each one."""
