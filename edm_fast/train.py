@@ -436,6 +436,12 @@ def _plot_losses(out: Path) -> None:
     ax.set_xlabel("kimg")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    losses = [r["loss"] for r in records if r["loss"] > 0]
+    if losses and max(losses) < 10 * min(losses):  # within a decade: 1.4, not 1.4x10^0
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     from .images import save_figure
