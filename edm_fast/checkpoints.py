@@ -23,7 +23,7 @@ import torch
 
 __all__ = [
     "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint",
-    "list_checkpoints", "remove_stale_temporaries",
+    "list_checkpoints", "remove_stale_temporaries", "UnreadableCheckpointError",
     "build_denoiser", "load_denoiser_checkpoint", "net_spec", "load_official",
     "export_inference_checkpoint",
     "FORMAT_VERSION",
@@ -35,6 +35,10 @@ _CKPT_RE = re.compile(r"^ckpt-(\d+)\.safetensors$")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt or of an unknown format."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A file that safetensors cannot read: truncated (a copy cut short) or corrupt."""
 
 
 def _umask() -> int:
@@ -52,9 +56,9 @@ def _atomic_write(path: Path, write) -> None:
     try:
         try:
             write(tmp)
-        except OSError:
-            raise
         except Exception as exc:  # safetensors reports a full disk as its own error type
+            if type(exc).__name__ != "SafetensorError":
+                raise
             raise OSError(f"could not write {path}: {exc}") from exc
         os.chmod(tmp, _FILE_MODE)  # safetensors writes 0600; give the mode of every other output
         with open(tmp, "rb+") as f:
@@ -89,8 +93,8 @@ def read_checkpoint(path, *, prefixes: tuple[str, ...] | None = None):
             keys = [k for k in f.keys() if prefixes is None or k.startswith(prefixes)]
             tensors = {k: f.get_tensor(k) for k in keys}
     except Exception as exc:  # safetensors raises its own error types for torn files
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or "
-                              f"corrupt?): {exc}") from exc
+        raise UnreadableCheckpointError(f"{path} is not a readable safetensors checkpoint "
+                                        f"(truncated or corrupt?): {exc}") from exc
     if raw is None:
         raise CheckpointError(f"{path} has no edm-fast metadata; convert it with "
                               "`edm-fast convert` or load it with edm_fast.checkpoints APIs")
@@ -115,12 +119,26 @@ def list_checkpoints(folder) -> list[Path]:
 
 def remove_stale_temporaries(folder) -> list[Path]:
     """Delete the hidden .ckpt-*.tmp<pid> files of writes that a killed process (SIGKILL, power
-    loss) never finished or cleaned up; returns them."""
+    loss) never finished or cleaned up, when no process <pid> runs; returns them."""
     folder = Path(folder)
-    stale = sorted(folder.glob(".ckpt-*.safetensors.tmp*")) if folder.is_dir() else []
-    for p in stale:
+    stale = []
+    for p in sorted(folder.glob(".ckpt-*.safetensors.tmp*")) if folder.is_dir() else []:
+        pid = p.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and _process_exists(int(pid)):
+            continue
         p.unlink(missing_ok=True)
+        stale.append(p)
     return stale
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def latest_checkpoint(folder) -> Path | None:

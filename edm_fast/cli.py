@@ -19,11 +19,13 @@ __all__ = ["main", "build_parser"]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Adds "(default: X)" to an option's help unless X is None, the option is a flag (its
-    default is to be off), or the help names its default."""
+    """Adds "(default: X)" to an option's help unless X is None, the option is a plain flag
+    (--cond, --no-progress: off unless given), or the help names its default."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.nargs == 0 or "default" in (action.help or ""):
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                   argparse._StoreConstAction))
+        if action.default is None or flag or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         print(f"edm-fast {args.command}: interrupted{_resume_hint(args, exc)}", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM (as shells do)
     except RuntimeError as exc:
         from .train import TrainingDiverged
 

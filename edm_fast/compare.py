@@ -262,7 +262,6 @@ class DigitsScorer(Scorer):
         if samples < 2:
             raise ValueError(f"the feature FD needs >= 2 samples per seed set, got {samples}")
         super().check_sizes(samples, repeats)
-        check_reference_size(samples, repeats, self.real_labels, self.num_classes)
 
     def fd(self, images: torch.Tensor) -> float:
         """FD between DigitsClassifier features of ``images`` and of all real digits."""
@@ -454,6 +453,8 @@ def compare(models: dict, runs: Sequence[RunSpec], scorer: Scorer, *, samples: i
 def reference_row(scorer: Scorer, *, samples: int, repeats: int) -> dict[str, tuple[float, float]]:
     """mean ± SE of the scores of real samples at the same sample count (the floor); pooled
     scores (one value, SE = nan) at samples * repeats."""
+    if isinstance(scorer, DigitsScorer):  # only the real-data rows draw real digits
+        check_reference_size(samples, repeats, scorer.real_labels, scorer.num_classes)
     values: dict[str, list[float]] = {}
     for r in range(repeats):
         for name, value in scorer.reference(samples, r).items():

@@ -42,6 +42,21 @@ class NonFiniteError(FloatingPointError):
     """The denoiser produced NaN or Inf during sampling."""
 
 
+def round_positive_sigmas(values: list[float], round_sigma) -> list[float]:
+    """``round_sigma`` (a discrete-time net's nearest trained level, EDM Table 1) of every
+    positive sigma; 0 stays 0. A positive sigma that rounds to 0 (iDDPM's u_M = 0, below half its
+    smallest positive level) is refused: stepping to t = 0 early divides by zero."""
+    if round_sigma is None:
+        return list(values)
+    rounded = torch.as_tensor(round_sigma(torch.tensor(values, dtype=torch.float64)))
+    out = [float(r) if v > 0 else 0.0 for v, r in zip(values, rounded.tolist())]
+    too_small = [v for v, r in zip(values, out) if v > 0 and r <= 0]
+    if too_small:
+        raise ValueError(f"sigma={min(too_small):g} rounds to 0 on this model's discrete noise "
+                         "levels; use sigma_min >= the model's sigma_min")
+    return out
+
+
 class _Loop:
     """Shared bookkeeping: input checks, per-step sigma vectors, denoiser calls, finiteness."""
 
@@ -61,12 +76,7 @@ class _Loop:
 
     def round_sigma(self, values: list[float]) -> list[float]:
         """Apply the denoiser's round_sigma (discrete-time nets) to positive sigmas."""
-        rounder = getattr(self.denoiser, "round_sigma", None)
-        if rounder is None:
-            return list(values)
-        out = torch.as_tensor(rounder(torch.tensor(values, dtype=torch.float64)))
-        rounded = out.to(torch.float64).tolist()
-        return [r if v > 0 else 0.0 for v, r in zip(values, rounded)]
+        return round_positive_sigmas(values, getattr(self.denoiser, "round_sigma", None))
 
     def vector(self, value: float) -> torch.Tensor:
         """sigma as the (N,) tensor the denoiser takes, built before the loop runs."""

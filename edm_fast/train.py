@@ -27,7 +27,7 @@ import torch
 
 from .checkpoints import (
     CheckpointError, build_denoiser, latest_checkpoint, list_checkpoints, net_spec,
-    read_checkpoint, remove_stale_temporaries, save_checkpoint,
+    UnreadableCheckpointError, read_checkpoint, remove_stale_temporaries, save_checkpoint,
 )
 from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main
@@ -43,11 +43,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM: the run stopped after a whole step and saved it (``checkpoint``)."""
+    """Ctrl-C or SIGTERM (``signum``): the run stopped after a whole step and saved it
+    (``checkpoint``)."""
 
-    def __init__(self, step: int, checkpoint: Path | None):
+    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT):
         super().__init__(f"stopped at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, int(signum)
 
 
 class _StopRequest:
@@ -60,6 +61,9 @@ class _StopRequest:
         self.signal, self._previous = None, {}
         if enabled:
             for sig in (signal.SIGINT, signal.SIGTERM):
+                current = signal.getsignal(sig)
+                if current in (signal.SIG_IGN, None):  # ignored on purpose (nohup, `cmd &`),
+                    continue                          # or a handler not set from Python
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -308,20 +312,23 @@ def _check_same_model(saved: dict, new: dict, path: Path) -> None:
 
 def _read_newest_intact(folder: Path):
     """(path, tensors, meta) of the newest checkpoint in ``folder`` that reads. Writes are atomic,
-    but a file can still be torn later (a copy cut short, a full disk on another tool's
-    rewrite): then the previous checkpoint is used, with a warning that names the lost one."""
+    but a file can still be torn later (a copy cut short): it is renamed to <name>.torn, so that
+    nothing counts it as a checkpoint any more, and the previous one is used, with a warning.
+    Other errors (a newer format, no metadata) stop the resume."""
     torn = []
     for path in list_checkpoints(folder):
         try:
             tensors, meta = read_checkpoint(path)
-        except CheckpointError as exc:
+        except UnreadableCheckpointError as exc:
             torn.append(str(exc))
+            path.replace(path.with_name(path.name + ".torn"))
             continue
         if torn:
-            warnings.warn(f"--resume: skipped {len(torn)} unreadable checkpoint(s), resuming "
-                          f"from {path.name}: {'; '.join(torn)}", stacklevel=3)
+            warnings.warn(f"--resume: renamed {len(torn)} unreadable checkpoint(s) to *.torn, "
+                          f"resuming from {path.name}: {'; '.join(torn)}", stacklevel=3)
         return path, tensors, meta
-    raise CheckpointError(f"--resume: no readable checkpoint in {folder}: {'; '.join(torn)}")
+    raise CheckpointError(f"--resume: no readable checkpoint in {folder} (unreadable ones were "
+                          f"renamed to *.torn): {'; '.join(torn)}")
 
 
 def _resume_or_start(run: _Run, resume: bool):
@@ -601,10 +608,10 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
             saved_step = step
         if run.main and ((sample_every and step % sample_every == 0) or step == total_steps):
             _sample_grid(run, meta, ema, step)
-    if stop.signal is not None:
+    if stop.signal is not None and step < total_steps:  # (a signal after the last step: done)
         if saved_step != step:
             _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total, scaler)
-        raise TrainingInterrupted(step, latest_checkpoint(run.out))
+        raise TrainingInterrupted(step, latest_checkpoint(run.out), stop.signal)
     return step, smooth, nonfinite_total
 
 

@@ -247,6 +247,14 @@ def test_reference_size_check_counts_each_class():
         check_reference_size(900, 2)
 
 
+def test_only_the_real_data_reference_is_limited_by_the_real_digits(digits_scorer):
+    """Model rows may use more samples than there are real digits of a class; the real-data
+    reference row cannot, and says so before drawing any."""
+    digits_scorer.check_sizes(1000, 2)  # compare() accepts it
+    with pytest.raises(ValueError, match="keep samples x repeats <= 1748"):
+        reference_row(digits_scorer, samples=1000, repeats=2)
+
+
 def test_small_sample_fd_warns_and_notes_the_report(digits_scorer, tmp_path, capsys,
                                                     monkeypatch):
     """Below 64 samples per seed set (the feature dimension) the FD is mostly bias: compare()

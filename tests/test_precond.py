@@ -110,6 +110,18 @@ def test_iddpm_u_recursion_and_rounding():
     low = torch.tensor([u[999].item() * 0.49, u[999].item() * 0.51], dtype=torch.float64)
     assert p.round_sigma(low).tolist() == [0.0, u[999].item()]
     assert p.coefficients(low)[3].tolist() == [-1.0, 0.0]
+    # a sampler grid must not step to 0 early (it would divide by t = 0): refused, clearly
+    from edm_fast.backends.plan import SamplingPlan
+    from edm_fast.samplers import sample_edm
+    from edm_fast.schedules import edm_sigmas
+
+    den = Denoiser(lambda x, c_noise, labels=None, augment_labels=None: x, p)
+    with pytest.raises(ValueError, match="rounds to 0 on this model's discrete noise levels"):
+        sample_edm(den, torch.zeros(1, 2), edm_sigmas(4, 0.002, 80))
+    with pytest.raises(ValueError, match="rounds to 0"):
+        SamplingPlan.build(num_steps=4, sigma_min=0.002, round_sigma=p.round_sigma)
+    assert SamplingPlan.build(num_steps=4, sigma_min=p.sigma_min,
+                              round_sigma=p.round_sigma).sigmas[-2] == p.sigma_min
 
 
 def test_ddpm_levels():

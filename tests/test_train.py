@@ -171,6 +171,8 @@ def test_resume_skips_a_torn_latest_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="resuming from ckpt-00000004.safetensors: .*ckpt-00000008"):
         summary = train(_toy(tmp_path / "b", 12, **every), resume=True)
     assert summary["steps_this_run"] == 8
+    assert torn.with_name(torn.name + ".torn").exists()  # kept for inspection, not counted
+    assert summary["checkpoint"].endswith("ckpt-00000012.safetensors")
     ta, _ = read_checkpoint(latest_checkpoint(tmp_path / "a"))
     tb, _ = read_checkpoint(latest_checkpoint(tmp_path / "b"))
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
@@ -225,7 +227,7 @@ def test_interrupt_saves_the_last_step_and_resume_is_exact(tmp_path, sig, worker
         time.sleep(0.05)
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err  # 130 for Ctrl-C, 143 for SIGTERM
     ckpt = latest_checkpoint(tmp_path / "b")
     step = read_checkpoint(ckpt)[1]["step"]
     assert 0 < step < 600 and f"interrupted at step {step}; saved {ckpt}" in err
@@ -238,12 +240,53 @@ def test_interrupt_saves_the_last_step_and_resume_is_exact(tmp_path, sig, worker
 
 
 def test_stale_temporary_files_are_removed_at_start(tmp_path):
+    """Temporaries of a killed process are removed; one of a live process is left alone."""
     train(_toy(tmp_path, 2))
-    stale = tmp_path / ".ckpt-00000009.safetensors.tmp12345"
-    stale.write_bytes(b"\0" * 100)
-    with pytest.warns(UserWarning, match="removed .ckpt-00000009.safetensors.tmp12345"):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ckpt-00000009.safetensors.tmp{dead.pid}"
+    live = tmp_path / f".ckpt-00000010.safetensors.tmp{os.getpid()}"
+    for p in (stale, live):
+        p.write_bytes(b"\0" * 100)
+    with pytest.warns(UserWarning, match=f"removed {stale.name}"):
         train(_toy(tmp_path, 4), resume=True)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
+
+
+def test_signals_that_are_ignored_or_come_after_the_last_step_do_not_stop(tmp_path,
+                                                                         monkeypatch):
+    """A SIGINT that the caller ignores (nohup, `cmd &`) stays ignored; one that arrives during
+    the final sample grid, after the last step, does not turn the finished run into an
+    interrupted one."""
+    from edm_fast import losses
+    from edm_fast import train as train_module
+
+    real_loss, calls = losses.EDMLoss.__call__, {"n": 0}
+
+    def loss_with_ctrl_c(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(losses.EDMLoss, "__call__", loss_with_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert train(_toy(tmp_path / "ignored", 6))["steps_this_run"] == 6
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is previous
+    monkeypatch.setattr(losses.EDMLoss, "__call__", real_loss)
+    real_grid = train_module._sample_grid
+
+    def grid_with_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_grid(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_sample_grid", grid_with_ctrl_c)
+    summary = train(_toy(tmp_path / "late", 4))
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 4
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_divergence_is_one_line_and_names_what_is_left(tmp_path):

@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from ..samplers import churn_gammas
+from ..samplers import churn_gammas, round_positive_sigmas
 from ..schedules import edm_sigmas, validate_sigmas
 
 __all__ = ["SamplingPlan"]
@@ -63,15 +61,9 @@ class SamplingPlan:
                              f"conditional), got {guidance}")
         grid = validate_sigmas(sigmas if sigmas is not None
                                else edm_sigmas(num_steps, sigma_min, sigma_max, rho))
-        grid = _rounded(grid, round_sigma)
+        grid = round_positive_sigmas(grid, round_sigma)
         gammas = churn_gammas(grid, S_churn, S_min, S_max)
-        t_hats = _rounded([t + g * t for t, g in zip(grid, gammas)], round_sigma)
+        t_hats = round_positive_sigmas([t + g * t for t, g in zip(grid, gammas)], round_sigma)
         return cls(tuple(grid), tuple(t_hats), tuple(gammas), solver, float(S_noise),
                    None if guidance is None else float(guidance))
 
-
-def _rounded(values: list[float], round_sigma) -> list[float]:
-    if round_sigma is None:
-        return list(values)
-    rounded = torch.as_tensor(round_sigma(torch.tensor(values, dtype=torch.float64)))
-    return [float(r) if v > 0 else 0.0 for v, r in zip(values, rounded.tolist())]
