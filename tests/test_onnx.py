@@ -222,6 +222,7 @@ def test_dynamo_exporter(tmp_path):
                              label_dim=LABEL_DIM, exporter="dynamo")
     assert report.exporter == "dynamo" and report.opset == 18
     assert report.input_names == [i.name for i in onnx.load(report.path).graph.input]
+    assert report.input_names == ["x", "sigma", "class_labels"]  # the backend binds by name
     assert report.max_rel_err <= 1e-4
 
 
