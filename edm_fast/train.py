@@ -310,20 +310,25 @@ def _check_same_model(saved: dict, new: dict, path: Path) -> None:
                          "--out")
 
 
-def _read_newest_intact(folder: Path):
+def _read_newest_intact(folder: Path, main: bool = True):
     """(path, tensors, meta) of the newest checkpoint in ``folder`` that reads. Writes are atomic,
     but a file can still be torn later (a copy cut short): it is renamed to <name>.torn, so that
     nothing counts it as a checkpoint any more, and the previous one is used, with a warning.
-    Other errors (a newer format, no metadata) stop the resume."""
+    Other errors (a newer format, no metadata) stop the resume. Only the main rank renames."""
     torn = []
     for path in list_checkpoints(folder):
         try:
             tensors, meta = read_checkpoint(path)
         except UnreadableCheckpointError as exc:
             torn.append(str(exc))
-            path.replace(path.with_name(path.name + ".torn"))
+            if main:
+                path.replace(path.with_name(path.name + ".torn"))
             continue
-        if torn:
+        except CheckpointError:
+            if path.exists():
+                raise
+            continue  # renamed to .torn by the main rank meanwhile (a torchrun job)
+        if torn and main:
             warnings.warn(f"--resume: renamed {len(torn)} unreadable checkpoint(s) to *.torn, "
                           f"resuming from {path.name}: {'; '.join(torn)}", stacklevel=3)
         return path, tensors, meta
@@ -342,7 +347,7 @@ def _resume_or_start(run: _Run, resume: bool):
     if resume:
         if latest is None:
             raise CheckpointError(f"--resume: no checkpoint in {run.out}")
-        latest, tensors, meta = _read_newest_intact(run.out)
+        latest, tensors, meta = _read_newest_intact(run.out, run.main)
         if "train" not in meta or "optimizer" not in meta or not any(
                 k.startswith("model.") for k in tensors):
             raise CheckpointError(f"--resume: {latest} is not a training checkpoint (no "
