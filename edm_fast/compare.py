@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import torch
 
-from .images import save_figure
+from .images import existing_ancestor, save_figure
 from .metrics import (
     DigitsClassifier,
     feature_stats,
@@ -222,6 +222,9 @@ class Scorer:
         """The scores of n real samples: the floor a perfect sampler reaches at this n."""
         raise NotImplementedError
 
+    def check_reference_sizes(self, samples: int, repeats: int) -> None:
+        """Raise ValueError when the real data cannot supply ``reference_row`` at this size."""
+
     def pooled(self, samples: torch.Tensor, labels) -> dict[str, float]:
         """Scores of all seed sets together (less biased for FD-like scores); none by default."""
         return {}
@@ -262,6 +265,9 @@ class DigitsScorer(Scorer):
         if samples < 2:
             raise ValueError(f"the feature FD needs >= 2 samples per seed set, got {samples}")
         super().check_sizes(samples, repeats)
+
+    def check_reference_sizes(self, samples, repeats):
+        check_reference_size(samples, repeats, self.real_labels, self.num_classes)
 
     def fd(self, images: torch.Tensor) -> float:
         """FD between DigitsClassifier features of ``images`` and of all real digits."""
@@ -338,9 +344,7 @@ def check_report_folder(out, prefix: str | None = None) -> Path:
     for name in REPORT_FILES if prefix else ():
         if (out / f"{prefix}_{name}").is_dir():
             raise ValueError(f"--out {out}: {prefix}_{name} there is a folder, not a file")
-    ancestor = out
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = existing_ancestor(out)
     if not ancestor.is_dir():
         raise ValueError(f"cannot create --out {out}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -453,8 +457,7 @@ def compare(models: dict, runs: Sequence[RunSpec], scorer: Scorer, *, samples: i
 def reference_row(scorer: Scorer, *, samples: int, repeats: int) -> dict[str, tuple[float, float]]:
     """mean ± SE of the scores of real samples at the same sample count (the floor); pooled
     scores (one value, SE = nan) at samples * repeats."""
-    if isinstance(scorer, DigitsScorer):  # only the real-data rows draw real digits
-        check_reference_size(samples, repeats, scorer.real_labels, scorer.num_classes)
+    scorer.check_reference_sizes(samples, repeats)  # only the real-data rows draw real data
     values: dict[str, list[float]] = {}
     for r in range(repeats):
         for name, value in scorer.reference(samples, r).items():

@@ -142,6 +142,14 @@ def plot_toy(samples: torch.Tensor, path, mixture=None, *, title: str = "") -> P
     return save_figure(fig, path)
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (where a write would
+    create the missing folders)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output(out, *, toy: bool = False) -> Path:
     """Raise ValueError now, before any sampling, if ``save_samples`` could not write ``out``:
     an unsupported suffix, a file where a folder is meant (or the reverse), a parent that is
@@ -157,9 +165,7 @@ def check_output(out, *, toy: bool = False) -> Path:
     if not suffix and out.exists() and not out.is_dir():
         raise ValueError(f"output {out} is an existing file, not a folder (or name a .png "
                          "grid or an .npz file)")
-    ancestor = out.parent if suffix else out
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = existing_ancestor(out.parent if suffix else out)
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {out}: {ancestor} is not a writable folder")
     return out

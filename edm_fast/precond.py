@@ -180,6 +180,7 @@ class iDDPMPrecond(_DiscretePrecond):
         self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
         self.u = self._u_table()  # (M + 1,), u[j] for j = 0..M, decreasing
         self.levels = self.u[:-1].flip(0)  # levels[t] = u_{M-1-t}
+        self._levels_and_zero = self.u.flip(0)  # [u_M = 0, u_{M-1}, ..., u_0]
         self.sigma_min = float(self.u[M - 1])
         self.sigma_max = float(self.u[0])
         self.sigma_data = 0.5
@@ -198,11 +199,12 @@ class iDDPMPrecond(_DiscretePrecond):
         """c_noise = M - 1 - argmin_j |u_j - sigma| over j = 0 .. M (Table 1), so u_M = 0 is a
         candidate too: sigma below u_{M-1} / 2 gets c_noise = -1 and rounds to 0, as in the
         paper and NVlabs' iDDPMPrecond (samplers never go there: sigma_min = u_{M-1})."""
-        return _nearest(self.u.flip(0), torch.as_tensor(sigma)) - 1
+        return _nearest(self._levels_and_zero, torch.as_tensor(sigma)) - 1
 
     def round_sigma(self, sigma):
         sigma = torch.as_tensor(sigma)
-        return self.u.flip(0).to(sigma.device)[self.timestep(sigma) + 1].to(sigma.dtype)
+        table = self._levels_and_zero.to(sigma.device)
+        return table[self.timestep(sigma) + 1].to(sigma.dtype)
 
     def config(self):
         return {"name": self.name, "C_1": self.C_1, "C_2": self.C_2, "M": self.M}

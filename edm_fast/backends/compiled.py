@@ -235,8 +235,8 @@ class CompiledBackend:
         sigma = torch.as_tensor(sigma, dtype=self.dtype, device=self.device)
         sigma = sigma.expand(x.shape[0]).contiguous() if sigma.ndim == 0 else sigma
         labels = self._labels_buffer(class_labels)
-        if labels is not None and labels.shape[0] != x.shape[0]:
-            labels = labels.expand(x.shape[0], -1) if labels.shape[0] == 1 else labels
+        if labels is not None and labels.shape[0] == 1:  # one label row for the whole batch
+            labels = labels.expand(x.shape[0], -1)
         if self.graph is None:
             return lambda: self._evaluate_direct(x, sigma, labels)
         key = (tuple(x.shape), labels is not None)  # one graph per input shape
