@@ -741,7 +741,9 @@ class InferenceServer:
                 self.metrics.add("timeouts")
                 raise HTTPError(504, f"timed out after {self.request_timeout_s:g} s; "
                                 "the request's queued work was dropped")
-            if _peer_closed(conn):
+            # shutdown() closes the read side of every connection only after failing every
+            # queued job (503): an EOF then is ours, not the client's, when the job is done
+            if _peer_closed(conn) and not job.done.is_set():
                 self.dispatcher.cancel(job)
                 raise _ClientGone()
         if job.error is not None:
