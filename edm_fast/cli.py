@@ -15,6 +15,8 @@ import sys
 import time
 import warnings
 
+from .optional import MissingDependency
+
 __all__ = ["main", "build_parser"]
 
 
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
             for category in (FutureWarning, DeprecationWarning):
                 warnings.filterwarnings("ignore", category=category)
             return args.func(args) or 0
-    except (OSError, ValueError) as exc:  # bad paths, full disks, bad options and files
+    except (OSError, ValueError, MissingDependency) as exc:  # bad paths, options, files; extras
         print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

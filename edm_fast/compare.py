@@ -105,7 +105,7 @@ def _check_sampler(sampler: str) -> None:
 
 
 def steps_for_nfe(sampler: str, nfe: int) -> int:
-    """Number of steps N giving ``nfe`` evaluations: Heun's last step is Euler (Alg. 1 l.8), so
+    """Number of steps N giving ``nfe`` evaluations: Heun's last step is Euler (Alg. 1 l.6), so
     NFE = 2N - 1 for the second-order samplers and N for the others."""
     _check_sampler(sampler)
     if sampler in SECOND_ORDER:
@@ -509,12 +509,9 @@ def format_table(rows: Sequence[Row], scorer: Scorer, *, reference=None) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    from .optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("the comparison's figures")
 
 
 _COLORS = {"edm_heun": "tab:blue", "edm_euler": "tab:cyan", "edm_churn": "tab:purple",

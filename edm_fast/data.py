@@ -140,11 +140,12 @@ def load_digits(resolution: int = 16, *, pad_to: int | None = None,
     The 8x8 images are upsampled bilinearly to `resolution`; with `pad_to` they are first padded
     with background around the centre instead (then resized to `resolution` if that differs).
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
+    from .optional import require
 
+    sk_datasets = require("sklearn.datasets", "the digits data set")
     if resolution not in (8, 16, 32):
         raise ValueError(f"digits resolution must be 8, 16 or 32, got {resolution}")
-    bunch = _sk_load_digits()
+    bunch = sk_datasets.load_digits()
     images = torch.from_numpy(bunch.images).to(torch.float32)[:, None] / 8.0 - 1.0  # 0..16
     labels = torch.from_numpy(bunch.target).to(torch.int64)
     return ArrayDataset(images, labels, name="digits",
@@ -451,12 +452,14 @@ def load_toy(name: str, *, num_samples: int = 100_000, seed: int = 0) -> ArrayDa
         gen = torch.Generator().manual_seed(seed)
         data = mixture.sample(num_samples, generator=gen).to(torch.float32)
     elif name == "moons":
-        from sklearn.datasets import make_moons
+        from .optional import require
 
+        make_moons = require("sklearn.datasets", "the moons toy data").make_moons
         data = _standardize(make_moons(num_samples, noise=0.05, random_state=seed)[0])
     elif name == "swissroll":
-        from sklearn.datasets import make_swiss_roll
+        from .optional import require
 
+        make_swiss_roll = require("sklearn.datasets", "the swiss-roll toy data").make_swiss_roll
         roll = make_swiss_roll(num_samples, noise=0.3, random_state=seed)[0]
         data = _standardize(roll[:, [0, 2]])  # the (x, z) plane
     else:

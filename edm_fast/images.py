@@ -110,11 +110,9 @@ def save_npz(samples: torch.Tensor, path, **arrays) -> Path:
 
 def plot_toy(samples: torch.Tensor, path, mixture=None, *, title: str = "") -> Path:
     """Scatter (2-D) or histogram (1-D) of samples over the true density when it is known."""
-    import matplotlib
+    from .optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("a .png plot of toy samples")
     x = samples.detach().double().cpu().reshape(samples.shape[0], -1)
     fig, ax = plt.subplots(figsize=(5, 5) if x.shape[1] == 2 else (6, 3.5), dpi=120)
     if x.shape[1] == 2:
@@ -160,6 +158,10 @@ def check_output(out, *, toy: bool = False) -> Path:
         raise ValueError(f"unsupported output {out}: use .png (grid), .npz or a folder")
     if toy and suffix == "":
         raise ValueError("toy samples are written as a .png plot or an .npz file")
+    if toy and suffix == ".png":
+        from .optional import require
+
+        require("matplotlib", "a .png plot of toy samples (.npz needs nothing more)")
     if suffix and out.is_dir():
         raise ValueError(f"output {out} is an existing folder, not a {suffix} file")
     if not suffix and out.exists() and not out.is_dir():

@@ -1,6 +1,6 @@
 """Training loop for EDM (and the VP, VE and DDPM baselines on the same nets and data).
 
-What it does (EDM App. F.1 habits): Adam with a learning-rate ramp-up, an EMA of the weights
+What it does (EDM App. F.3 habits): Adam with a learning-rate ramp-up, an EMA of the weights
 with a half-life measured in images (and a ramp-up), optional gradient clipping, bf16/fp16
 autocast, skipping of steps whose gradients are NaN/Inf (and a clear stop after too many),
 tqdm progress with loss and images/s, a JSONL loss log and a loss-curve plot, periodic sample
@@ -112,7 +112,7 @@ class TrainConfig:
 
 
 class EMA:
-    """theta_ema <- beta theta_ema + (1 - beta) theta, beta = 0.5^(batch / half-life) (App. F.1)."""
+    """theta_ema <- beta theta_ema + (1 - beta) theta, beta = 0.5^(batch / half-life) (App. F.3)."""
 
     def __init__(self, model: torch.nn.Module, halflife_kimg: float, rampup_ratio: float | None):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -431,12 +431,11 @@ def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total,
 
 def _plot_losses(out: Path) -> None:
     """loss.png from log.jsonl (skipped quietly without matplotlib)."""
-    try:
-        import matplotlib
+    from .optional import MissingDependency, pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = pyplot()
+    except MissingDependency:
         return
     log = out / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -567,7 +566,7 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
         if pipe is not None:
             images, aug_labels = pipe(images)
             aug_labels = aug_labels.to(run.device)
-        for group in opt.param_groups:  # learning-rate ramp-up (App. F.1)
+        for group in opt.param_groups:  # learning-rate ramp-up (App. F.3)
             ramp = (step * cfg.batch) / max(cfg.lr_rampup_kimg * 1000, 1e-8)
             group["lr"] = cfg.lr * min(ramp, 1)
         with torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -71,7 +71,7 @@ def record_trajectories(denoiser, sampler: str, nfe: int, seeds: Sequence[int], 
                         title: str | None = None) -> Trajectory:
     """Run ``sampler`` at ``nfe`` on (len(seeds), dim) toy data and keep every state.
 
-    The first state is the initial one: x_0 = sigma_0 n for the EDM samplers (Alg. 1 l.1) and
+    The first state is the initial one: x_0 = sigma_0 n for the EDM samplers (Alg. 1 l.2) and
     x_T = n in DDPM's variable, i.e. sqrt(1 + sigma_0^2) n in x, for DDPM's ancestral sampler.
     """
     sigmas0 = sigma_grid(sampler, denoiser, steps_for_nfe(sampler, nfe))
@@ -108,12 +108,9 @@ def _density_field(mixture, sigma_max: float, y_lim: float, n_u: int = 220, n_y:
 
 
 def _pyplot():
-    import matplotlib
+    from .optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("plotting trajectories")
 
 
 def _sigma_ticks(ax, sigma_max: float) -> None:
