@@ -72,7 +72,7 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
 
 def churn_gammas(sigmas: Sequence[float], S_churn: float, S_min: float = 0.0,
                  S_max: float = float("inf")) -> list[float]:
-    """gamma_i of Alg. 2 l.4 in C++ for sigmas t_0..t_N: a list of N floats."""
+    """gamma_i of Alg. 2 (its caption) in C++ for sigmas t_0..t_N: a list of N floats."""
     values = [float(s) for s in sigmas]
     return _ops().churn_gammas(values, float(S_churn), float(S_min), float(S_max)).tolist()
 

@@ -106,7 +106,7 @@ class _Loop:
 
 
 def churn_gammas(sigmas: list[float], S_churn: float, S_min: float, S_max: float) -> list[float]:
-    """gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= t_i <= S_max else 0 (Alg. 2 l.4)."""
+    """gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= t_i <= S_max else 0 (the gamma_i of Alg. 2's caption)."""
     if S_churn < 0:
         raise ValueError(f"S_churn must be >= 0, got {S_churn}")
     num_steps = len(sigmas) - 1
@@ -129,7 +129,7 @@ def sample_edm(denoiser, noise, sigmas, *, S_churn: float = 0.0, S_min: float = 
     """
     loop = _Loop(denoiser, noise, sigmas, class_labels, callback)
     t = loop.round_sigma(loop.sigmas)  # t_i = round(sigma_i), t_N = 0
-    gammas = churn_gammas(t, S_churn, S_min, S_max)  # Alg. 2 l.4
+    gammas = churn_gammas(t, S_churn, S_min, S_max)  # gamma_i of Alg. 2
     t_hats = loop.round_sigma([t_i + g * t_i for t_i, g in zip(t, gammas)])  # Alg. 2 l.5
     return _edm_steps(loop, t, t_hats, gammas, S_noise=S_noise, randn=randn, solver=solver)
 
@@ -154,7 +154,7 @@ def _edm_steps(loop: _Loop, t, t_hats, gammas, *, S_noise, randn, solver) -> tor
     randn = _randn_or_default(randn)
     hat_vecs = [loop.vector(v) for v in t_hats]
     next_vecs = [loop.vector(v) for v in t[1:]]
-    x_next = loop.noise * t[0]  # Alg. 2 l.1: x_0 ~ N(0, t_0^2 I)
+    x_next = loop.noise * t[0]  # Alg. 2 l.2: x_0 ~ N(0, t_0^2 I)
     for i in range(loop.num_steps):  # 0, ..., N-1
         x_cur, t_cur, t_next, t_hat = x_next, t[i], t[i + 1], t_hats[i]
         if gammas[i] > 0:  # Alg. 2 l.6: x_hat = x + sqrt(t_hat^2 - t^2) eps, eps ~ N(0, S_noise^2)
@@ -191,8 +191,8 @@ def sample_general(denoiser, noise, sigmas, *, schedule: str = "linear", scaling
     """Algorithm 1 for any sigma(t), s(t) (EDM Table 1), with Alg. 2's churn, Euler or Heun.
 
     The sigma grid fixes the time steps through t_i = sigma^{-1}(sigma_i). solver='heun' is the
-    general second-order method with parameter alpha (Alg. 1 l.9-13 / App. D.2): alpha = 1 is
-    Heun, alpha = 1/2 the midpoint method. x_0 ~ N(0, sigma(t_0)^2 s(t_0)^2 I) (Alg. 1 l.1).
+    general second-order method with parameter alpha (App. D.2): alpha = 1 is
+    Heun, alpha = 1/2 the midpoint method. x_0 ~ N(0, sigma(t_0)^2 s(t_0)^2 I) (Alg. 1 l.2).
     """
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
@@ -220,7 +220,7 @@ def sample_general(denoiser, noise, sigmas, *, schedule: str = "linear", scaling
         sigma_hat = loop.round_sigma([sigma_cur + gammas[i] * sigma_cur])[0]
         t_hat = f(sig.inv(sigma_hat))  # Alg. 2 l.5 in the sigma domain
         h = t_next - t_hat
-        t_prime = t_hat + alpha * h  # Alg. 1 l.9
+        t_prime = t_hat + alpha * h  # App. D.2: t' = t_i + alpha h
         second = solver == "heun" and sigma_steps[i + 1] > 0
         plan.append({
             "gamma": gammas[i], "h": h,
@@ -235,7 +235,7 @@ def sample_general(denoiser, noise, sigmas, *, schedule: str = "linear", scaling
         denoised = loop.denoise(x / sc, sigma_vec)  # D(x/s; sigma(t))
         return a * x - b * denoised, denoised  # Alg. 1 l.4 / l.7
 
-    x_next = noise * (f(sig(t_steps[0])) * f(s(t_steps[0])))  # Alg. 1 l.1
+    x_next = noise * (f(sig(t_steps[0])) * f(s(t_steps[0])))  # Alg. 1 l.2
     for i, step in enumerate(plan):
         x_cur = x_next
         x_hat = step["scale_ratio"] * x_cur if step["gamma"] > 0 else x_cur
@@ -244,10 +244,10 @@ def sample_general(denoiser, noise, sigmas, *, schedule: str = "linear", scaling
         d_cur, denoised = derivative(x_hat, step["hat"])
         x_next = x_hat + step["h"] * d_cur  # Alg. 1 l.5 (Euler step)
         if step["prime"] is not None:
-            x_prime = x_hat + alpha * step["h"] * d_cur  # Alg. 1 l.10
+            x_prime = x_hat + alpha * step["h"] * d_cur  # App. D.2: x' = x_i + alpha h d_i
             d_prime, denoised = derivative(x_prime, step["prime"])
             w = 1 / (2 * alpha)
-            x_next = x_hat + step["h"] * ((1 - w) * d_cur + w * d_prime)  # Alg. 1 l.13
+            x_next = x_hat + step["h"] * ((1 - w) * d_cur + w * d_prime)  # App. D.2 (alpha = 1: Alg. 1 l.8)
         loop.report(i, x_next, step["sigma_next"], x_hat, step["sigma_hat"], denoised)
     return loop.finish(x_next)
 
@@ -285,7 +285,7 @@ def sample_euler_ancestral(denoiser, noise, sigmas, *, eta: float = 1.0, S_noise
 def sample_ddim(denoiser, noise, sigmas, *, eta: float = 0.0, **options) -> torch.Tensor:
     """DDIM (Song et al. 2021a). In the sigma domain (sigma = sqrt(1 - abar)/sqrt(abar), x/s)
     DDIM with parameter eta is exactly the ancestral Euler step above: eta = 0 is the
-    deterministic Euler step on the EDM ODE (EDM Sec. 3, "DDIM" row of Table 1)."""
+    deterministic Euler step on the EDM ODE (EDM Sec. 3; the "iDDPM + DDIM" column of Table 1)."""
     return sample_euler_ancestral(denoiser, noise, sigmas, eta=eta, **options)
 
 

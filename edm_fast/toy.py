@@ -2,7 +2,7 @@
 
 For data y ~ sum_k w_k N(mu_k, Sigma_k), the noisy marginal p(x; sigma) (EDM Sec. 2) is again a
 mixture, sum_k w_k N(mu_k, C_k) with C_k = Sigma_k + sigma^2 I, and the ideal denoiser
-(EDM Eq. 3, the minimiser of Eq. 2) has the closed form
+(the minimiser of EDM Eq. 2; App. B.3) has the closed form
 
     D*(x; sigma) = E[y | x] = sum_k r_k(x) (mu_k + Sigma_k C_k^{-1} (x - mu_k)),
     r_k(x) = w_k N(x; mu_k, C_k) / sum_j w_j N(x; mu_j, C_j),

@@ -128,7 +128,7 @@ def test_import_edm_fast_does_not_load_extension():
 
 
 # ------------------------------------------------------------------------------------------
-# Schedule (Eq. 5), gammas (Alg. 2 l.4) and seed noise.
+# Schedule (Eq. 5), gammas (Alg. 2's gamma_i) and seed noise.
 
 @needs_cpp
 @pytest.mark.parametrize("num_steps", [1, 2, 5, 18, 40, 256])

@@ -197,7 +197,7 @@ def test_per_seed_noise_is_batch_invariant(mixture):
 
 
 def test_randn_called_only_on_churn_steps(mixture):
-    """No noise is drawn on steps with gamma_i = 0 (Alg. 2 l.4-6)."""
+    """No noise is drawn on steps with gamma_i = 0 (gamma_i of Alg. 2, l.4-6)."""
     den = mixture.as_denoiser()
     calls = []
 

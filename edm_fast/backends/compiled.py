@@ -125,7 +125,7 @@ class CompiledBackend:
         return requested
 
     def _build_constants(self) -> None:
-        """Every per-step scalar as a static (N,) tensor on the device (EDM Alg. 2 l.4-5)."""
+        """Every per-step scalar as a static (N,) tensor on the device (EDM Alg. 2: gamma_i, l.5)."""
         plan, n, dt, dev = self.plan, self.n, self.dtype, self.device
         self.t_hat = [_vector(v, n, dt, dev) for v in plan.t_hats]
         self.t_next = [_vector(v, n, dt, dev) for v in plan.sigmas[1:]]
@@ -157,7 +157,7 @@ class CompiledBackend:
 
     def _loop(self, latents, churn, labels):
         plan, K = self.plan, self.kernels
-        x = latents * plan.sigmas[0]  # Alg. 2 l.1
+        x = latents * plan.sigmas[0]  # Alg. 2 l.2
         k = 0
         for i in range(plan.num_steps):
             t_hat, t_next = self.t_hat[i], self.t_next[i]

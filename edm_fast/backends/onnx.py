@@ -293,7 +293,7 @@ class OnnxBackend:
         slots = self._slots_for(n)
         slots.set_labels(self._labels(class_labels, n))
         k = 0
-        x = latents * plan.sigmas[0]  # Alg. 2 l.1: x_0 ~ N(0, t_0^2 I)
+        x = latents * plan.sigmas[0]  # Alg. 2 l.2: x_0 ~ N(0, t_0^2 I)
         for i in range(plan.num_steps):  # 0, ..., N-1
             t_hat, t_next = plan.t_hats[i], plan.sigmas[i + 1]
             x_hat = x
