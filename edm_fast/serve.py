@@ -40,6 +40,7 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -258,11 +259,12 @@ class Metrics:
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
+    """Nearest-rank percentile of an ascending list: the ceil(q n / 100)-th value (0 for an
+    empty one). ``q`` is an integer percent, so q n / 100 is exact where it is a whole number."""
     if not sorted_values:
         return 0.0
-    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[k]
+    rank = math.ceil(q * len(sorted_values) / 100)
+    return sorted_values[max(0, min(len(sorted_values), rank) - 1)]
 
 
 #----------------------------------------------------------------------------

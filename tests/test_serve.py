@@ -395,3 +395,23 @@ def test_cli_serve_stops_cleanly_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("latencies_ms, want", [
+    (list(range(1, 11)), {"p50": 5, "p90": 9, "p99": 10}),   # ceil(q n / 100)-th of 1..10
+    (list(range(1, 101)), {"p50": 50, "p90": 90, "p99": 99}),
+    ([7], {"p50": 7, "p90": 7, "p99": 7}),
+    ([4, 1, 3, 2], {"p50": 2, "p90": 4, "p99": 4}),          # recorded out of order
+])
+def test_metrics_latency_percentiles_are_nearest_rank(latencies_ms, want):
+    """GET /metrics' p50/p90/p99: nearest-rank percentiles of the recorded latencies (the
+    values a user would count off a sorted list), and the count."""
+    from edm_fast.serve import Metrics
+
+    m = Metrics()
+    assert m.snapshot()["latency_ms"] == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "count": 0}
+    for ms in latencies_ms:
+        m.latency(ms / 1e3)
+    got = m.snapshot()["latency_ms"]
+    assert got.pop("count") == len(latencies_ms)
+    assert got == pytest.approx(want, abs=1e-9)
