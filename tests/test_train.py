@@ -138,6 +138,67 @@ def test_bad_options_are_refused_up_front(tmp_path, bad, match):
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
+def _global_grad_norms_at_each_step(run):
+    """Run ``run()``, returning the global 2-norm of the gradients at every optimizer step."""
+    norms = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return norms
+
+
+def test_grad_clip_bounds_the_gradients_adam_steps_with(tmp_path):
+    """--grad-clip C: every optimizer step sees gradients of global 2-norm <= C; without it the
+    same run's gradients are far larger (so the bound is not met by accident)."""
+    clip = 1e-3
+    free = _global_grad_norms_at_each_step(lambda: train(_toy(tmp_path / "a", 6)))
+    clipped = _global_grad_norms_at_each_step(
+        lambda: train(_toy(tmp_path / "b", 6, grad_clip=clip)))
+    assert len(free) == len(clipped) == 6
+    assert min(free) > 10 * clip, free
+    assert max(clipped) <= clip * (1 + 1e-5), clipped  # clip_grad_norm_ scales by C/(norm+1e-6)
+
+
+def test_bf16_autocast_trains_in_bf16_and_keeps_float32_weights(tmp_path):
+    """--amp bf16: the net's weighted layers run in bfloat16 (CPU autocast), the loss stays finite,
+    and the checkpoint's weights stay float32; --amp none runs no layer in bfloat16."""
+    dtypes = set()
+
+    def record(module, inputs, output):
+        if isinstance(getattr(module, "weight", None), torch.Tensor):  # the nets' own Linear
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        train(_toy(tmp_path / "none", 4))
+        assert dtypes == {torch.float32}
+        dtypes.clear()
+        summary = train(_toy(tmp_path / "bf16", 8, amp="bf16"))
+    finally:
+        handle.remove()
+    assert torch.bfloat16 in dtypes
+    assert math.isfinite(summary["final_loss"]) and summary["nonfinite_total"] == 0
+    tensors, _ = read_checkpoint(latest_checkpoint(tmp_path / "bf16"))
+    assert {t.dtype for k, t in tensors.items() if k.startswith(("model.", "ema."))} == \
+        {torch.float32}
+
+
+def test_progress_bar_shows_loss_and_images_per_second(tmp_path, capsys):
+    """The tqdm bar of a training run carries the smoothed loss and the images/s."""
+    train(_toy(tmp_path, 8, progress=True))
+    err = capsys.readouterr().err
+    assert "loss=" in err and "img_s=" in err and "8/8" in err, err[-500:]
+
+
 def test_log_restarts_with_the_run(tmp_path):
     """log.jsonl (and so loss.png) holds each step once: a resumed run drops the records logged
     after its checkpoint, a fresh run in a folder without checkpoints drops the old log."""
