@@ -8,6 +8,7 @@ shows (the flash-attention rule: no worse than twice the reference's own error i
 """
 
 import copy
+import os
 import warnings
 
 import numpy as np
@@ -401,12 +402,9 @@ def test_reference_loop_has_no_host_sync_on_cuda():
     assert seen["mode"] == 2
 
 
-@pytest.mark.parametrize("net_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("step_impl", ["torch", "triton"])
-def test_half_precision_network_error_within_twice_reference(net_dtype, step_impl, no_tf32):
-    """A bf16/fp16 network (float32 sampler state): the compiled backend's error against the
-    float64 reference of the float32 network is at most twice the reference loop's own error
-    with the same half-precision network (+1e-6 for float32 state rounding)."""
+def _half_precision_case(net_dtype, device="cpu"):
+    """(float32 net, its half copy, plan, shape, labels, the float64 reference of the float32
+    net, the reference loop's own error with the half net on ``device``)."""
     den32 = make_denoiser(label_dim=3)
     den_half = copy.deepcopy(den32)
     den_half.model.to(net_dtype)
@@ -415,10 +413,48 @@ def test_half_precision_network_error_within_twice_reference(net_dtype, step_imp
     labels = nn.functional.one_hot(torch.arange(3), 3).float()
     ref64 = run_backend(ReferenceBackend, den32, plan, shape, torch.float64, labels, range(3))
     ref_half = run_backend(ReferenceBackend, den_half, plan, shape, torch.float32, labels,
-                           range(3), device=impl_device(step_impl))  # same device's half kernels
+                           range(3), device=device)  # the same device's half kernels
+    own = rel_err(ref_half, ref64)
+    assert own > 1e-4  # the half-precision net really is less precise
+    return den32, den_half, plan, shape, labels, ref64, own
+
+
+@pytest.mark.parametrize("net_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("step_impl", ["torch", "triton"])
+def test_half_precision_network_error_within_twice_reference(net_dtype, step_impl, no_tf32):
+    """A bf16/fp16 network (float32 sampler state): the compiled backend's error against the
+    float64 reference of the float32 network is at most twice the reference loop's own error
+    with the same half-precision network (+1e-6 for float32 state rounding)."""
+    _, den_half, plan, shape, labels, ref64, own = _half_precision_case(
+        net_dtype, impl_device(step_impl))
     fast_half = run_backend(CompiledBackend, den_half, plan, shape, torch.float32, labels,
                             range(3), device=impl_device(step_impl), compile=False,
                             step_impl=step_impl)
-    own = rel_err(ref_half, ref64)
-    assert own > 1e-4  # the half-precision net really is less precise
     assert rel_err(fast_half, ref64) <= 2 * own + 1e-6
+
+
+@pytest.mark.parametrize("backend, net_dtype", [("cpp", torch.bfloat16), ("cpp", torch.float16),
+                                                ("onnx", torch.float16)])
+def test_half_precision_network_through_exported_backends(backend, net_dtype):
+    """The same bound for the backends that run an exported D: the C++ loop over a TorchScript
+    trace of the half network, and ONNX Runtime over a graph with a float16 network inside
+    (float32 inputs and outputs; ONNX export has no bfloat16 network)."""
+    from edm_fast.backends import available_backends
+
+    reason = available_backends()[backend]
+    if reason is not None:
+        if backend == "cpp" and os.environ.get("EDM_FAST_REQUIRE_CPP") == "1":
+            pytest.fail(f"EDM_FAST_REQUIRE_CPP=1 but the cpp backend cannot load: {reason}")
+        pytest.skip(reason)
+    den32, den_half, plan, shape, labels, ref64, own = _half_precision_case(net_dtype)
+    if backend == "cpp":
+        from edm_fast.backends.cpp import CppBackend
+
+        out = run_backend(CppBackend, den_half, plan, shape, torch.float32, labels, range(3),
+                          kind="torchscript")
+    else:
+        from edm_fast.backends.onnx import OnnxBackend
+
+        out = run_backend(OnnxBackend, den32, plan, shape, torch.float32, labels, range(3),
+                          net_dtype="float16")
+    assert rel_err(out, ref64) <= 2 * own + 1e-6
