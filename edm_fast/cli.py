@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError, MissingDependency) as exc:  # bad paths, options, files; extras
         print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # samplers.NonFiniteError: NaN/Inf from the model
+        print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         print(f"edm-fast {args.command}: interrupted{_resume_hint(args, exc)}", file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM (as shells do)

@@ -35,6 +35,7 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_ddim", "sample_dpmpp_2m", "sample_ddpm", "SAMPLERS", "churn_gammas",
     "NonFiniteError",
+    "check_churn_options",
 ]
 
 
@@ -105,10 +106,22 @@ class _Loop:
         return x
 
 
+def check_churn_options(S_churn: float, S_min: float, S_max: float,
+                        S_noise: float = 1.0) -> None:
+    """Alg. 2's options, refused when NaN (which would silently turn churn off, or fill every
+    image with NaN) or out of range: S_churn, S_noise finite and >= 0; S_min, S_max not NaN
+    (S_max may be +inf: churn up to the top of the grid; S_min > S_max: churn on no step)."""
+    if not 0 <= S_churn < math.inf:
+        raise ValueError(f"S_churn must be a finite number >= 0, got {S_churn}")
+    if not 0 <= S_noise < math.inf:
+        raise ValueError(f"S_noise must be a finite number >= 0, got {S_noise}")
+    if math.isnan(S_min) or math.isnan(S_max):
+        raise ValueError(f"S_min and S_max must be numbers, got {S_min} and {S_max}")
+
+
 def churn_gammas(sigmas: list[float], S_churn: float, S_min: float, S_max: float) -> list[float]:
     """gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= t_i <= S_max else 0 (the gamma_i of Alg. 2's caption)."""
-    if S_churn < 0:
-        raise ValueError(f"S_churn must be >= 0, got {S_churn}")
+    check_churn_options(S_churn, S_min, S_max)
     num_steps = len(sigmas) - 1
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
     return [gamma if S_min <= t <= S_max else 0.0 for t in sigmas[:-1]]
@@ -129,6 +142,7 @@ def sample_edm(denoiser, noise, sigmas, *, S_churn: float = 0.0, S_min: float = 
     """
     loop = _Loop(denoiser, noise, sigmas, class_labels, callback)
     t = loop.round_sigma(loop.sigmas)  # t_i = round(sigma_i), t_N = 0
+    check_churn_options(S_churn, S_min, S_max, S_noise)
     gammas = churn_gammas(t, S_churn, S_min, S_max)  # gamma_i of Alg. 2
     t_hats = loop.round_sigma([t_i + g * t_i for t_i, g in zip(t, gammas)])  # Alg. 2 l.5
     return _edm_steps(loop, t, t_hats, gammas, S_noise=S_noise, randn=randn, solver=solver)

@@ -458,3 +458,27 @@ def test_half_precision_network_through_exported_backends(backend, net_dtype):
         out = run_backend(OnnxBackend, den32, plan, shape, torch.float32, labels, range(3),
                           net_dtype="float16")
     assert rel_err(out, ref64) <= 2 * own + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled", "cpp", "onnx"])
+def test_every_backend_raises_nonfinite_error_for_a_nan_network(backend):
+    """A network with a NaN weight (a bad checkpoint): every backend raises NonFiniteError (a
+    FloatingPointError, one line in the CLI), never returns NaN images silently (the compiled
+    backend did) or a RuntimeError naming a temporary file (the cpp backend did)."""
+    from edm_fast.backends import available_backends
+    from edm_fast.samplers import NonFiniteError
+
+    reason = available_backends()[backend]
+    if reason is not None:
+        if backend == "cpp" and os.environ.get("EDM_FAST_REQUIRE_CPP") == "1":
+            pytest.fail(f"EDM_FAST_REQUIRE_CPP=1 but the cpp backend cannot load: {reason}")
+        pytest.skip(reason)
+    den = make_denoiser(label_dim=0)
+    with torch.no_grad():
+        next(den.model.parameters()).view(-1)[0] = float("nan")
+    options = {"compiled": {"compile": False}, "cpp": {"kind": "torchscript"},
+               "onnx": {"check": False}}.get(backend, {})
+    sampler = Sampler(den, shape=(2, 5, 5), batch_size=2, num_steps=3, device="cpu",
+                      backend=backend, backend_options=options)
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        sampler(seeds=[0, 1])

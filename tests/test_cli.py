@@ -244,3 +244,28 @@ def test_class_by_folder_name_and_guidance_warning(tmp_path, capsys):
     assert "its classes: cat, dog" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="trained with label_dropout=0"):
         assert main([*common, "--guidance", "2", "--out", str(tmp_path / "g.npz")]) == 0
+
+
+def test_nan_options_and_a_nan_checkpoint_are_one_line_errors(tmp_path):
+    """--S-churn nan is refused with the options (exit 2); a checkpoint with a NaN weight stops
+    with one 'error:' line naming NaN/Inf (exit 1), not a NonFiniteError traceback."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from edm_fast.models import bundled_path
+
+    res = _run(["sample", "--steps", "4", "--seeds", "0-1", "--S-churn", "nan",
+                "--out", str(tmp_path / "a.png")])
+    assert res.returncode == 2 and "S_churn must be a finite number" in res.stderr, res.stderr
+    src = bundled_path("default")
+    with safe_open(src, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata=meta)
+    res = _run(["sample", "--ckpt", str(tmp_path / "nan.safetensors"), "--steps", "4",
+                "--seeds", "0-1", "--out", str(tmp_path / "b.png")])
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "error: " in res.stderr and "NaN/Inf" in res.stderr
+    assert not (tmp_path / "b.png").exists()

@@ -9,13 +9,28 @@ import math
 import pytest
 import torch
 
+from edm_fast.backends.plan import SamplingPlan
 from edm_fast.noise import SeedNoise
-from edm_fast.schedules import ddpm_sigmas, edm_sigmas, ve_sigmas, vp_sigmas
 from edm_fast.samplers import (
-    NonFiniteError, churn_gammas, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_edm,
-    sample_euler, sample_euler_ancestral, sample_general, sample_heun,
+    NonFiniteError,
+    churn_gammas,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_edm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_general,
+    sample_heun,
 )
-from edm_fast.schedules import ScaleFunction, SigmaFunction
+from edm_fast.schedules import (
+    ScaleFunction,
+    SigmaFunction,
+    ddpm_sigmas,
+    edm_sigmas,
+    ve_sigmas,
+    vp_sigmas,
+)
 from edm_fast.toy import GaussianMixture, solve_probability_flow
 
 F64 = torch.float64
@@ -315,6 +330,16 @@ def test_input_validation(mixture):
         sample_edm(lambda x, s, c: x[:, :1], noise, edm_sigmas(3))
     with pytest.raises(ValueError, match="S_churn"):
         sample_edm(den, noise, edm_sigmas(3), S_churn=-1)
+    nan, inf = float("nan"), float("inf")
+    for bad, match in (({"S_churn": nan}, "S_churn"), ({"S_churn": inf}, "S_churn"),
+                       ({"S_noise": nan}, "S_noise"), ({"S_noise": -1.0}, "S_noise"),
+                       ({"S_min": nan}, "S_min and S_max"), ({"S_max": nan}, "S_min and S_max")):
+        with pytest.raises(ValueError, match=match):  # NaN would turn churn off or poison x
+            sample_edm(den, noise, edm_sigmas(3), **bad)
+        with pytest.raises(ValueError, match=match):
+            SamplingPlan.build(num_steps=3, **bad)
+    # an empty churn range (S_min > S_max) is allowed: no step churns
+    assert SamplingPlan.build(num_steps=3, S_churn=10, S_min=5, S_max=1).churn_steps == []
 
 
 def test_nonfinite_denoiser_is_reported():

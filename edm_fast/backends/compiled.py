@@ -25,6 +25,7 @@ import torch
 
 from ..guidance import GuidedDenoiser
 from ..precond import Denoiser
+from ..samplers import NonFiniteError
 from .plan import SamplingPlan
 
 __all__ = ["CompiledBackend"]
@@ -276,16 +277,21 @@ class CompiledBackend:
             raise ValueError(f"the plan needs {k} churn draws")
         if self.graph is None:
             churn = churn_noise.to(self.device, self.dtype) if k else None
-            return self._loop(latents.to(self.device, self.dtype), churn,
-                              self._labels_buffer(class_labels))
-        with torch.cuda.device(self.device):
-            self._static_latents.copy_(latents)
-            if k:
-                self._static_churn.copy_(churn_noise)
-            if self._static_labels is not None:
-                self._static_labels.copy_(class_labels if class_labels is not None else 0)
-            self.graph.replay()
-            return self._static_out.clone()
+            out = self._loop(latents.to(self.device, self.dtype), churn,
+                             self._labels_buffer(class_labels))
+        else:
+            with torch.cuda.device(self.device):
+                self._static_latents.copy_(latents)
+                if k:
+                    self._static_churn.copy_(churn_noise)
+                if self._static_labels is not None:
+                    self._static_labels.copy_(class_labels if class_labels is not None else 0)
+                self.graph.replay()
+                out = self._static_out.clone()
+        if not bool(torch.isfinite(out).all()):  # the one host sync, after the loop
+            raise NonFiniteError("the sampled images contain NaN/Inf: the denoiser returned "
+                                 "non-finite values; check the checkpoint and inputs")
+        return out
 
 
 def _noise_dtype(net_dtype):

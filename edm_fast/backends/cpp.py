@@ -20,11 +20,13 @@ import torch
 from .. import ops
 from ..export import export_aoti, export_torchscript, read_metadata
 from ..guidance import one_hot_labels
+from ..samplers import NonFiniteError
 from .plan import SamplingPlan
 
 __all__ = ["CppBackend"]
 
 _SUFFIX = {"aoti": ".pt2", "torchscript": ".ts"}
+_NONFINITE_MESSAGE = "the sampled images contain NaN/Inf"  # csrc/sampler_loop.cpp's end check
 
 
 class CppBackend:
@@ -105,8 +107,14 @@ class CppBackend:
         if churn_noise is not None:
             churn_noise = churn_noise.to(self.device, self.dtype).contiguous()
         p = self.plan
-        return self.sampler.sample(latents, list(p.sigmas), list(p.t_hats), list(p.gammas),
-                                   p.S_noise, p.solver, churn_noise, labels, p.guidance)
+        try:
+            return self.sampler.sample(latents, list(p.sigmas), list(p.t_hats), list(p.gammas),
+                                       p.S_noise, p.solver, churn_noise, labels, p.guidance)
+        except RuntimeError as exc:  # the loop's end check (csrc/sampler_loop.cpp), as a type
+            if _NONFINITE_MESSAGE not in str(exc):
+                raise
+            raise NonFiniteError("the sampled images contain NaN/Inf: the denoiser returned "
+                                 "non-finite values; check the checkpoint and inputs") from None
 
     __call__ = run
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..samplers import churn_gammas, round_positive_sigmas
+from ..samplers import check_churn_options, churn_gammas, round_positive_sigmas
 from ..schedules import edm_sigmas, validate_sigmas
 
 __all__ = ["SamplingPlan"]
@@ -59,6 +59,7 @@ class SamplingPlan:
         if guidance is not None and not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite weight (0: unconditional, 1: "
                              f"conditional), got {guidance}")
+        check_churn_options(S_churn, S_min, S_max, S_noise)
         grid = validate_sigmas(sigmas if sigmas is not None
                                else edm_sigmas(num_steps, sigma_min, sigma_max, rho))
         grid = round_positive_sigmas(grid, round_sigma)
