@@ -135,7 +135,7 @@ def cmd_sample(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .images import check_output, save_per_seed, save_samples
+    from .images import check_output, output_kind, save_per_seed, save_samples
     from .models import model_mixture
     from .noise import parse_seeds
     from .sampler import Sampler
@@ -147,21 +147,25 @@ def cmd_sample(args) -> int:
 
         twice = sorted(s for s, n in Counter(seeds).items() if n > 1)[:5]
         raise ValueError(f"--seeds lists seed(s) {', '.join(map(str, twice))} more than once")
-    from .distributed import shard_seeds
+    from .device import resolve_device
+    from .distributed import rank_device, shard_seeds
 
+    device = rank_device(resolve_device(args.device))  # torchrun on CUDA: cuda:LOCAL_RANK
     seeds, rank, world = shard_seeds(seeds)
+    if not seeds:  # more ranks than seeds: this one has nothing to do
+        return 0
     out = args.out if world == 1 else _rank_path(args.out, rank)
     check_output(out)  # before loading the model: the file kinds and a writable folder
     sampler = Sampler(args.ckpt, batch_size=min(args.batch, len(seeds)), solver=args.solver,
                       num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                       rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
                       S_noise=args.S_noise, guidance=args.guidance,
-                      dtype=getattr(torch, args.dtype), device=args.device, backend=args.backend,
+                      dtype=getattr(torch, args.dtype), device=device, backend=args.backend,
                       expected_images=len(seeds))
     check_output(out, toy=len(sampler.shape) == 1)  # toy vectors: a .png plot or an .npz only
     labels = _labels_for(args, seeds, sampler)
     # a folder gets each batch's files as soon as it is sampled: an interrupted run keeps them
-    per_seed_files = Path(out).suffix == ""
+    per_seed_files = output_kind(out) == ""
     seconds, chunks = 0.0, []
     batches = range(0, len(seeds), sampler.batch_size)
     for lo in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) < 2 or rank > 0):
@@ -191,10 +195,12 @@ def cmd_sample(args) -> int:
 def _rank_path(out: str, rank: int) -> str:
     from pathlib import Path
 
+    from .images import output_kind
+
     p = Path(out)
-    if p.suffix:
+    if output_kind(out):
         return str(p.with_name(f"{p.stem}.rank{rank}{p.suffix}"))
-    return str(p)  # a folder: every rank writes its own seeds' files into it
+    return out  # a folder: every rank writes its own seeds' files into it
 
 
 def _resume_hint(args, exc: KeyboardInterrupt) -> str:

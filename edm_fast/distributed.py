@@ -7,13 +7,27 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "init_distributed", "shard_seeds", "is_main", "barrier"]
+__all__ = ["world_info", "init_distributed", "rank_device", "shard_seeds", "is_main", "barrier"]
 
 
 def world_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun a CUDA job runs rank r on cuda:LOCAL_RANK (one GPU
+    per process, as DDP needs; a bare 'cuda' would put every rank on GPU 0); other devices, and
+    single-process runs, keep ``device``."""
+    _, local_rank, world = world_info()
+    if world == 1 or device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK {local_rank} has no GPU of its own: {count} CUDA device(s) "
+                         f"here, so use --nproc_per_node {count} or fewer")
+    return torch.device("cuda", local_rank)
 
 
 def init_distributed(device: torch.device | None = None) -> tuple[int, int]:

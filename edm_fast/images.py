@@ -148,14 +148,33 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def output_kind(out) -> str:
+    """'.png', '.npz' (suffix in any case) or '' for a folder of per-seed PNGs: a name without
+    a suffix, one ending in '/' (so 'run.v2/' is a folder), or an existing folder."""
+    text = os.fspath(out)
+    if not text.strip():
+        raise ValueError("the output path is empty: name a .png grid, an .npz file or a folder")
+    path = Path(text)
+    if text.endswith(("/", os.sep)):
+        return ""
+    if path.name.lower() in (".png", ".npz"):
+        raise ValueError(f"output {text!r} has no file name (it would be a hidden folder): "
+                         f"name the file, e.g. samples{path.name.lower()}")
+    suffix = path.suffix.lower()
+    if suffix in (".png", ".npz"):
+        return suffix
+    if suffix == "" or path.is_dir():
+        return ""
+    raise ValueError(f"unsupported output {text}: use .png (grid), .npz or a folder (end a "
+                     "folder name that has a dot with '/')")
+
+
 def check_output(out, *, toy: bool = False) -> Path:
     """Raise ValueError now, before any sampling, if ``save_samples`` could not write ``out``:
     an unsupported suffix, a file where a folder is meant (or the reverse), a parent that is
     not a writable folder."""
+    suffix = output_kind(out)
     out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in ("", ".png", ".npz"):
-        raise ValueError(f"unsupported output {out}: use .png (grid), .npz or a folder")
     if toy and suffix == "":
         raise ValueError("toy samples are written as a .png plot or an .npz file")
     if toy and suffix == ".png":
@@ -173,14 +192,21 @@ def check_output(out, *, toy: bool = False) -> Path:
     return out
 
 
+def seed_array(seeds) -> np.ndarray:
+    """Seeds as integers: int64, or uint64 when one is >= 2^63 (seeds span [0, 2^64); numpy
+    would turn such a mix into float64 and round the large ones)."""
+    seeds = [int(s) for s in seeds]
+    return np.asarray(seeds, dtype=np.uint64 if seeds and max(seeds) >= 2**63 else np.int64)
+
+
 def save_samples(samples: torch.Tensor, out, *, seeds, labels=None, mixture=None,
                  title: str = "") -> Path:
     """Dispatch on ``out`` (suffix in any case): *.npz -> arrays; *.png -> grid (images) or
     scatter (toy data); no suffix -> a folder of per-seed PNGs."""
+    suffix = output_kind(out)
     out = check_output(out, toy=samples.ndim == 2)
-    suffix = out.suffix.lower()
     if suffix == ".npz":
-        return save_npz(samples, out, seeds=np.asarray(list(seeds)),
+        return save_npz(samples, out, seeds=seed_array(seeds),
                         labels=None if labels is None else np.asarray(labels))
     if samples.ndim == 2:
         return plot_toy(samples, out, mixture, title=title)

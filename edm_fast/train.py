@@ -30,7 +30,7 @@ from .checkpoints import (
     UnreadableCheckpointError, read_checkpoint, remove_stale_temporaries, save_checkpoint,
 )
 from .device import resolve_device
-from .distributed import barrier, init_distributed, is_main
+from .distributed import barrier, init_distributed, is_main, rank_device
 from .losses import make_loss
 
 __all__ = ["TrainConfig", "train", "TrainingDiverged", "LOSS_PRECOND"]
@@ -252,12 +252,8 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = rank_device(resolve_device(cfg.device))
         self.rank, self.world = init_distributed(self.device)
-        if self.device.type == "cuda" and self.world > 1:
-            from .distributed import world_info
-
-            self.device = torch.device("cuda", world_info()[1])
         if cfg.batch % self.world:
             raise ValueError(f"batch {cfg.batch} is not divisible by {self.world} processes")
         self.out = Path(cfg.out)

@@ -269,3 +269,67 @@ def test_nan_options_and_a_nan_checkpoint_are_one_line_errors(tmp_path):
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and "error: " in res.stderr and "NaN/Inf" in res.stderr
     assert not (tmp_path / "b.png").exists()
+
+
+def test_rank_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
+    """Under torchrun a CUDA job runs rank r on cuda:LOCAL_RANK (a bare 'cuda' put every rank
+    on GPU 0); more ranks than GPUs is an error; CPU and single-process runs are unchanged.
+    (Logic only: torch.device('cuda', i) is built without touching CUDA.)"""
+    from edm_fast.distributed import rank_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_device(cuda) == cuda and rank_device(cpu) == cpu
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert rank_device(cuda) == torch.device("cuda", 2)
+    assert rank_device(torch.device("cuda", 0)) == torch.device("cuda", 2)
+    assert rank_device(cpu) == cpu
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ValueError, match="--nproc_per_node 4 or fewer"):
+        rank_device(cuda)
+
+
+def test_torchrun_with_more_ranks_than_seeds_succeeds(tmp_path):
+    """torchrun --nproc_per_node=2 with one seed: rank 1 has no seeds and exits 0 (it failed
+    the whole job with 'batch_size must be >= 1'); rank 0 writes the image."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29537", "-m", "edm_fast", "sample", "--steps", "3",
+                          "--seeds", "5", "--device", "cpu", "--out", str(tmp_path / "imgs")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "imgs").iterdir()] == ["seed000005.png"]
+
+
+def test_npz_keeps_seeds_above_two_to_the_63_exact(tmp_path):
+    """Seeds span [0, 2^64): a large one beside small ones is stored as uint64, not rounded
+    through float64."""
+    big = 2**63 + 1
+    res = _run(["sample", "--steps", "2", "--seeds", f"1,{big}", "--out", str(tmp_path / "s.npz")])
+    assert res.returncode == 0, res.stderr
+    seeds = np.load(tmp_path / "s.npz")["seeds"]
+    assert seeds.dtype == np.uint64 and seeds.tolist() == [1, big]
+
+
+def test_output_kinds_of_odd_paths(tmp_path, monkeypatch):
+    """An empty --out and a bare '.png' are refused (they wrote into the current folder or a
+    hidden folder named '.png'); a trailing '/' makes a dotted name a folder; an existing
+    dotted folder is a folder; other suffixes are refused."""
+    from edm_fast.images import check_output, output_kind
+
+    monkeypatch.chdir(tmp_path)
+    for bad, match in (("", "empty"), ("  ", "empty"), (".png", "no file name"),
+                       ("sub/.NPZ", "no file name"), ("x.jpg", "unsupported output")):
+        with pytest.raises(ValueError, match=match):
+            check_output(bad)
+    assert output_kind("a.PNG") == ".png" and output_kind("a.npz") == ".npz"
+    assert output_kind("run.v2/") == "" and output_kind("imgs") == ""
+    (tmp_path / "old.v1").mkdir()
+    assert output_kind("old.v1") == ""
+    res = _run(["sample", "--steps", "2", "--seeds", "0,1", "--out", "run.v2/"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "run.v2").iterdir()) == ["seed000000.png",
+                                                                        "seed000001.png"]
+    res = _run(["sample", "--steps", "2", "--seeds", "0", "--out", ""], cwd=tmp_path)
+    assert res.returncode == 2 and "output path is empty" in res.stderr
