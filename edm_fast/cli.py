@@ -44,9 +44,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", choices=["heun", "euler"], default="heun",
                    help="second-order Heun (Alg. 1/2) or first-order Euler steps")
     g.add_argument("--sigma-min", type=float, default=None, metavar="S",
-                   help="lowest noise level (default: the model's, else 0.002)")
+                   help="lowest noise level (default: 0.002, raised to the model's lowest)")
     g.add_argument("--sigma-max", type=float, default=None, metavar="S",
-                   help="highest noise level (default: the model's, else 80)")
+                   help="highest noise level (default: 80, lowered to the model's highest)")
     g.add_argument("--rho", type=float, default=7.0, help="schedule exponent rho (Eq. 5)")
     g.add_argument("--S-churn", type=float, default=0.0, dest="S_churn",
                    help="stochasticity; 0 = deterministic Algorithm 1")

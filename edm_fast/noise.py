@@ -67,9 +67,12 @@ SEED_LIMIT = 2**64  # torch.Generator().manual_seed takes seeds in [0, 2^64)
 def parse_seeds(spec: str | int | Iterable[int]) -> list[int]:
     """Parse '0-63', '1,5,9', '0-3,10' (inclusive ranges) or an int / list into a list of ints,
     each in [0, 2^64)."""
-    if isinstance(spec, int):
-        spec = [spec]  # a bool is refused below, like a float
+    if isinstance(spec, int) or (hasattr(spec, "__index__") and getattr(spec, "ndim", 1) == 0):
+        spec = [spec]  # one seed: an int, a numpy integer, a 0-d tensor; a bool is refused below
     if not isinstance(spec, str):
+        if not hasattr(spec, "__iter__"):
+            raise ValueError(f"seeds must be an integer, integers or a string like '0-63', "
+                             f"got {spec!r}")
         seeds = []
         for s in spec:
             value = s.item() if hasattr(s, "item") else s  # numpy / torch scalars

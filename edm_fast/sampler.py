@@ -63,8 +63,9 @@ class Sampler:
         self.denoiser = model.to(self.device).eval() if hasattr(model, "to") else model
         self.shape = (_model_shape(self.denoiser) if shape is None
                       else _check_shape(self.denoiser, tuple(int(n) for n in shape)))
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") \
+                or batch_size < 1:  # 2.5 was silently 2
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.batch_size = int(batch_size)
         self.dtype = _as_dtype(dtype)
         self.label_dim = int(getattr(self.denoiser, "label_dim", 0))
@@ -147,12 +148,13 @@ class Sampler:
         if seeds is not None:
             stream = SeedNoise(parse_seeds(seeds), self.shape, device=self.device)
             return stream.draw(), stream.draw_many(k)
+        noise = torch.as_tensor(noise)  # also a numpy array
         if tuple(noise.shape[1:]) != self.shape:
             raise ValueError(f"noise must be (N, {', '.join(map(str, self.shape))}), "
                              f"got {tuple(noise.shape)}")
         if churn_noise is None:
             churn_noise = torch.randn((k, *noise.shape), device=noise.device, dtype=noise.dtype)
-        elif churn_noise.shape != (k, *noise.shape):
+        elif (churn_noise := torch.as_tensor(churn_noise)).shape != (k, *noise.shape):
             raise ValueError(f"churn_noise must be {(k, *noise.shape)} for this plan, "
                              f"got {tuple(churn_noise.shape)}")
         return noise.to(self.device), churn_noise.to(self.device)

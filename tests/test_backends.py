@@ -236,6 +236,12 @@ def test_sampler_labels_and_validation():
         s()
     with pytest.raises(ValueError, match="noise must be"):
         s(noise=torch.zeros(2, 3, 5, 5))
+    noise = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    assert torch.equal(s(noise=noise.numpy(), class_labels=1), s(noise=noise, class_labels=1))
+    assert torch.equal(s(seeds=np.int64(2), class_labels=1), a[1:])  # a numpy seed
+    for bad in (2.5, 0, True):  # 2.5 was silently 2
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            Sampler(den, shape=(2, 5, 5), batch_size=bad, device="cpu")
     with pytest.raises(ValueError, match="guidance needs"):
         Sampler(make_denoiser(label_dim=0), shape=(2, 5, 5), guidance=2.0, device="cpu")
 

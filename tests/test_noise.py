@@ -1,5 +1,6 @@
 """Seed lists (edm_fast.noise.parse_seeds) and per-seed noise streams."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from edm_fast.noise import MAX_SEEDS, SeedNoise, parse_seeds
     ("0-3,10", [0, 1, 2, 3, 10]), (" 7 , 2-3 ", [7, 2, 3]), (5, [5]), (range(3), [0, 1, 2]),
     (torch.tensor([4, 9]), [4, 9]), ("18446744073709551614-18446744073709551615",
                                      [2**64 - 2, 2**64 - 1]),
+    (np.int64(3), [3]), (torch.tensor(4), [4]), (np.arange(2), [0, 1]),  # numpy / 0-d tensor
 ])
 def test_parse_seeds(spec, seeds):
     assert parse_seeds(spec) == seeds
@@ -18,7 +20,8 @@ def test_parse_seeds(spec, seeds):
 @pytest.mark.parametrize("spec, message", [
     ("3-1", "decreases"), ("x", "use e.g."), ("-1", "use e.g."), ("", "no seeds"),
     ("18446744073709551616", r"\[0, 2\^64\)"), ([-1], r"\[0, 2\^64\)"),
-    ([1.5], "must be integers"), (True, "must be integers"),
+    ([1.5], "must be integers"), (True, "must be integers"), (2.5, "must be an integer"),
+    (np.float64(3.0), "must be an integer"),
     (f"0-{MAX_SEEDS}", "split the job"),  # MAX_SEEDS + 1 seeds, refused before allocating
 ])
 def test_parse_seeds_refuses(spec, message):
