@@ -39,16 +39,19 @@ def add_serve_command(sub, formatter) -> None:
     g.add_argument("--max-batch", "--batch", dest="max_batch", type=int, default=64,
                    metavar="B", help="most images per sampler call (1 turns batching off)")
     g.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
-                   help="how long the oldest queued image waits for a batch to fill")
+                   help="how long the oldest queued image waits for a batch to fill, "
+                   "0 to 60000 ms")
     g.add_argument("--batch-sizes", default=None, metavar="B1,B2,...",
                    help="sampler batch sizes a batch is padded to (default: powers of two up "
                    "to --max-batch); fewer sizes mean fewer compiled samplers")
     g.add_argument("--max-seeds", type=int, default=256, metavar="N",
-                   help="most seeds in one request")
+                   help="most seeds in one request (at most --max-queue: a larger value is "
+                   "lowered to it, with a warning)")
     g.add_argument("--timeout", dest="request_timeout_s", type=float, default=60.0,
-                   metavar="S", help="server-side deadline of a request (then 504)")
+                   metavar="S", help="server-side deadline of a request (then 504), "
+                   "finite and > 0")
     g.add_argument("--max-queue", type=int, default=4096, metavar="N",
-                   help="most queued images before requests get 503")
+                   help="most queued images before requests get 503 (retry later)")
     g.add_argument("--max-samplers", type=int, default=16, metavar="N",
                    help="most cached samplers (one per steps value and batch size used)")
     g.add_argument("--log-level", default="warning",
@@ -65,12 +68,25 @@ def _batch_sizes(text: str | None) -> list[int] | None:
         raise ValueError(f"bad --batch-sizes {text!r}: use e.g. 1,8,64") from None
 
 
+def _check_options(args) -> None:
+    """ValueError naming the option for a float option out of range (NaN and inf included),
+    before the model is loaded; InferenceServer checks the same limits again."""
+    import math
+
+    from .serve import MAX_WAIT_MS, _check_number
+
+    _check_number("--max-wait-ms", args.max_wait_ms, 0, MAX_WAIT_MS)
+    _check_number("--timeout", args.request_timeout_s, 0, math.inf, lo_open=True)
+
+
 def build_server(args):
-    """An InferenceServer (not started) from parsed ``serve`` arguments."""
+    """An InferenceServer (not started) from parsed ``serve`` arguments; ValueError for an
+    option out of range."""
     import torch
 
     from .serve import InferenceServer, make_sampler_factory
 
+    _check_options(args)
     factory = make_sampler_factory(
         args.ckpt, device=args.device, backend=args.backend, solver=args.solver,
         sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,

@@ -10,8 +10,13 @@ Samplers are made lazily by ``sampler_factory(steps, batch_size)`` for each (ste
 a batch of n items runs at the smallest of ``batch_sizes`` (default: powers of two up to
 ``max_batch``) that holds it; at most ``max_samplers`` are kept (least recently used go first).
 
+Limits are checked at construction (ValueError): ``max_wait_ms`` in [0, 60000] (MAX_WAIT_MS),
+``request_timeout_s`` and ``socket_timeout_s`` finite and > 0 (NaN and inf are refused).
+``max_seeds`` above ``max_queue`` is lowered to ``max_queue`` with a warning: a request larger
+than the whole queue could never be queued, so it gets 422 (too many seeds), never 503.
+
 Endpoints
-    POST /generate  {"seeds": [1, 2] | 7 | "0-7",         one to max_seeds non-negative ints
+    POST /generate  {"seeds": [1, 2] | 7 | "0-7,9",       one to max_seeds non-negative ints
                      "class": 3 | null | [3, null, ...],  null: all-zero labels (unconditional)
                      "steps": 18,                         1 .. 256; default: the server's --steps
                      "format": "png" | "npy" | "json"}    default: png (json for non-images)
@@ -20,16 +25,21 @@ Endpoints
         npy                 -> application/x-npy: float32 (N, *shape), about [-1, 1] (not
                                clipped), rows in seed order (also in the X-Seeds header)
         json                -> application/json {"seeds", "classes", "steps", "shape", "samples"}
-    GET /healthz    200 {"status": "ok", "model": {...}, "limits": {...}}
+    GET /healthz    200 {"status": "ok", "model": {...}, "limits": {...}}; once the dispatcher
+                    thread has died (a bug; the server cannot recover), 503 {"error": why,
+                    "status": 503, "model", "limits"} instead
     GET /metrics    counters (requests: every HTTP response, by status in "responses"),
                     batch-size histogram, latency p50/p90/p99 (ms, successful /generate),
                     queue depth (queued images), open connections, cached samplers
 
 Errors are JSON {"error": message, "status": code}: 400 malformed JSON or wrong types; 404, 405;
 411 no Content-Length; 413 body over max_body_bytes; 422 a value out of range (unknown class,
-steps outside [1, 256], more than max_seeds seeds, png of non-image samples); 503 queue full or
-shutting down; 504 past the request deadline (request_timeout_s): the request's queued items are
-dropped, and a batch already running finishes with its rows discarded; 500 a sampler failure.
+steps outside [1, 256], more than max_seeds seeds, png of non-image samples; a "0-7,9" string
+is counted before it is expanded); 503 queue full or shutting down (with Retry-After: 1; a
+request that fits max_seeds always fits an empty queue); 504 past the request deadline
+(request_timeout_s): the request's queued items are dropped, and a batch already running
+finishes with its rows discarded; 500 a sampler failure, or the dispatcher thread has died
+(requests waiting then are answered at once, and every later /generate gets 500 too).
 A client that disconnects is noticed while its request waits (its queued items are dropped);
 the dispatcher never touches a socket.
 """
@@ -41,6 +51,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import select
 import signal
@@ -56,10 +67,11 @@ import numpy as np
 import torch
 
 __all__ = ["InferenceServer", "make_sampler_factory", "run_until_signal", "parse_generate",
-           "GenerateRequest", "render", "HTTPError", "MAX_STEPS"]
+           "GenerateRequest", "render", "HTTPError", "MAX_STEPS", "MAX_WAIT_MS"]
 
 log = logging.getLogger("edm_fast.serve")
 MAX_STEPS = 256
+MAX_WAIT_MS = 60_000.0  # the largest max_wait_ms: a minute of waiting for a batch to fill
 FORMATS = ("png", "npy", "json")
 
 
@@ -144,12 +156,14 @@ def _parse_seeds(spec, max_seeds: int) -> list[int]:
 
 
 def _seed_spec_count(spec: str) -> int:
-    """How many seeds a '0-7,9' string expands to (malformed parts count as one)."""
+    """How many seeds a '0-7,9' string expands to (malformed parts count as one). A decreasing
+    range 'b-a' counts as its size b - a + 1, never as a negative number that would cancel the
+    other parts; noise.parse_seeds refuses it (400) when the total is within the limit."""
     total = 0
     for part in spec.split(","):
         lo, sep, hi = part.strip().partition("-")
         try:
-            total += int(hi) - int(lo) + 1 if sep else int(bool(lo))
+            total += abs(int(hi) - int(lo)) + 1 if sep else int(bool(lo))
         except ValueError:
             total += 1
     return total
@@ -305,6 +319,8 @@ class Dispatcher:
         self._count: dict[int, int] = {}  # steps -> pending items
         self._cond = threading.Condition()
         self._stopping = False
+        self._running: list = []  # the items of the batch being run
+        self.error: str | None = None  # why the dispatcher thread died, if it did
         self._thread = threading.Thread(target=self._loop, name="edm-fast-dispatcher")
 
     def start(self) -> None:
@@ -314,10 +330,22 @@ class Dispatcher:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the dispatcher cannot run batches any more (its thread died), else None."""
+        if self.error is None and self._thread.ident is not None \
+                and not self._thread.is_alive() and not self._stopping:
+            return "the dispatcher thread is not running"
+        return self.error
+
     def submit(self, job: Job) -> None:
-        """Queue every seed of ``job``; 503 when shutting down or the queue is full."""
+        """Queue every seed of ``job``; 503 when shutting down or the queue is full, 500 when
+        the dispatcher thread has died."""
         n = len(job.rows)
         with self._cond:
+            failure = self.failure
+            if failure is not None:
+                raise HTTPError(500, _dead_message(failure))
             if self._stopping:
                 raise HTTPError(503, "the server is shutting down")
             if len(self._pending) + n > self.max_queue:
@@ -354,12 +382,29 @@ class Dispatcher:
             _fail(job, HTTPError(503, "the server shut down before this request ran"))
 
     def _loop(self) -> None:
-        while True:
-            items = self._collect()
-            if items is None:
-                return
-            if items:
-                self._run(items)
+        try:
+            while True:
+                items = self._collect()
+                if items is None:
+                    return
+                if items:
+                    self._running = items
+                    self._run(items)
+                    self._running = []
+        except Exception as exc:  # a bug: say so (healthz, 500s) rather than hang requests
+            self._die(exc)
+
+    def _die(self, exc: Exception) -> None:
+        """Record why the thread died and fail every queued or running request (500)."""
+        log.error("the dispatcher thread died", exc_info=exc)
+        with self._cond:
+            self.error = f"{type(exc).__name__}: {exc}"
+            jobs = {job for job, _ in self._pending} | {job for job, _ in self._running}
+            self._pending.clear()
+            self._count.clear()
+            self._running = []
+        for job in jobs:
+            _fail(job, HTTPError(500, _dead_message(self.error)))
 
     def _collect(self):
         """Wait for work, then take up to max_batch live items with the oldest item's steps.
@@ -436,6 +481,10 @@ def _pow2_sizes(max_batch: int) -> list[int]:
     return [1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch]
 
 
+def _dead_message(failure: str) -> str:
+    return f"internal error: the batching dispatcher stopped ({failure}); restart the server"
+
+
 def _fail(job: Job, error: HTTPError) -> None:
     if job.error is None:
         job.error = error
@@ -481,7 +530,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         endpoint = self._endpoint()
         if endpoint == "/healthz":
-            self._send_json(200, self.app.health())
+            health = self.app.health()
+            self._send_json(503 if "error" in health else 200, health)
         elif endpoint == "/metrics":
             self._send_json(200, self.app.metrics_snapshot())
         else:
@@ -638,15 +688,19 @@ class InferenceServer:
             called at start (default_steps, smallest batch size) and then lazily.
         host, port: where to listen (port 0: an ephemeral port, see ``url``).
         max_batch: most images per Sampler call (1: batching off).
-        max_wait_ms: how long the oldest queued item may wait for a batch to fill.
-        max_seeds: most seeds per request.
-        request_timeout_s: server-side deadline of a request (then 504).
+        max_wait_ms: how long the oldest queued item may wait for a batch to fill, in
+            [0, MAX_WAIT_MS].
+        max_seeds: most seeds per request; lowered to ``max_queue`` (with a warning) if above.
+        request_timeout_s: server-side deadline of a request (then 504), finite and > 0.
         default_steps: steps of requests that do not say.
         batch_sizes: the Sampler batch sizes (buckets) a batch is padded to.
         max_samplers: most cached Samplers (one per (steps, batch size) used).
         max_queue: most queued images before requests get 503.
         max_body_bytes: largest accepted request body (else 413).
-        socket_timeout_s: per-connection socket timeout (idle keep-alive, slow bodies).
+        socket_timeout_s: per-connection socket timeout (idle keep-alive, slow bodies), finite
+            and > 0.
+
+    Raises ValueError for a limit out of range (NaN and inf included).
     """
 
     def __init__(self, sampler_factory, *, host: str = "127.0.0.1", port: int = 0,
@@ -654,13 +708,18 @@ class InferenceServer:
                  request_timeout_s: float = 60.0, default_steps: int = 18,
                  batch_sizes=None, max_samplers: int = 16, max_queue: int = 4096,
                  max_body_bytes: int = 65536, socket_timeout_s: float = 30.0):
-        if min(max_batch, max_seeds, max_samplers, max_queue) < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch, max_seeds, max_samplers and max_queue must be >= 1 "
-                             "and max_wait_ms >= 0")
-        if request_timeout_s <= 0:
-            raise ValueError("request_timeout_s must be > 0")
+        if min(max_batch, max_seeds, max_samplers, max_queue) < 1:
+            raise ValueError("max_batch, max_seeds, max_samplers and max_queue must be >= 1")
+        _check_number("max_wait_ms", max_wait_ms, 0, MAX_WAIT_MS)
+        _check_number("request_timeout_s", request_timeout_s, 0, math.inf, lo_open=True)
+        _check_number("socket_timeout_s", socket_timeout_s, 0, math.inf, lo_open=True)
         if not 1 <= default_steps <= MAX_STEPS:
             raise ValueError(f"default_steps must be in [1, {MAX_STEPS}]")
+        if max_seeds > max_queue:
+            log.warning("max_seeds (%d) is over max_queue (%d): a larger request could never "
+                        "be queued, so at most %d seeds per request are accepted",
+                        max_seeds, max_queue, max_queue)
+            max_seeds = max_queue
         self.host, self.port = host, port
         self.max_seeds, self.default_steps = max_seeds, default_steps
         self.request_timeout_s = request_timeout_s
@@ -752,13 +811,19 @@ class InferenceServer:
             raise job.error
 
     def health(self) -> dict:
+        """{"status": "ok", "model", "limits"}, or {"error": why, "model", "limits"} once the
+        dispatcher thread has died (GET /healthz answers that with 503)."""
         d = self.dispatcher
-        return {"status": "ok", "model": self.info,
-                "limits": {"max_batch": d.max_batch, "max_wait_ms": d.max_wait * 1e3,
-                           "max_seeds": self.max_seeds, "steps": [1, MAX_STEPS],
-                           "default_steps": self.default_steps, "batch_sizes": d.batch_sizes,
-                           "request_timeout_s": self.request_timeout_s,
-                           "max_body_bytes": self.max_body_bytes, "formats": list(FORMATS)}}
+        failure = d.failure
+        out = {"status": "ok"} if failure is None else {"error": _dead_message(failure)}
+        out["model"] = self.info
+        out["limits"] = {"max_batch": d.max_batch, "max_wait_ms": d.max_wait * 1e3,
+                         "max_seeds": self.max_seeds, "max_queue": d.max_queue,
+                         "steps": [1, MAX_STEPS], "default_steps": self.default_steps,
+                         "batch_sizes": d.batch_sizes,
+                         "request_timeout_s": self.request_timeout_s,
+                         "max_body_bytes": self.max_body_bytes, "formats": list(FORMATS)}
+        return out
 
     def metrics_snapshot(self) -> dict:
         out = self.metrics.snapshot()
@@ -776,6 +841,20 @@ class InferenceServer:
             self._connections.add(conn)
             if self._closing:  # accepted just before shutdown: no next request is read
                 _shut_read(conn)
+
+
+def _check_number(name: str, value, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    """ValueError unless ``value`` is a finite real number in [lo, hi] ((lo, hi] with lo_open);
+    NaN fails every comparison, so it is refused too."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if number and math.isfinite(value) and (lo < value if lo_open else lo <= value) \
+            and value <= hi:
+        return
+    bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
+    if math.isfinite(hi):
+        bound = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    got = f"{value:g}" if number and isinstance(value, (int, float)) else repr(value)
+    raise ValueError(f"{name} must be a finite number {bound}, got {got}")
 
 
 def _shut_read(conn: socket.socket) -> None:

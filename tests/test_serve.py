@@ -179,6 +179,9 @@ BAD_REQUESTS = [  # (id, method, path, body bytes, extra headers, status, words 
      "too many seeds"),
     ("huge-seed-range", "POST", "/generate", _json_body({"seeds": "0-999999999999"}), {}, 422,
      "too many seeds"),
+    # a decreasing part must not cancel the count of the others ('0-99' is 100 > 32 seeds)
+    ("decreasing-range-hides-count", "POST", "/generate", _json_body({"seeds": "0-99,100-0"}),
+     {}, 422, "too many seeds"),
     ("empty-seeds", "POST", "/generate", _json_body({"seeds": []}), {}, 422, "empty"),
     ("negative-seed", "POST", "/generate", _json_body({"seeds": [-1]}), {}, 422, "2**64"),
     ("format-gif", "POST", "/generate", _json_body({"seeds": 1, "format": "gif"}), {}, 422,
@@ -297,12 +300,47 @@ def test_timed_out_request_gets_504_and_its_queued_work_is_dropped():
             assert status == 504 and "timed out" in json.loads(body)["error"], name
         m = metrics(server.url)
         assert m["timeouts"] == 2 and m["queue_depth"] == 0 and m["dropped_items"] >= 10
-        status, _, body = generate(server.url, seeds="0-16", steps=200)
-        assert status == 503 and "busy" in json.loads(body)["error"]  # 17 > max_queue
         assert wait_for(lambda: metrics(server.url)["batches"] >= 1)  # slow batch finished
         status, _, body = generate(server.url, seeds=[2, 3], format="npy")
         assert status == 200 and npy(body).shape == (2, 2)
         assert all(s < 100 for call in calls for s in call)  # the queued seeds never ran
+    finally:
+        server.shutdown()
+
+
+def test_full_queue_is_503_to_retry_and_a_request_over_the_queue_is_422():
+    """503 + Retry-After only when the request would fit an emptier queue; max_seeds above
+    max_queue is lowered to it, so a request that can never be queued gets 422 at once."""
+    calls = []
+    server = slow_server(calls, request_timeout_s=30, max_queue=16, max_seeds=64)
+    try:
+        assert server.max_seeds == 16
+        info = json.loads(request(server.url, path="/healthz")[2])
+        assert info["limits"]["max_seeds"] == 16 and info["limits"]["max_queue"] == 16
+        results = {}
+
+        def client(name, **body):
+            results[name] = generate(server.url, format="npy", **body)
+
+        threads = [threading.Thread(target=client, args=("running",),
+                                    kwargs={"seeds": [1], "steps": 200})]
+        threads[0].start()
+        assert wait_for(lambda: calls)  # the slow batch runs; the queue is empty
+        threads.append(threading.Thread(target=client, args=("queued",),
+                                        kwargs={"seeds": "100-109"}))
+        threads[1].start()
+        assert wait_for(lambda: metrics(server.url)["queue_depth"] == 10)
+        for seeds in ("0-6", "0-15"):  # 10 + 7 > 16, 10 + 16 > 16: busy now, fits later
+            status, headers, body = generate(server.url, seeds=seeds)
+            assert status == 503 and headers["Retry-After"] == "1", body
+            assert "busy" in json.loads(body)["error"]
+        status, headers, body = generate(server.url, seeds="0-16")  # 17 > max_queue: never
+        assert status == 422 and "Retry-After" not in headers, body
+        assert "too many seeds" in json.loads(body)["error"]
+        for t in threads:
+            t.join(timeout=20)
+        assert results["running"][0] == 200 and results["queued"][0] == 200
+        assert npy(results["queued"][2]).shape == (10, 2)
     finally:
         server.shutdown()
 
@@ -335,6 +373,89 @@ def test_client_disconnect_mid_request_does_not_block_others():
         assert all(s < 100 for call in calls for s in call)
     finally:
         server.shutdown()
+
+
+#----------------------------------------------------------------------------
+# Limits checked at start-up, and a dispatcher that dies.
+
+def test_seed_string_is_counted_before_it_is_expanded(monkeypatch):
+    """'0-9999999,10000000-0' is 20000001 seeds, not 1: refused (422) without expanding."""
+    import edm_fast.noise
+    from edm_fast.serve import HTTPError, _seed_spec_count, parse_generate
+
+    def no_expanding(spec):
+        raise AssertionError(f"parse_seeds({spec!r}) expanded an over-limit seed string")
+
+    monkeypatch.setattr(edm_fast.noise, "parse_seeds", no_expanding)
+    for spec in ("0-9999999,10000000-0", "0-99,100-0", "5--3,0-63", "0-999999999999"):
+        with pytest.raises(HTTPError) as info:
+            parse_generate({"seeds": spec}, label_dim=0, image=False, max_seeds=64,
+                           default_steps=STEPS)
+        assert info.value.status == 422 and "too many seeds" in info.value.message, spec
+    assert _seed_spec_count("0-9999999,10000000-0") == 20_000_001
+    assert _seed_spec_count("9-1") == 9 and _seed_spec_count("0-7,9,,") == 9
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_wait_ms": float("inf")}, {"max_wait_ms": float("nan")}, {"max_wait_ms": 9e12},
+    {"max_wait_ms": 60001}, {"max_wait_ms": -1},
+    {"request_timeout_s": float("nan")}, {"request_timeout_s": float("inf")},
+    {"request_timeout_s": 0}, {"socket_timeout_s": float("nan")},
+    {"socket_timeout_s": float("inf")},
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_non_finite_or_absurd_limits_are_refused_at_construction(kwargs):
+    def factory(steps, batch_size):
+        raise AssertionError("the model must not be loaded for a bad limit")
+
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        InferenceServer(factory, **kwargs)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--max-wait-ms", "inf"), ("--max-wait-ms", "nan"), ("--max-wait-ms", "9e12"),
+    ("--timeout", "nan"), ("--timeout", "inf"), ("--timeout", "-1"),
+])
+def test_cli_serve_refuses_bad_float_options_in_one_line(option, value, monkeypatch, capsys):
+    import edm_fast.serve
+    from edm_fast.cli import main
+
+    def started(server):
+        raise AssertionError(f"the server started with {option} {value}")
+
+    monkeypatch.setattr(edm_fast.serve, "run_until_signal", started)
+    rc = main(["serve", "--ckpt", "toy-gmm", "--device", "cpu", "--port", "0",
+               option, value])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"edm-fast serve: error: {option} must be"), err
+    assert err.endswith(f"got {float(value):g}"), err
+
+
+def test_dead_dispatcher_fails_pending_requests_and_healthz():
+    """A bug that kills the dispatcher thread: the waiting request gets 500 at once (not a 504
+    after its deadline), /healthz says 503 with the error, later requests get 500."""
+    server = slow_server([], request_timeout_s=8)
+    try:
+        def broken(steps):
+            raise RuntimeError("boom")
+
+        server.dispatcher._take = broken  # raised in the dispatcher thread, under its lock
+        start = time.monotonic()
+        status, _, body = generate(server.url, seeds=[1, 2], format="npy")
+        assert status == 500 and "boom" in json.loads(body)["error"], body
+        assert time.monotonic() - start < 4  # answered, not left to time out
+        status, _, body = request(server.url, path="/healthz")
+        info = json.loads(body)
+        assert status == 503 and info["status"] == 503 and "boom" in info["error"], info
+        assert info["model"]["shape"] == [2]
+        status, _, body = generate(server.url, seeds=3, format="npy")
+        assert status == 500 and "dispatcher" in json.loads(body)["error"]
+        m = metrics(server.url)
+        assert m["queue_depth"] == 0 and m["responses"]["500"] == 2
+    finally:
+        start = time.monotonic()
+        server.shutdown()
+        assert time.monotonic() - start < 5
 
 
 #----------------------------------------------------------------------------
