@@ -40,20 +40,42 @@ from .noise import SeedNoise
 from .precond import Denoiser, EDMPrecond
 from .sampler import Sampler, _model_shape
 
-__all__ = ["bench_model", "benchmark_case", "format_table", "load_k_diffusion_sampling",
-           "measure_sampler", "nvlabs_style_sampler", "peak_flops", "time_call", "time_pair"]
+__all__ = ["bench_model", "bench_model_names", "benchmark_case", "check_bench_model",
+           "format_table", "load_k_diffusion_sampling", "measure_sampler",
+           "nvlabs_style_sampler", "peak_flops", "time_call", "time_pair"]
+
+BENCH_ALIASES = {"mlp": "toy-mlp", "bundled": "default"}  # short names of a preset / model
+
+
+def bench_model_names() -> list[str]:
+    """Every model name ``bench_model`` takes: 'mlp', the bundled models ('bundled' = the
+    CLI's 'default', and 'default-ddpm'), then the network presets (random weights)."""
+    from .models import BUNDLED
+    from .nets.presets import PRESETS
+
+    return ["mlp", "bundled", *BUNDLED, *PRESETS]
+
+
+def check_bench_model(name: str) -> str:
+    """``name`` if ``bench_model`` takes it, else ValueError listing every name it takes."""
+    if name not in bench_model_names():
+        raise ValueError(f"Unknown network preset {name!r} (nor a model name); "
+                         f"--models takes: {', '.join(bench_model_names())}")
+    return name
 
 
 def bench_model(name: str, device):
-    """'bundled' (the packaged digits model), 'mlp', 'tiny' or any preset, random weights."""
+    """A bundled model by name ('bundled' = 'default', the packaged digits model; or
+    'default-ddpm'), or 'mlp' (= 'toy-mlp'), 'tiny' or any network preset with random
+    weights and EDM preconditioning."""
+    from .models import BUNDLED, load_denoiser
     from .nets import build_net
 
+    name = BENCH_ALIASES.get(check_bench_model(name), name)
     torch.manual_seed(0)
-    if name == "bundled":
-        from .models import load_denoiser
-
-        return load_denoiser("default", device=device)
-    net = build_net("toy-mlp" if name == "mlp" else name, dropout=0.0)
+    if name in BUNDLED:
+        return load_denoiser(name, device=device)
+    net = build_net(name, dropout=0.0)
     return Denoiser(net, EDMPrecond()).eval().requires_grad_(False).to(device)
 
 

@@ -27,7 +27,8 @@ def _add_bench(sub, formatter) -> None:
         "k-diffusion's sample_heun on the same denoiser; prints ms/NFE, img/s and overhead. "
         "The full benchmark is bench/bench_sampler.py.")
     p.add_argument("--models", default="mlp,tiny",
-                   help="comma list: mlp, tiny, bundled, or any network preset")
+                   help="comma list: mlp, tiny or any network preset (random weights), or a "
+                   "bundled model: bundled (= default, as in --ckpt default), default-ddpm")
     p.add_argument("--batches", default="1,16", help="comma list of batch sizes")
     p.add_argument("--steps", type=int, default=18, help="Heun steps (2N-1 NFE)")
     p.add_argument("--backends", default=None, help="comma list (default: all that load)")
@@ -38,7 +39,7 @@ def _add_bench(sub, formatter) -> None:
 
 def _cmd_bench(args) -> int:
     from .backends import BACKENDS
-    from .benchmark import benchmark_case, format_table
+    from .benchmark import benchmark_case, check_bench_model, format_table
     from .device import resolve_device
 
     device = resolve_device(args.device)
@@ -53,8 +54,9 @@ def _cmd_bench(args) -> int:
         raise ValueError(f"--batches takes a comma list of sizes, got {args.batches!r}") from None
     if min(batches) < 1 or args.repeats < 1 or args.steps < 1:
         raise ValueError("--batches, --repeats and --steps must be >= 1")
+    models = [check_bench_model(m) for m in args.models.split(",")]  # all, before any run
     rows = []
-    for model in args.models.split(","):
+    for model in models:
         for batch in batches:
             rows += benchmark_case(model, batch, device=device, steps=args.steps,
                                    repeats=args.repeats, backends=backends)

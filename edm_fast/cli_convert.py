@@ -6,6 +6,10 @@ Examples:
     edm-fast convert edm-cifar10-32x32-cond-vp.pkl --out cifar10-cond-vp.safetensors
     edm-fast convert edm-imagenet-64x64-cond-adm.pkl --out imagenet64.safetensors --dtype float16
     edm-fast convert runs/edm/ --out digits.safetensors        # latest checkpoint of a run
+
+--out must end in .safetensors (it is not added); missing parent folders are created. The
+bundled models ('default', 'default-ddpm') are already edm-fast checkpoints: copy one, e.g. in
+float16, with `edm-fast export --ckpt default --format safetensors --out FILE.safetensors`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ def add_convert_command(sub, formatter) -> None:
                    help="official .pkl snapshot or training-state-*.pt (read without running "
                    "its code), or an edm-fast .safetensors checkpoint or run folder")
     p.add_argument("--out", required=True, metavar="PATH",
-                   help="the inference checkpoint to write (.safetensors)")
+                   help="the inference checkpoint to write; must end in .safetensors (not "
+                   "added for you); missing parent folders are created")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="store floating-point weights in this dtype (default: as in SRC); "
                    "they are loaded back into float32 networks")
@@ -38,11 +43,13 @@ def cmd_convert(args) -> int:
     import torch
 
     from .checkpoints import export_inference_checkpoint, read_checkpoint
+    from .cli_export import check_out_file
     from .official import convert_official
 
     src = Path(args.src)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    out = Path(args.out)
+    _check_src(src)
+    out = check_out_file(args.out, (".safetensors",), "convert writes")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is SRC itself; write the converted checkpoint elsewhere")
     if out.name.startswith("ckpt-") and out.suffix == ".safetensors":
@@ -58,3 +65,22 @@ def cmd_convert(args) -> int:
           f"values), {meta['precond']['name']} preconditioning, samples "
           f"{tuple(meta['sample_shape'])}")
     return 0
+
+
+def _check_src(src) -> None:
+    """A clear error for a SRC that is not there, before anything is read or written."""
+    from .models import BUNDLED, TOYS
+
+    if src.exists():
+        return
+    name = str(src)
+    what = ("convert reads an official NVlabs snapshot (.pkl), a training-state-*.pt, or an "
+            "edm-fast .safetensors checkpoint or run folder")
+    if name in BUNDLED:
+        raise ValueError(f"{name!r} is a bundled model, already an edm-fast .safetensors "
+                         f"checkpoint; {what}. To copy it (in float16 with --dtype float16), "
+                         f"run `edm-fast export --ckpt {name} --format safetensors --out "
+                         "FILE.safetensors`")
+    if name in TOYS:
+        raise ValueError(f"{name!r} is an analytic toy model with no weights to convert; {what}")
+    raise FileNotFoundError(f"no file or folder at {src}; {what}")

@@ -11,16 +11,27 @@ onnx, aoti and torchscript export the preconditioned denoiser D(x; sigma, class_
 Eq. 7) with float32 inputs and outputs; ``--dtype float16`` runs the network inside in half
 precision. safetensors writes the EMA weights and config
 (``checkpoints.export_inference_checkpoint``) with the weights in ``--dtype``.
+
+--out must end in the suffix of --format (none is added): .onnx, .pt2 (aoti), .ts or
+.torchscript (torchscript: the suffixes `edm-fast sample` knows as TorchScript; a .pt file is
+read as an NVlabs training state), .safetensors. Missing parent folders are created; an existing
+folder or an unwritable location is refused before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
-__all__ = ["add_export_command"]
+__all__ = ["SUFFIXES", "add_export_command", "check_out_file"]
 
 FORMATS = ("onnx", "aoti", "torchscript", "safetensors")
+# The suffixes --out may end in, per format: those the loaders tell the formats apart by
+# (models.EXPORT_SUFFIXES, the C++ loader's '.pt2' -> AOTInductor). The first one is suggested.
+SUFFIXES = {"onnx": (".onnx",), "aoti": (".pt2",), "torchscript": (".ts", ".torchscript"),
+            "safetensors": (".safetensors",)}
 
 
 def add_export_command(sub, formatter) -> None:
@@ -31,7 +42,10 @@ def add_export_command(sub, formatter) -> None:
     p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
                    help="checkpoint, run folder or bundled model name ('default')")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format")
-    p.add_argument("--out", required=True, metavar="FILE", help="output file")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output file, ending in the suffix of --format (not added for you): "
+                   ".onnx, .pt2 (aoti), .ts or .torchscript (torchscript), .safetensors; "
+                   "missing parent folders are created")
     p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (onnx only)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the network's weights and activations")
@@ -46,9 +60,41 @@ def add_export_command(sub, formatter) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def check_out_file(out, suffixes, writer: str) -> Path:
+    """Raise ValueError now, before anything is loaded or exported, unless ``out`` can be
+    written as a file: it ends in one of ``suffixes`` (exactly: none is added), it is not an
+    existing folder or a read-only file, and its nearest existing ancestor is a writable folder
+    (the missing folders in between are created when the file is written). ``writer`` says
+    what writes it ("--format onnx writes").
+    """
+    from .images import existing_ancestor
+
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is an existing folder; name the file to write in it, "
+                         f"e.g. {out / ('model' + suffixes[0])}")
+    if out.suffix not in suffixes:
+        expected = " or ".join(suffixes)
+        if not out.suffix:
+            raise ValueError(f"--out {out}: {writer} a {expected} file; name it "
+                             f"{out.with_name(out.name + suffixes[0])} (no suffix is added)")
+        owner = [f for f, sx in SUFFIXES.items() if out.suffix in sx and sx != suffixes]
+        hint = (f" (a {out.suffix} file is what `edm-fast export --format {owner[0]}` writes)"
+                if owner else " (edm-fast reads a .pt file as an NVlabs training state)"
+                if out.suffix == ".pt" else "")
+        raise ValueError(f"--out {out}: {writer} a {expected} file, not {out.suffix}{hint}")
+    ancestor = existing_ancestor(out.parent)
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: {ancestor} is not a writable folder")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"cannot write {out}: the file exists and is read-only")
+    return out
+
+
 def _cmd_export(args) -> int:
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    check_out_file(args.out, SUFFIXES[args.format], f"--format {args.format} writes")
     start = time.perf_counter()
     if args.format == "safetensors":
         path = _export_safetensors(args)

@@ -122,6 +122,22 @@ def _prepare(denoiser, example_shape: Sequence[int], label_dim: int | None, devi
     return module, args, label_dim, example_shape[1:], restore
 
 
+def _output_file(path) -> str:
+    """``path`` as a str; IsADirectoryError (an OSError) now, before any tracing, when it is an
+    existing folder (torch's writers fail on one only after the export work)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is an existing folder")
+    return path
+
+
+def _make_parent(path: str) -> None:
+    """Create the missing parent folders of ``path`` (as the safetensors writer does)."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+
+
 def _metadata(module: ExportableDenoiser, sample_shape, label_dim: int, dtype, device,
               dynamic_batch: bool, batch: int) -> dict[str, str]:
     return {
@@ -159,12 +175,13 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
         label_dim: must equal ``denoiser.label_dim`` (default); 0 = no labels input.
         device: 'cpu' or 'cuda[:i]'; the package only runs on that device type.
         dtype: dtype of x, sigma and labels (the C++ loop's dtype); F keeps its own dtype.
-        path: where to write the package (conventionally ``*.pt2``).
+        path: where to write the package (must end in ``.pt2``; missing parent folders
+            are created).
         inductor_configs: extra Inductor options (merged over the metadata entry).
 
     Returns the package path. Takes tens of seconds on a CPU (C++ compilation of the kernels).
     """
-    path = os.fspath(path)
+    path = _output_file(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"an AOTInductor package path must end in '.pt2', got {path!r}")
     module, args, label_dim, sample_shape, restore = _prepare(
@@ -180,6 +197,7 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
     try:
         with torch.no_grad():
             program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+            _make_parent(path)
             return torch._inductor.aoti_compile_and_package(program, package_path=path,
                                                             inductor_configs=configs)
     finally:
@@ -197,17 +215,19 @@ def export_torchscript(denoiser, example_shape: Sequence[int], *, label_dim: int
     Same arguments and input convention as ``export_aoti``. The traced graph keeps the batch
     dimension symbolic for networks that do not turn sizes into Python numbers; the tests check
     batches 1 .. 16 and the guided 2N batch. TorchScript is deprecated upstream; prefer AOTI.
+    Missing parent folders of ``path`` are created.
     """
+    path = _output_file(path)
     module, args, label_dim, sample_shape, restore = _prepare(
         denoiser, example_shape, label_dim, device, dtype, min_batch=2)
     meta = _metadata(module, sample_shape, label_dim, dtype, device, True, args[0].shape[0])
-    path = os.fspath(path)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(module, args)
             text = "".join(f"{k}={v}\n" for k, v in meta.items())
+            _make_parent(path)
             torch.jit.save(traced, path, _extra_files={METADATA_FILE: text})
     finally:
         restore()

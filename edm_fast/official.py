@@ -32,6 +32,7 @@ import io
 import math
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -48,8 +49,16 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """The file asks for a global (function or class) outside the allowlist."""
 
 
-class OfficialFormatError(ValueError):
+class OfficialFormatError(CheckpointError):
     """The file is safe to read but is not an official EDM network we can rebuild."""
+
+
+# What a corrupt or foreign file makes the unpickler (or the records built from it) raise:
+# a text file starting with 'g' is a GET opcode with a non-numeric index (ValueError), others
+# give bad memo keys, wrong argument types, out-of-bounds tensor views (RuntimeError) ...
+_PARSE_ERRORS = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, ValueError,
+                 TypeError, KeyError, IndexError, AttributeError, OverflowError, RuntimeError,
+                 NotImplementedError)
 
 
 # ------------------------------------------------------------------------------------------
@@ -535,20 +544,35 @@ def read_official(path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no official snapshot at {path}")
+    stage = "read"
     try:
         root = _read_file(path)
-    except UnsafePickleError:
-        raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable pickle snapshot (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from exc
-    wrapper, source = _select_network(root)
-    model = _model_record(wrapper)
-    config = _config(wrapper, model, root, path, source)
-    state = wrapper.state_dict()
-    if config["precond"]["name"] == "iddpm":
-        _check_u(state, config["precond"])
+        stage = "rebuild"
+        wrapper, source = _select_network(root)
+        model = _model_record(wrapper)
+        config = _config(wrapper, model, root, path, source)
+        state = wrapper.state_dict()
+        if config["precond"]["name"] == "iddpm":
+            _check_u(state, config["precond"])
+    except (UnsafePickleError, OfficialFormatError) as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc  # name the file
+    except _PARSE_ERRORS as exc:
+        if stage == "read":
+            raise CheckpointError(f"{path} is not a valid NVlabs EDM snapshot (.pkl) or "
+                                  "training state (.pt): not a readable pickle snapshot "
+                                  f"(truncated or corrupt?): {_one_line(exc)}") from exc
+        # a look-alike file: e.g. a constructor argument of the wrong type
+        raise OfficialFormatError(f"{path} is not a valid NVlabs EDM snapshot: "
+                                  f"{_one_line(exc)}") from exc
     return state, config
+
+
+def _one_line(exc: Exception) -> str:
+    """'Type: message' with line breaks escaped (parsers quote the bad line, newline included)."""
+    text = str(exc).replace("\r", "\\r").replace("\n", "\\n")
+    return f"{type(exc).__name__}: {text}"
 
 
 def denoiser_state_dict(state: dict, config: dict) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .export import ExportableDenoiser, _metadata, _prepare, _unwrap
+from .export import ExportableDenoiser, _make_parent, _metadata, _output_file, _prepare, _unwrap
 from .precond import Denoiser, require_denoiser
 
 __all__ = [
@@ -181,7 +181,8 @@ def _export_dynamo(module, args, path: str, names, opset: int, dynamic_batch: bo
 
 
 def _run_exporter(exporter: str, module, args, path, names, opset, dynamic_batch):
-    """(exporter used, opset written); 'auto' = TorchScript, dynamo if that fails."""
+    """(exporter used, opset written); 'auto' = TorchScript, dynamo if that fails (but not
+    when the file cannot be written: an OSError is raised as it is)."""
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}")
     if exporter == "dynamo":
@@ -189,6 +190,8 @@ def _run_exporter(exporter: str, module, args, path, names, opset, dynamic_batch
     try:
         return "torchscript", _export_torchscript(module, args, path, names, opset,
                                                   dynamic_batch)
+    except OSError:
+        raise  # the file cannot be written: the other exporter could not write it either
     except Exception as exc:
         if exporter == "torchscript":
             raise
@@ -288,9 +291,12 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
         exporter: 'auto' | 'torchscript' | 'dynamo' (see the module docstring).
         providers: ONNX Runtime providers of the check session (default CPU).
 
+    ``path`` must not be a folder (IsADirectoryError before any tracing); its missing parent
+    folders are created.
+
     Returns an ``OnnxExportReport`` (max relative error in ``report.max_rel_err``).
     """
-    path, dtype = os.fspath(path), _net_dtype(dtype)
+    path, dtype = _output_file(path), _net_dtype(dtype)
     if not OPSETS[0] <= opset <= OPSETS[1]:
         raise ValueError(f"opset must be in {OPSETS[0]}..{OPSETS[1]}, got {opset}")
     denoiser = _net_in_dtype(_unwrap(denoiser), dtype)
@@ -300,6 +306,7 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
     names = ["x", "sigma"] + (["class_labels"] if label_dim > 0 else [])
     try:
         start = time.perf_counter()
+        _make_parent(path)
         with torch.no_grad():
             used, opset = _run_exporter(exporter, module, args, path, names, int(opset),
                                         dynamic_batch)

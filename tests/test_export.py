@@ -198,3 +198,68 @@ def test_aoti_static_batch(tmp_path):
     with pytest.raises(RuntimeError, match="static batch of 2"):
         sampler.sample(torch.randn(3, DIM), sigmas, t_hats, gammas, 1.0, "heun", None, None,
                        None)
+
+
+# ------------------------------------------------------------------------------------------
+# Output paths: missing parent folders are created, an existing folder is refused up front.
+
+def test_export_aoti_creates_missing_folders_and_refuses_a_folder(tmp_path, monkeypatch):
+    """Without compiling (tens of seconds): the package is written where the parent exists."""
+    import torch._inductor
+
+    def fake_package(program, package_path, inductor_configs):
+        assert os.path.isdir(os.path.dirname(package_path)), "parent folder not created"
+        with open(package_path, "wb") as f:
+            f.write(b"pt2")
+        return package_path
+
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: "program")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_package)
+    out = tmp_path / "new" / "sub" / "d.pt2"
+    assert export_aoti(make_denoiser(), (2, DIM), path=out) == str(out) and out.is_file()
+    folder = tmp_path / "dir.pt2"
+    folder.mkdir()
+    monkeypatch.setattr(torch.export, "export", None)  # any export work would fail differently
+    with pytest.raises(IsADirectoryError, match="existing folder"):
+        export_aoti(make_denoiser(), (2, DIM), path=folder)
+
+
+def test_export_torchscript_creates_missing_folders_and_refuses_a_folder(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "sub" / "d.ts"
+    assert export_torchscript(make_denoiser(), (2, DIM), path=out) == str(out)
+    assert read_metadata(out)["edm_fast.label_dim"] == str(LABEL_DIM)
+    monkeypatch.setattr(torch.jit, "trace", None)  # refused before any tracing
+    with pytest.raises(IsADirectoryError, match="existing folder"):
+        export_torchscript(make_denoiser(), (2, DIM), path=tmp_path / "new")
+
+
+# ------------------------------------------------------------------------------------------
+# `edm-fast bench --models`: the names it takes, all checked before any run.
+
+def test_bench_model_names_and_aliases():
+    from edm_fast.benchmark import bench_model, bench_model_names
+
+    with pytest.raises(ValueError) as info:
+        bench_model("nope", "cpu")
+    message = str(info.value)
+    assert "Unknown network preset 'nope'" in message
+    for name in ("mlp", "bundled", "default", "default-ddpm", "tiny", "toy-mlp"):
+        assert name in bench_model_names() and f" {name}," in f"{message},", name
+    bundled, default = bench_model("bundled", "cpu"), bench_model("default", "cpu")
+    assert bundled.label_dim == default.label_dim == 10
+    assert torch.equal(next(bundled.model.parameters()), next(default.model.parameters()))
+    assert isinstance(bench_model("mlp", "cpu").model, MLP)
+
+
+def test_bench_cli_checks_every_model_before_running(monkeypatch, capsys):
+    from edm_fast import benchmark
+    from edm_fast.cli import main
+
+    def no_run(*_, **__):
+        raise AssertionError("benchmarked before the --models check")
+
+    monkeypatch.setattr(benchmark, "benchmark_case", no_run)
+    assert main(["bench", "--models", "mlp,default,nope", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edm-fast bench: error: Unknown network preset")
+    assert "mlp, bundled, default, default-ddpm" in err[0]

@@ -441,7 +441,8 @@ def test_malicious_globals_refused(snapshots, name):
     out, report = snapshots
     error = report["errors"][name]
     assert error is not None
-    assert error.startswith(f"UnsafePickleError: refusing to load global {MALICIOUS[name]}:")
+    assert error.startswith("UnsafePickleError: ")  # naming the file
+    assert f"{name}: refusing to load global {MALICIOUS[name]}:" in error
     assert not list(out.glob("pwned*"))
 
 
@@ -475,7 +476,8 @@ def test_convert_cli_round_trip(snapshots, tmp_path, name, capsys):
     from edm_fast.models import load_denoiser
 
     out, _ = snapshots
-    src, dst, half = out / f"{name}.pkl", tmp_path / "model.safetensors", tmp_path / "half.st"
+    src, dst = out / f"{name}.pkl", tmp_path / "model.safetensors"
+    half = tmp_path / "half.safetensors"
     assert _convert(str(src), "--out", str(dst)) == 0
     assert f"{CASES[name][3]} network" in capsys.readouterr().out
     ref = _tensors(out, name, "ref")
@@ -514,3 +516,102 @@ def test_convert_refuses_malicious(snapshots, tmp_path):
     with pytest.raises(UnsafePickleError, match="refusing to load global os.system"):
         _convert(str(out / "evil-os-system.pkl"), "--out", str(tmp_path / "x.safetensors"))
     assert not (tmp_path / "x.safetensors").exists() and not list(out.glob("pwned*"))
+
+
+# ------------------------------------------------------------------------------------------
+# Errors that say what is wrong with SRC and --out, before anything is read or written.
+
+CORRUPT = {
+    "text": b"garbage\n",  # 'g' = GET with index 'arbage': a ValueError inside pickle
+    "float": b"Fabc\n.",  # a float opcode with text that is no number (its message has a \n)
+    "long": b"L12x\n.",
+    "memo": b"hello world",
+    "empty": b"",
+    "truncated": b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x03ema",
+}
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pt"])
+@pytest.mark.parametrize("kind", list(CORRUPT))
+def test_corrupt_snapshot_is_a_checkpoint_error_naming_the_file(tmp_path, kind, suffix):
+    """A file that is no pickle (text, cut short) is a CheckpointError that names it, in one
+    line: `invalid literal for int() with base 10: 'arbage'` alone named nothing."""
+    from edm_fast.checkpoints import CheckpointError
+    from edm_fast.official import read_official
+
+    path = tmp_path / f"snapshot{suffix}"
+    path.write_bytes(CORRUPT[kind])
+    with pytest.raises(CheckpointError) as info:
+        read_official(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a valid NVlabs EDM snapshot (.pkl) or training "
+                              "state (.pt): not a readable pickle snapshot"), message
+    assert "\n" not in message
+
+
+def test_a_pickle_that_is_not_a_snapshot_names_the_file(tmp_path):
+    import pickle
+
+    from edm_fast.checkpoints import CheckpointError
+    from edm_fast.official import OfficialFormatError, read_official
+
+    path = tmp_path / "list.pkl"
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(OfficialFormatError, match="expected an official EDM snapshot") as info:
+        read_official(path)
+    assert str(info.value).startswith(f"{path}: ") and isinstance(info.value, CheckpointError)
+
+
+def test_convert_cli_corrupt_snapshot_is_one_line(tmp_path, capsys):
+    from edm_fast.cli import main
+
+    src, dst = tmp_path / "g.pkl", tmp_path / "g.safetensors"
+    src.write_text("garbage\n")
+    assert main(["convert", str(src), "--out", str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"edm-fast convert: error: {src} is not a valid "
+                                               "NVlabs EDM snapshot")
+    assert not dst.exists()
+
+
+def test_convert_says_what_it_reads(tmp_path, monkeypatch):
+    """`convert default` (a name `export --ckpt` takes) said "checkpoint not found: default"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as info:
+        _convert("default", "--out", "x.safetensors")
+    message = str(info.value)
+    assert "'default' is a bundled model, already an edm-fast .safetensors checkpoint" in message
+    assert "convert reads an official NVlabs snapshot (.pkl), a training-state-*.pt" in message
+    assert "`edm-fast export --ckpt default --format safetensors --out FILE.safetensors`" in message
+    with pytest.raises(FileNotFoundError, match="no file or folder at nope.pkl; convert reads an "
+                       "official NVlabs snapshot"):
+        _convert("nope.pkl", "--out", "x.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out, message", [
+    ("cv.onnx", ("--out {tmp}/cv.onnx: convert writes a .safetensors file, not .onnx (a .onnx "
+                 "file is what `edm-fast export --format onnx` writes)")),
+    ("cv.st", "convert writes a .safetensors file, not .st"),
+    ("cv", "name it {tmp}/cv.safetensors (no suffix is added)"),
+    ("folder.safetensors", "--out {tmp}/folder.safetensors is an existing folder"),
+    ("afile/cv.safetensors", ("cannot write {tmp}/afile/cv.safetensors: {tmp}/afile is not a "
+                              "writable folder")),
+])
+def test_convert_checks_out_before_reading(tmp_path, monkeypatch, out, message):
+    """`convert ... --out cv.onnx` wrote a safetensors file that `sample` then refused as an
+    ONNX export; --out is checked as `export` checks it, before SRC is read."""
+    from edm_fast import checkpoints, official
+
+    def no_read(*_, **__):
+        raise AssertionError("read SRC before the --out check")
+
+    monkeypatch.setattr(official, "convert_official", no_read)
+    monkeypatch.setattr(checkpoints, "export_inference_checkpoint", no_read)
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "afile").write_text("")
+    src = tmp_path / "snapshot.pkl"
+    src.write_bytes(b"")
+    with pytest.raises(ValueError) as info:
+        _convert(str(src), "--out", str(tmp_path / out))
+    assert message.format(tmp=tmp_path) in str(info.value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
 import sys
 
 import numpy as np
@@ -226,6 +227,34 @@ def test_dynamo_exporter(tmp_path):
     assert report.max_rel_err <= 1e-4
 
 
+def test_auto_exporter_does_not_retry_a_file_it_cannot_write(monkeypatch):
+    """An OSError (missing folder, no permission, full disk) is raised as it is: the dynamo
+    exporter could not write the file either."""
+    from edm_fast import onnx_export
+
+    def unwritable(*_):
+        raise PermissionError(13, "Permission denied", "x.onnx")
+
+    def dynamo(*_):
+        raise AssertionError("retried with the dynamo exporter")
+
+    monkeypatch.setattr(onnx_export, "_export_torchscript", unwritable)
+    monkeypatch.setattr(onnx_export, "_export_dynamo", dynamo)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        onnx_export._run_exporter("auto", None, (), "x.onnx", ["x", "sigma"], 17, True)
+
+
+def test_export_onnx_creates_missing_folders_and_refuses_a_folder(tmp_path, monkeypatch):
+    from edm_fast import onnx_export
+
+    path = tmp_path / "new" / "sub" / "mlp.onnx"
+    report = export_onnx(make_denoiser("mlp"), path, sample_shape=(2,), check=False)
+    assert report.path == str(path) and read_onnx_metadata(path)["edm_fast.label_dim"] == "3"
+    monkeypatch.setattr(onnx_export, "_run_exporter", None)  # refused before any export work
+    with pytest.raises(IsADirectoryError, match="existing folder"):
+        export_onnx(make_denoiser("mlp"), tmp_path / "new", sample_shape=(2,))
+
+
 # ------------------------------------------------------------------------------------------
 # The ONNX Runtime backend.
 
@@ -421,7 +450,7 @@ def export_cli(*argv):
 
 
 def test_cli_export_onnx(tmp_path, capsys):
-    out = tmp_path / "digits.onnx"
+    out = tmp_path / "new" / "sub" / "digits.onnx"  # missing folders are created
     assert export_cli("--ckpt", "default", "--format", "onnx", "--out", str(out)) == 0
     text = capsys.readouterr().out
     assert "max relative error" in text and "inputs x, sigma, class_labels" in text
@@ -443,7 +472,7 @@ def test_cli_export_onnx_static_float16(tmp_path, capsys):
 
 
 def test_cli_export_torchscript(tmp_path):
-    out = tmp_path / "digits.ts"
+    out = tmp_path / "new" / "sub" / "digits.ts"  # missing folders are created
     assert export_cli("--format", "torchscript", "--out", str(out)) == 0
     module = torch.jit.load(str(out))
     x, sigma, labels = case_inputs(3, (1, 16, 16), label_dim=10)
@@ -457,7 +486,7 @@ def test_cli_export_torchscript(tmp_path):
 def test_cli_export_safetensors(tmp_path):
     from edm_fast.models import load_denoiser
 
-    out = tmp_path / "digits16.safetensors"
+    out = tmp_path / "new" / "digits16.safetensors"
     assert export_cli("--format", "safetensors", "--out", str(out), "--dtype", "float16") == 0
     from safetensors import safe_open
 
@@ -473,6 +502,92 @@ def test_cli_export_safetensors(tmp_path):
 def test_cli_rejects_toy_models(tmp_path):
     with pytest.raises(ValueError, match="needs a network with EDM preconditioning"):
         export_cli("--ckpt", "toy-gmm", "--format", "onnx", "--out", str(tmp_path / "t.onnx"))
+
+
+@pytest.fixture
+def no_export(monkeypatch):
+    """Loading the model or exporting fails the test: --out is checked before either."""
+    from edm_fast import cli_export
+
+    def fail(*_, **__):
+        raise AssertionError("loaded or exported before the --out check")
+
+    monkeypatch.setattr(cli_export, "_load", fail)
+    monkeypatch.setattr(cli_export, "_export_safetensors", fail)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "aoti", "torchscript", "safetensors"])
+def test_cli_export_refuses_a_folder_or_an_unwritable_place_up_front(tmp_path, fmt, no_export,
+                                                                     capsys):
+    """One behaviour for every format, decided before the model is loaded (aoti compiled for
+    tens of seconds before torch failed on an existing folder)."""
+    from edm_fast.cli import main
+    from edm_fast.cli_export import SUFFIXES
+
+    suffix = SUFFIXES[fmt][0]
+    folder = tmp_path / f"folder{suffix}"
+    folder.mkdir()
+    (tmp_path / "afile").write_text("")
+    for out, message in [(folder, "is an existing folder"),
+                         (tmp_path / "afile" / "sub" / f"x{suffix}",
+                          "afile is not a writable folder")]:
+        with pytest.raises(ValueError, match=message):
+            export_cli("--format", fmt, "--out", str(out))
+        assert main(["export", "--format", fmt, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("edm-fast export: error: ") and message in err[0]
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_cli_export_refuses_a_read_only_folder(tmp_path, no_export):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="is not a writable folder"):
+            export_cli("--format", "torchscript", "--out", str(folder / "new" / "x.ts"))
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("fmt, out, message", [
+    ("onnx", "m.pt2", ("--format onnx writes a .onnx file, not .pt2 (a .pt2 file is what "
+                       "`edm-fast export --format aoti` writes)")),
+    ("aoti", "m.onnx", "--format aoti writes a .pt2 file, not .onnx"),
+    ("aoti", "m.PT2", "--format aoti writes a .pt2 file, not .PT2"),  # the C++ loader's match
+    ("torchscript", "m.pt", ("a .ts or .torchscript file, not .pt (edm-fast reads a .pt file "
+                             "as an NVlabs training state)")),
+    ("torchscript", "m.onnx", "a .ts or .torchscript file, not .onnx"),
+    ("safetensors", "m.ts", "--format safetensors writes a .safetensors file, not .ts"),
+    ("onnx", "digits", "a .onnx file; name it {tmp}/digits.onnx (no suffix is added)"),
+    ("safetensors", "digits", "name it {tmp}/digits.safetensors"),
+])
+def test_cli_export_refuses_a_suffix_of_another_format(tmp_path, fmt, out, message, no_export):
+    """A file's suffix says what it holds (the loaders go by it): no .onnx holding a
+    safetensors checkpoint, no .pt2 holding an ONNX graph."""
+    with pytest.raises(ValueError) as info:
+        export_cli("--format", fmt, "--out", str(tmp_path / out))
+    assert message.format(tmp=tmp_path) in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_suffixes_the_loaders_know(tmp_path):
+    """Every accepted suffix is one `edm-fast sample` recognises as that export (and refuses
+    to sample from), or the checkpoint suffix; the C++ loader takes .pt2 as AOTInductor."""
+    from edm_fast.cli_export import SUFFIXES, check_out_file
+    from edm_fast.models import EXPORT_SUFFIXES
+
+    names = {"onnx": "ONNX", "aoti": "AOTInductor", "torchscript": "TorchScript"}
+    for fmt, suffixes in SUFFIXES.items():
+        for suffix in suffixes:
+            assert check_out_file(tmp_path / "new" / f"m{suffix}", suffixes, "x") == (
+                tmp_path / "new" / f"m{suffix}")
+            if fmt != "safetensors":
+                assert EXPORT_SUFFIXES[suffix] == names[fmt], suffix
+    assert set(EXPORT_SUFFIXES) == {s for f in names for s in SUFFIXES[f]}
+    assert not (tmp_path / "new").exists()  # created when the file is written, not before
 
 
 @pytest.mark.slow
