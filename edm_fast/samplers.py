@@ -227,6 +227,7 @@ def sample_general(denoiser, noise, sigmas, *, schedule: str = "linear", scaling
 
     sigma_steps = loop.round_sigma(loop.sigmas)
     t_steps = [f(sig.inv(v)) for v in sigma_steps]  # t_N = sigma^{-1}(0) = 0
+    check_churn_options(S_churn, S_min, S_max, S_noise)
     gammas = churn_gammas(sigma_steps, S_churn, S_min, S_max)
     plan = []
     for i in range(loop.num_steps):
@@ -261,7 +262,7 @@ def sample_general(denoiser, noise, sigmas, *, schedule: str = "linear", scaling
             x_prime = x_hat + alpha * step["h"] * d_cur  # App. D.2: x' = x_i + alpha h d_i
             d_prime, denoised = derivative(x_prime, step["prime"])
             w = 1 / (2 * alpha)
-            x_next = x_hat + step["h"] * ((1 - w) * d_cur + w * d_prime)  # App. D.2 (alpha = 1: Alg. 1 l.8)
+            x_next = x_hat + step["h"] * ((1 - w) * d_cur + w * d_prime)  # App. D.2; l.8 at 1
         loop.report(i, x_next, step["sigma_next"], x_hat, step["sigma_hat"], denoised)
     return loop.finish(x_next)
 

@@ -37,7 +37,8 @@ needs_cpp = pytest.mark.skipif(not HAS_CPP and not REQUIRE_CPP,
 
 SHAPE = (3, 9, 7)  # an odd image shape: (C, H, W)
 LABEL_DIM = 4
-CHURN = dict(S_churn=30.0, S_min=0.05, S_max=50.0)  # churn on a middle range of steps only
+# churn on a middle range of steps only; S_noise != 1 so that a loop dropping it is caught
+CHURN = dict(S_churn=30.0, S_min=0.05, S_max=50.0, S_noise=1.007)
 
 
 @pytest.fixture(autouse=True)
@@ -294,7 +295,8 @@ def test_sample_seeds_matches_python(models, device, no_tf32):
     sampler = models.sampler("aoti", LABEL_DIM, device=device)
     labels = nn.functional.one_hot(torch.tensor([1, 1, 1, 1]), LABEL_DIM).float().to(device)
     out = sampler.sample_seeds([3, 0, 9, 4], 10, 0.002, 80.0, 7.0, CHURN["S_churn"],
-                               CHURN["S_min"], CHURN["S_max"], 1.0, "heun", labels, 2.0)
+                               CHURN["S_min"], CHURN["S_max"], CHURN["S_noise"], "heun", labels,
+                               2.0)
     noise = SeedNoise([3, 0, 9, 4], SHAPE)
     latents = noise.draw()
     ref = reference(make_denoiser(LABEL_DIM, device=device), plan, latents.to(device),
@@ -433,7 +435,7 @@ def test_standalone_binary_matches_python(models, standalone_binary, tmp_path, d
     out = tmp_path / "out.npy"
     args = ["--model", models.path("aoti", LABEL_DIM, device=device), "--seeds", "0-3",
             "--batch", "3", "--steps", "12", "--S-churn", "30", "--S-min", "0.05",
-            "--S-max", "50", "--class", "2", "--guidance", "1.5",
+            "--S-max", "50", "--S-noise", "1.007", "--class", "2", "--guidance", "1.5",
             "--shape", ",".join(map(str, SHAPE)), "--device", device.type, "--out", str(out)]
     subprocess.run([standalone_binary, *args], check=True, capture_output=True)
     images = np.load(out)

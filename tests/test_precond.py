@@ -76,6 +76,31 @@ def test_denoiser_reproduces_eq7_exactly():
     assert torch.allclose(out, c_skip * x + c_out * F, rtol=0, atol=1e-15)
 
 
+def test_float64_state_around_a_float32_net_stays_float64():
+    """The float64 golden reference with a float32 network: only F runs in float32; x, the
+    coefficients and c_skip x + c_out F stay float64 (rounding D to the net's dtype would
+    quietly make every 'float64' reference float32-accurate)."""
+
+    class Float32Net(nn.Module):
+        label_dim = 0
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+            return torch.sin(x) * self.w
+
+    precond = EDMPrecond()
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.01, 1.0, 50.0], dtype=torch.float64)
+    out = Denoiser(Float32Net(), precond)(x, sigma)
+    c_skip, c_out, c_in, _ = (c.reshape(-1, 1) for c in precond.coefficients(sigma))
+    F = (torch.sin((c_in * x).float()) * 0.7).double()
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, c_skip * x + c_out * F, rtol=0, atol=1e-14)
+
+
 def test_vp_ve_iddpm_table1():
     s = torch.tensor([0.01, 1.0, 40.0], dtype=torch.float64)
     vp = VPPrecond()

@@ -93,3 +93,13 @@ def test_bad_family_names():
         SigmaFunction("cosine")
     with pytest.raises(ValueError, match="unknown s"):
         ScaleFunction("sub-vp", SigmaFunction("linear"))
+
+
+@pytest.mark.parametrize("n", [10, 18, 40])
+def test_iddpm_sigmas_round_every_index(n):
+    """Table 1's iDDPM steps: sigma_i = u_{j_i} with j_i = floor(j_0 + (M - 1 - j_0) i / (N - 1)
+    + 1/2), j_0 = 8, M = 1000, at every index (a floor instead of the rounding kept the
+    endpoints right)."""
+    u = iDDPMPrecond().u
+    j = [math.floor(8 + (999 - 8) * i / (n - 1) + 0.5) for i in range(n)]
+    assert iddpm_sigmas(n)[:-1].tolist() == u[j].tolist()

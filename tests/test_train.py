@@ -156,6 +156,23 @@ def _global_grad_norms_at_each_step(run):
     return norms
 
 
+def test_train_updates_the_ema_with_the_images_before_each_batch(tmp_path, monkeypatch):
+    """train() passes EMA.update the images trained on before the batch, 0, B, 2B (NVlabs'
+    cur_nimg), so the first update copies the weights (the class itself is tested above)."""
+    from edm_fast import train as training
+
+    calls = []
+    update = training.EMA.update
+
+    def spy(self, model, nimg, batch):
+        calls.append((nimg, batch))
+        return update(self, model, nimg, batch)
+
+    monkeypatch.setattr(training.EMA, "update", spy)
+    train(_toy(tmp_path, 3))
+    assert calls == [(0, 64), (64, 64), (128, 64)]
+
+
 def test_grad_clip_bounds_the_gradients_adam_steps_with(tmp_path):
     """--grad-clip C: every optimizer step sees gradients of global 2-norm <= C; without it the
     same run's gradients are far larger (so the bound is not met by accident)."""
