@@ -102,20 +102,25 @@ def test_float64_state_around_a_float32_net_stays_float64():
 
 
 def test_vp_ve_iddpm_table1():
+    """Table 1's VP and VE columns against the closed forms written out here (float64: to
+    1e-12 relative, rounding only)."""
     s = torch.tensor([0.01, 1.0, 40.0], dtype=torch.float64)
     vp = VPPrecond()
     c_skip, c_out, c_in, c_noise = vp.coefficients(s)
     assert torch.equal(c_skip, torch.ones(3, dtype=torch.float64))
     assert torch.equal(c_out, -s)
-    assert torch.allclose(c_in, 1 / (s**2 + 1).sqrt())
-    assert torch.allclose(c_noise, 999 * vp_sigma_inv(s))
+    assert torch.allclose(c_in, 1 / (s**2 + 1).sqrt(), rtol=1e-12, atol=0)
+    # c_noise = (M - 1) sigma^-1(sigma), sigma^-1 = (sqrt(b_min^2 + 2 b_d ln(s^2 + 1)) - b_min)/b_d
+    b_d, b_min = 19.9, 0.1
+    t = ((b_min**2 + 2 * b_d * torch.log(s**2 + 1)).sqrt() - b_min) / b_d
+    assert torch.allclose(c_noise, 999 * t, rtol=1e-12, atol=0)
     assert torch.allclose(vp_sigma(vp_sigma_inv(s)), s, rtol=1e-12)
     # the paper's VP range: sigma(eps_t = 1e-5) ~ 0.001 and sigma(1) ~ 152
     assert 0.0009 < vp.sigma_min < 0.0011 and 151 < vp.sigma_max < 153
     ve = VEPrecond()
     c_skip, c_out, c_in, c_noise = ve.coefficients(s)
     assert torch.equal(c_out, s) and torch.equal(c_in, torch.ones(3, dtype=torch.float64))
-    assert torch.allclose(c_noise, (s / 2).log())
+    assert torch.allclose(c_noise, (s / 2).log(), rtol=1e-12, atol=0)
 
 
 def test_iddpm_u_recursion_and_rounding():
