@@ -60,6 +60,18 @@ def make_denoiser(label_dim=3, channels=2):
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def require_backend(name: str) -> None:
+    """Skip unless backend ``name`` loads here; with EDM_FAST_REQUIRE_CPP=1 (CI) a cpp backend
+    that cannot load fails instead."""
+    from edm_fast.backends import available_backends
+
+    reason = available_backends()[name]
+    if reason is not None:
+        if name == "cpp" and os.environ.get("EDM_FAST_REQUIRE_CPP") == "1":
+            pytest.fail(f"EDM_FAST_REQUIRE_CPP=1 but the cpp backend cannot load: {reason}")
+        pytest.skip(reason)
+
+
 def impl_device(step_impl: str) -> torch.device:
     return TRITON_DEVICE if step_impl == "triton" else torch.device("cpu")
 
@@ -449,13 +461,7 @@ def test_half_precision_network_through_exported_backends(backend, net_dtype):
     """The same bound for the backends that run an exported D: the C++ loop over a TorchScript
     trace of the half network, and ONNX Runtime over a graph with a float16 network inside
     (float32 inputs and outputs; ONNX export has no bfloat16 network)."""
-    from edm_fast.backends import available_backends
-
-    reason = available_backends()[backend]
-    if reason is not None:
-        if backend == "cpp" and os.environ.get("EDM_FAST_REQUIRE_CPP") == "1":
-            pytest.fail(f"EDM_FAST_REQUIRE_CPP=1 but the cpp backend cannot load: {reason}")
-        pytest.skip(reason)
+    require_backend(backend)
     den32, den_half, plan, shape, labels, ref64, own = _half_precision_case(net_dtype)
     if backend == "cpp":
         from edm_fast.backends.cpp import CppBackend
@@ -475,14 +481,9 @@ def test_every_backend_raises_nonfinite_error_for_a_nan_network(backend):
     """A network with a NaN weight (a bad checkpoint): every backend raises NonFiniteError (a
     FloatingPointError, one line in the CLI), never returns NaN images silently (the compiled
     backend did) or a RuntimeError naming a temporary file (the cpp backend did)."""
-    from edm_fast.backends import available_backends
     from edm_fast.samplers import NonFiniteError
 
-    reason = available_backends()[backend]
-    if reason is not None:
-        if backend == "cpp" and os.environ.get("EDM_FAST_REQUIRE_CPP") == "1":
-            pytest.fail(f"EDM_FAST_REQUIRE_CPP=1 but the cpp backend cannot load: {reason}")
-        pytest.skip(reason)
+    require_backend(backend)
     den = make_denoiser(label_dim=0)
     with torch.no_grad():
         next(den.model.parameters()).view(-1)[0] = float("nan")
