@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .images import atomic_save
 from .precond import Denoiser, require_denoiser
 
 __all__ = [
@@ -131,13 +132,6 @@ def _output_file(path) -> str:
     return path
 
 
-def _make_parent(path: str) -> None:
-    """Create the missing parent folders of ``path`` (as the safetensors writer does)."""
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-
-
 def _metadata(module: ExportableDenoiser, sample_shape, label_dim: int, dtype, device,
               dynamic_batch: bool, batch: int) -> dict[str, str]:
     return {
@@ -197,11 +191,11 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
     try:
         with torch.no_grad():
             program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-            _make_parent(path)
-            return torch._inductor.aoti_compile_and_package(program, package_path=path,
-                                                            inductor_configs=configs)
+            atomic_save(lambda tmp: torch._inductor.aoti_compile_and_package(
+                program, package_path=str(tmp), inductor_configs=configs), path)
     finally:
         restore()
+    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,8 +221,8 @@ def export_torchscript(denoiser, example_shape: Sequence[int], *, label_dim: int
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(module, args)
             text = "".join(f"{k}={v}\n" for k, v in meta.items())
-            _make_parent(path)
-            torch.jit.save(traced, path, _extra_files={METADATA_FILE: text})
+            atomic_save(lambda tmp: torch.jit.save(traced, str(tmp),
+                                                   _extra_files={METADATA_FILE: text}), path)
     finally:
         restore()
     return path

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 __all__ = ["to_uint8", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy",
-           "save_figure"]
+           "save_figure", "atomic_save"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -28,8 +28,10 @@ def _pil(array: np.ndarray):
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
-def _atomic_save(save, path: Path) -> None:
-    """Write through a temporary file in the same folder, then rename (never a partial file)."""
+def atomic_save(save, path: Path) -> None:
+    """``save(tmp)`` to a temporary file in the same folder (same suffix), then rename it to
+    ``path``: a crash or Ctrl-C never leaves a partial file there. Creates missing folders."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -45,7 +47,7 @@ def save_figure(fig, path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    _atomic_save(lambda p: fig.savefig(p, format="png"), path)
+    atomic_save(lambda p: fig.savefig(p, format="png"), path)
     plt.close(fig)
     return path
 
@@ -77,7 +79,7 @@ def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: i
         from PIL import Image
 
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    _atomic_save(lambda p: img.save(p, format="PNG"), path)
+    atomic_save(lambda p: img.save(p, format="PNG"), path)
     return path
 
 
@@ -87,7 +89,7 @@ def save_per_seed(images: torch.Tensor, seeds, folder) -> list[Path]:
     paths = []
     for array, seed in zip(to_uint8(images), seeds):
         p = folder / f"seed{int(seed):06d}.png"
-        _atomic_save(lambda q, a=array: _pil(a).save(q, format="PNG"), p)
+        atomic_save(lambda q, a=array: _pil(a).save(q, format="PNG"), p)
         paths.append(p)
     return paths
 
@@ -104,7 +106,7 @@ def save_npz(samples: torch.Tensor, path, **arrays) -> Path:
         with open(tmp, "wb") as f:  # closed (flushed) before the rename
             np.savez(f, samples=data, **extra)
 
-    _atomic_save(save, path)
+    atomic_save(save, path)
     return path
 
 

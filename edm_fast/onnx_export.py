@@ -57,7 +57,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .export import ExportableDenoiser, _make_parent, _metadata, _output_file, _prepare, _unwrap
+from .export import ExportableDenoiser, _metadata, _output_file, _prepare, _unwrap
+from .images import atomic_save
 from .precond import Denoiser, require_denoiser
 
 __all__ = [
@@ -306,15 +307,19 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
     names = ["x", "sigma"] + (["class_labels"] if label_dim > 0 else [])
     try:
         start = time.perf_counter()
-        _make_parent(path)
-        with torch.no_grad():
-            used, opset = _run_exporter(exporter, module, args, path, names, int(opset),
-                                        dynamic_batch)
         meta = _metadata(module, sample_shape, label_dim, torch.float32, "cpu", dynamic_batch,
                          args[0].shape[0])
-        meta.update({"edm_fast.net_dtype": str(dtype).removeprefix("torch."),
-                     "edm_fast.opset": str(opset), "edm_fast.exporter": used})
-        _write_metadata(path, meta)
+        meta["edm_fast.net_dtype"] = str(dtype).removeprefix("torch.")
+
+        def write(tmp):  # graph and metadata into a temporary file, renamed when complete
+            with torch.no_grad():
+                used, written = _run_exporter(exporter, module, args, str(tmp), names,
+                                              int(opset), dynamic_batch)
+            meta.update({"edm_fast.opset": str(written), "edm_fast.exporter": used})
+            _write_metadata(str(tmp), meta)
+
+        atomic_save(write, path)
+        used, opset = meta["edm_fast.exporter"], int(meta["edm_fast.opset"])
         report = OnnxExportReport(path, used, opset, meta["edm_fast.net_dtype"], names,
                                   dynamic_batch, time.perf_counter() - start)
         if check:

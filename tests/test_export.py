@@ -263,3 +263,34 @@ def test_bench_cli_checks_every_model_before_running(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edm-fast bench: error: Unknown network preset")
     assert "mlp, bundled, default, default-ddpm" in err[0]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_interrupted_export_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch, fmt):
+    """Exports are written to a temporary file and renamed: an export cut short (Ctrl-C, a full
+    disk) after it began writing leaves the previous file at the path untouched and no partial
+    or temporary file beside it (the backends' reuse_model would load a torn one)."""
+    from edm_fast import onnx_export
+
+    path = tmp_path / ("d.ts" if fmt == "torchscript" else "d.onnx")
+    path.write_bytes(b"the previous export")
+
+    def write_then_fail(module, target, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    if fmt == "torchscript":
+        monkeypatch.setattr(torch.jit, "save", write_then_fail)
+        with pytest.raises(KeyboardInterrupt):
+            export_torchscript(make_denoiser(), (3, DIM), path=path)
+    else:
+        def metadata_fails(target, meta):
+            assert os.path.getsize(target) > 0  # the graph was written to the temporary file
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(onnx_export, "_write_metadata", metadata_fails)
+        with pytest.raises(KeyboardInterrupt):
+            onnx_export.export_onnx(make_denoiser(), path, sample_shape=(DIM,), check=False)
+    assert path.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
