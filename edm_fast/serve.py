@@ -391,7 +391,7 @@ class Dispatcher:
                     self._running = items
                     self._run(items)
                     self._running = []
-        except Exception as exc:  # a bug: say so (healthz, 500s) rather than hang requests
+        except Exception as exc:  # noqa: BLE001 - a bug: say so (healthz, 500s), never hang
             self._die(exc)
 
     def _die(self, exc: Exception) -> None:

@@ -259,7 +259,7 @@ def test_nan_options_and_a_nan_checkpoint_are_one_line_errors(tmp_path):
     assert res.returncode == 2 and "S_churn must be a finite number" in res.stderr, res.stderr
     src = bundled_path("default")
     with safe_open(src, "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     name = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
@@ -297,7 +297,7 @@ def test_torchrun_with_more_ranks_than_seeds_succeeds(tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29537", "-m", "edm_fast", "sample", "--steps", "3",
                           "--seeds", "5", "--device", "cpu", "--out", str(tmp_path / "imgs")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert [p.name for p in (tmp_path / "imgs").iterdir()] == ["seed000005.png"]
 
