@@ -67,7 +67,7 @@ def check_out_file(out, suffixes, writer: str) -> Path:
     (the missing folders in between are created when the file is written). ``writer`` says
     what writes it ("--format onnx writes").
     """
-    from .images import existing_ancestor
+    from .images import check_writable_folder
 
     out = Path(out)
     if out.is_dir():
@@ -83,9 +83,7 @@ def check_out_file(out, suffixes, writer: str) -> Path:
                 if owner else " (edm-fast reads a .pt file as an NVlabs training state)"
                 if out.suffix == ".pt" else "")
         raise ValueError(f"--out {out}: {writer} a {expected} file, not {out.suffix}{hint}")
-    ancestor = existing_ancestor(out.parent)
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {out}: {ancestor} is not a writable folder")
+    check_writable_folder(out.parent, out)
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"cannot write {out}: the file exists and is read-only")
     return out

@@ -150,6 +150,14 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def check_writable_folder(folder: Path, out) -> None:
+    """ValueError unless ``folder``, or the nearest existing folder above it (where the missing
+    ones would be created), is a writable folder; the message names ``out``."""
+    ancestor = existing_ancestor(Path(folder))
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out}: {ancestor} is not a writable folder")
+
+
 def output_kind(out) -> str:
     """'.png', '.npz' (suffix in any case) or '' for a folder of per-seed PNGs: a name without
     a suffix, one ending in '/' (so 'run.v2/' is a folder), or an existing folder."""
@@ -188,9 +196,7 @@ def check_output(out, *, toy: bool = False) -> Path:
     if not suffix and out.exists() and not out.is_dir():
         raise ValueError(f"output {out} is an existing file, not a folder (or name a .png "
                          "grid or an .npz file)")
-    ancestor = existing_ancestor(out.parent if suffix else out)
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {out}: {ancestor} is not a writable folder")
+    check_writable_folder(out.parent if suffix else out, out)
     return out
 
 
