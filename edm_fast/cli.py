@@ -248,3 +248,6 @@ def main(argv=None) -> int:
         return 1
     finally:
         warnings.formatwarning = plain_format
+        from .distributed import close_distributed
+
+        close_distributed()  # torchrun jobs (sample, train) leave the process group cleanly

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_info", "init_distributed", "rank_device", "shard_seeds", "is_main", "barrier"]
+__all__ = ["world_info", "init_distributed", "close_distributed", "rank_device", "shard_seeds",
+           "is_main", "barrier"]
 
 
 def world_info() -> tuple[int, int, int]:
@@ -38,7 +40,17 @@ def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
         if use_nccl:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_nccl else "gloo")
+        atexit.register(close_distributed)  # also for train()/sample used as a library
     return rank, world
+
+
+def close_distributed() -> None:
+    """Leave the process group (a no-op when none is joined). Every torchrun job must do this
+    before the interpreter shuts down: a gloo group left to the interpreter's teardown can abort
+    a finished process with "terminate called without an active exception" (its worker threads
+    outlive Python), which turns a successful run's exit status into SIGABRT."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_seeds(seeds: list[int]) -> tuple[list[int], int, int]:

@@ -291,6 +291,42 @@ def test_rank_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
         rank_device(cuda)
 
 
+def test_cli_leaves_the_process_group_it_joined(monkeypatch, tmp_path):
+    """init_distributed joins a gloo group (a real one, of one process) and registers leaving it
+    at exit; the CLI leaves it when its command ends, even on an error, and leaving twice is a
+    no-op. A torchrun job that left its gloo group to the interpreter's teardown could abort
+    after finishing its work ('terminate called without an active exception', SIGABRT: seen
+    once in CI on the two-process training test)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from edm_fast import distributed
+    from edm_fast.cli import main
+
+    with socket.socket() as s:  # a free port for the one-process rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed, "world_info", lambda: (0, 0, 2))  # as under torchrun
+    registered = []
+    monkeypatch.setattr(distributed.atexit, "register", registered.append)
+    try:
+        distributed.init_distributed(torch.device("cpu"))
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+        assert registered == [distributed.close_distributed]
+        code = main(["sample", "--ckpt", str(tmp_path / "missing.safetensors"),
+                     "--out", str(tmp_path / "x.png")])
+        assert code == 2  # the command failed, and still left the group
+        assert not dist.is_initialized()
+        distributed.close_distributed()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_torchrun_with_more_ranks_than_seeds_succeeds(tmp_path):
     """torchrun --nproc_per_node=2 with one seed: rank 1 has no seeds and exits 0 (it failed
     the whole job with 'batch_size must be >= 1'); rank 0 writes the image."""
