@@ -5,7 +5,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import time
 import warnings
 from pathlib import Path
 
@@ -214,13 +213,10 @@ def test_compare_command_checks_inputs_before_sampling(tmp_path, case, capsys, m
     (tmp_path / "afile").write_text("")
     (tmp_path / "digits_table.md").mkdir()
     _no_heavy_work(monkeypatch)
-    start = time.perf_counter()
     code = main(["compare", *(a.format(tmp=tmp_path) for a in args)])
-    seconds = time.perf_counter() - start
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("edm-fast compare: error: ")
-    assert message in err[-1]
-    assert seconds < 10  # the digits' labels only: no sampling (minutes), no classifier fit
+    assert message in err[-1]  # reached before any sampling or fitting: _no_heavy_work
 
 
 def test_compare_command_rejects_an_unwritable_out(tmp_path, capsys, monkeypatch):

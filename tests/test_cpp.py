@@ -394,9 +394,11 @@ def test_cpp_backend_runs_plan(models, tmp_path):
     labels = nn.functional.one_hot(classes, LABEL_DIM).float()
     ref = reference(denoiser, backend.plan, latents, eps, labels)
     assert rel_err(out, ref) < 1e-5
+    exported = (tmp_path / "d.ts").stat()
     again = CppBackend(denoiser, backend.plan, (4, *SHAPE), kind="torchscript",
                        model_path=tmp_path / "d.ts", reuse_model=True)
-    assert again.warmup_seconds < backend.warmup_seconds
+    reused = (tmp_path / "d.ts").stat()  # loaded, not exported again (an atomic write replaces)
+    assert (reused.st_ino, reused.st_mtime_ns) == (exported.st_ino, exported.st_mtime_ns)
     assert torch.equal(again.run(latents, eps, classes), out)
 
 
