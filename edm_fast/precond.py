@@ -32,7 +32,8 @@ __all__ = [
 
 
 def vp_sigma(t, beta_d: float = 19.9, beta_min: float = 0.1):
-    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1, VP: schedule sigma(t))."""
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1, VP: schedule
+    sigma(t))."""
     t = torch.as_tensor(t, dtype=torch.float64)
     return (0.5 * beta_d * t**2 + beta_min * t).expm1().sqrt()
 

@@ -35,12 +35,24 @@ __all__ = [
     "sample_euler_ancestral",
     "sample_ddim", "sample_dpmpp_2m", "sample_ddpm", "SAMPLERS", "churn_gammas",
     "NonFiniteError",
-    "check_churn_options",
+    "check_churn_options", "check_finite_samples", "NONFINITE_SAMPLES",
 ]
 
 
 class NonFiniteError(FloatingPointError):
     """The denoiser produced NaN or Inf during sampling."""
+
+
+NONFINITE_SAMPLES = ("the sampled images contain NaN/Inf: the denoiser returned non-finite "
+                     "values; check the checkpoint and inputs")
+
+
+def check_finite_samples(x: torch.Tensor, message: str = NONFINITE_SAMPLES) -> torch.Tensor:
+    """``x``, or NonFiniteError when it holds NaN/Inf: the fast backends' one host sync, after
+    their loop (NaN/Inf in any D reaches the final state through the step sums)."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(message)
+    return x
 
 
 def round_positive_sigmas(values: list[float], round_sigma) -> list[float]:
@@ -120,7 +132,8 @@ def check_churn_options(S_churn: float, S_min: float, S_max: float,
 
 
 def churn_gammas(sigmas: list[float], S_churn: float, S_min: float, S_max: float) -> list[float]:
-    """gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= t_i <= S_max else 0 (the gamma_i of Alg. 2's caption)."""
+    """gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= t_i <= S_max else 0 (the gamma_i of
+    Alg. 2's caption)."""
     check_churn_options(S_churn, S_min, S_max)
     num_steps = len(sigmas) - 1
     gamma = min(S_churn / num_steps, math.sqrt(2) - 1)

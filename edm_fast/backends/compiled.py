@@ -25,7 +25,7 @@ import torch
 
 from ..guidance import GuidedDenoiser
 from ..precond import Denoiser
-from ..samplers import NonFiniteError
+from ..samplers import check_finite_samples
 from .plan import SamplingPlan
 
 __all__ = ["CompiledBackend"]
@@ -126,7 +126,8 @@ class CompiledBackend:
         return requested
 
     def _build_constants(self) -> None:
-        """Every per-step scalar as a static (N,) tensor on the device (EDM Alg. 2: gamma_i, l.5)."""
+        """Every per-step scalar as a static (N,) tensor on the device (EDM Alg. 2: gamma_i,
+        l.5)."""
         plan, n, dt, dev = self.plan, self.n, self.dtype, self.device
         self.t_hat = [_vector(v, n, dt, dev) for v in plan.t_hats]
         self.t_next = [_vector(v, n, dt, dev) for v in plan.sigmas[1:]]
@@ -288,10 +289,7 @@ class CompiledBackend:
                     self._static_labels.copy_(class_labels if class_labels is not None else 0)
                 self.graph.replay()
                 out = self._static_out.clone()
-        if not bool(torch.isfinite(out).all()):  # the one host sync, after the loop
-            raise NonFiniteError("the sampled images contain NaN/Inf: the denoiser returned "
-                                 "non-finite values; check the checkpoint and inputs")
-        return out
+        return check_finite_samples(out)  # the one host sync, after the loop
 
 
 def _noise_dtype(net_dtype):

@@ -20,7 +20,7 @@ import torch
 from .. import ops
 from ..export import export_aoti, export_torchscript, read_metadata
 from ..guidance import one_hot_labels
-from ..samplers import NonFiniteError
+from ..samplers import NONFINITE_SAMPLES, NonFiniteError
 from .plan import SamplingPlan
 
 __all__ = ["CppBackend"]
@@ -113,8 +113,7 @@ class CppBackend:
         except RuntimeError as exc:  # the loop's end check (csrc/sampler_loop.cpp), as a type
             if _NONFINITE_MESSAGE not in str(exc):
                 raise
-            raise NonFiniteError("the sampled images contain NaN/Inf: the denoiser returned "
-                                 "non-finite values; check the checkpoint and inputs") from None
+            raise NonFiniteError(NONFINITE_SAMPLES) from None
 
     __call__ = run
 

@@ -35,7 +35,7 @@ import torch
 
 from ..guidance import one_hot_labels
 from ..onnx_export import OUTPUT_NAME, _net_dtype, export_onnx, make_session, read_onnx_metadata
-from ..samplers import NonFiniteError
+from ..samplers import check_finite_samples
 from .plan import SamplingPlan
 
 __all__ = ["OnnxBackend"]
@@ -320,8 +320,6 @@ class OnnxBackend:
         # products that contain x_hat and each D, and IEEE arithmetic never turns a non-finite
         # operand of a sum or product into a finite result (the zero weight of the last step,
         # r = 0, is still a product: 0 * Inf = NaN). So one check (one host sync) at the end.
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteError("ONNX Runtime returned NaN/Inf during sampling")
-        return x
+        return check_finite_samples(x, "ONNX Runtime returned NaN/Inf during sampling")
 
     __call__ = run
