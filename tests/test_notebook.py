@@ -15,6 +15,8 @@ import pytest
 from data_fixtures import fake_mnist, make_image_folder, write_mnist
 from PIL import Image
 
+from edm_fast.device import resolve_device
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -48,17 +50,18 @@ def test_notebook_runs(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "quality.png").exists()  # the digits comparison ran
 
 
-def _trained_on(run: Path) -> tuple[list[int], int]:
-    """(sample shape, number of classes) of a training run."""
+def _trained_on(run: Path) -> tuple[list[int], int, str]:
+    """(sample shape, number of classes, network preset) of a training run."""
     config = json.loads((run / "config.json").read_text())
-    return config["sample_shape"], config["net"]["kwargs"]["label_dim"]
+    return config["sample_shape"], config["net"]["kwargs"]["label_dim"], config["train"]["preset"]
 
 
 @pytest.mark.parametrize("source", ["folder", "mnist"])
 def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch, source):
     """DATA set to an image folder (mixed formats, a stray text file, fewer images than one
     batch) or to MNIST files: the data cell shows it, both nets train class-conditionally on it
-    at RESOLUTION and sample from it; the digits-only comparison says it is skipped."""
+    at RESOLUTION and sample from it; the digits-only comparison says it is skipped. The folder
+    run leaves PRESET at "auto": the small `tiny` net on a CPU, `64px-ddpmpp` on a GPU."""
     if source == "folder":
         make_image_folder(tmp_path / "pets")
         data, shape, classes = tmp_path / "pets", [3, 16, 16], 2
@@ -68,12 +71,14 @@ def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch, source):
         write_mnist(tmp_path / "mnist", images, labels)
         data, shape, classes = f"mnist:{tmp_path / 'mnist'}", [1, 16, 16], 10  # MNIST's digits
     out = tmp_path / "out"
-    texts = _run_notebook(monkeypatch, out, scale=0.05, data=data, resolution=16, preset="tiny")
+    preset = {} if source == "folder" else {"preset": "tiny"}
+    net = "tiny" if source == "mnist" or resolve_device("auto").type == "cpu" else "64px-ddpmpp"
+    texts = _run_notebook(monkeypatch, out, scale=0.05, data=data, resolution=16, **preset)
     assert (out / f"{source}.png").exists()
     assert sum("skipped: no" in text for text in texts) == 1  # only the other source's cell
     for loss in ("edm", "ddpm"):
         run = out / f"train-{loss}"
-        assert _trained_on(run) == (shape, classes)
+        assert _trained_on(run) == (shape, classes, net)
         assert len(list(run.glob("ckpt-*.safetensors"))) == 1
     assert any("no digit classifier for this data" in text for text in texts)
     assert not (out / "quality.png").exists()
@@ -86,7 +91,7 @@ def test_notebook_trains_on_a_64px_image_folder(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "pets")
     out = tmp_path / "out"
     _run_notebook(monkeypatch, out, scale=0.05, data=tmp_path / "pets", preset="tiny")
-    assert _trained_on(out / "train-edm") == ([3, 64, 64], 2)
-    assert _trained_on(out / "train-ddpm") == ([3, 64, 64], 2)
+    assert _trained_on(out / "train-edm") == ([3, 64, 64], 2, "tiny")
+    assert _trained_on(out / "train-ddpm") == ([3, 64, 64], 2, "tiny")
     with Image.open(out / "grid.png") as grid:  # 20 samples of 64x64 in one row, with padding
         assert grid.mode == "RGB" and grid.height >= 64 and grid.width >= 20 * 64
