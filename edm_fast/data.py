@@ -24,7 +24,7 @@ import math
 import os
 import struct
 import warnings
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -311,13 +311,21 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a directory; expected {_FOLDER_LAYOUT}")
 
+    def visible_files(folder: Path) -> list[Path]:
+        """Files under folder, skipping hidden files and anything inside hidden folders."""
+        return sorted(p for p in folder.rglob("*") if p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
     def is_image(p: Path) -> bool:
-        return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        return p.suffix.lower() in IMAGE_EXTENSIONS
 
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    found = {d.name: sorted(p for p in d.rglob("*") if is_image(p)) for d in subdirs}
+    in_class = {d.name: visible_files(d) for d in subdirs}
+    found = {name: [p for p in paths if is_image(p)] for name, paths in in_class.items()}
     class_names = [name for name in found if found[name]]
-    loose = sum(1 for p in root.iterdir() if is_image(p))  # they have no class folder
+    loose = sum(1 for p in root.iterdir()  # they have no class folder
+                if p.is_file() and is_image(p) and not p.name.startswith("."))
+    _warn_unread_formats(root, [p for paths in in_class.values() for p in paths])
     if not class_names:
         hint = f" ({loose} images lie directly in it: move them into subfolders)" if loose else ""
         raise ValueError(f"{root}: no class subfolders with images "
@@ -326,11 +334,28 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         warnings.warn(f"{root}: skipped {loose} image file(s) lying directly in the folder, "
                       f"outside any class subfolder (so without a label); expected "
                       f"{_FOLDER_LAYOUT}", stacklevel=3)
-    for name in found:
-        if not found[name]:
-            warnings.warn(f"{root / name}: no images, folder ignored", stacklevel=3)
+    for name, paths in found.items():
+        if not paths:
+            warnings.warn(f"{root / name}: no images ({', '.join(IMAGE_EXTENSIONS)}), "
+                          "folder ignored", stacklevel=3)
     files = [(p, label) for label, name in enumerate(class_names) for p in found[name]]
     return class_names, files
+
+
+def _warn_unread_formats(root: Path, paths: list[Path]) -> None:
+    """One warning for image files (by Pillow's list of extensions) in formats not read here,
+    such as .gif or .tiff, so that a class made of them is not silently thinned or dropped.
+    Other files (notes, metadata) are ignored without a word."""
+    from PIL import Image
+
+    pillow = {ext.lower() for ext in Image.registered_extensions()}
+    counts = Counter(p.suffix.lower() for p in paths
+                     if p.suffix.lower() in pillow and p.suffix.lower() not in IMAGE_EXTENSIONS)
+    if counts:
+        listed = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+        warnings.warn(f"{root}: ignored {sum(counts.values())} image file(s) in formats not read "
+                      f"here ({listed}); convert them to one of {', '.join(IMAGE_EXTENSIONS)}",
+                      stacklevel=4)
 
 
 class ImageFolderDataset(Dataset):
@@ -350,7 +375,6 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser()
         self.name = self.root.name
         self.class_names, files = _scan_folder(self.root)
-        self.num_classes = len(self.class_names)
         self.skipped: list[tuple[str, str]] = []
         self._channels, self._resolution = channels, resolution
         self._threads = num_threads or min(8, os.cpu_count() or 1)
@@ -358,7 +382,7 @@ class ImageFolderDataset(Dataset):
         self.files = [f for f, reason in zip(files, reasons) if not self._skip(f[0], reason)]
         if not self.files:
             raise ValueError(f"{self.root}: none of the {len(files)} image files could be read")
-        self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
+        self._drop_empty_classes()
         self._bad: set[int] = set()
         self.data = None
         if cache or (cache is None and
@@ -382,6 +406,21 @@ class ImageFolderDataset(Dataset):
         warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
         return True
 
+    def _drop_empty_classes(self) -> None:
+        """Set labels and num_classes from self.files. A class none of whose images could be
+        read is dropped, with a warning, and the labels after it renumbered: a conditional net
+        must not get a label it never sees in training."""
+        present = sorted({label for _, label in self.files})
+        for label, name in enumerate(self.class_names):
+            if label not in present:
+                warnings.warn(f"{self.root / name}: none of its images could be read, "
+                              "class dropped", stacklevel=4)
+        new_label = {old: new for new, old in enumerate(present)}
+        self.class_names = [self.class_names[old] for old in present]
+        self.num_classes = len(self.class_names)
+        self.files = [(path, new_label[label]) for path, label in self.files]
+        self.labels = torch.tensor([label for _, label in self.files], dtype=torch.int64)
+
     def _try_decode(self, path: Path):
         try:
             return _decode(path, self._resolution, self._channels), None
@@ -396,7 +435,7 @@ class ImageFolderDataset(Dataset):
         if not keep:
             raise ValueError(f"{self.root}: none of the image files could be decoded")
         self.files = [self.files[i] for i in keep]
-        self.labels = self.labels[keep]
+        self._drop_empty_classes()
         self.data = torch.from_numpy(np.stack([out[i][0] for i in keep]))
 
     def __len__(self) -> int:

@@ -201,6 +201,56 @@ def test_image_folder_warns_about_loose_images(tmp_path):
     assert len(loose) == 1 and "skipped 2 image" in loose[0] and "<label>" in loose[0]
     assert len(ds) == 6 and ds.class_names == ["cat", "dog"]
 
+
+
+def test_image_folder_drops_a_class_with_no_readable_image(tmp_path):
+    """A class whose only files are unreadable is dropped with a warning, and the labels after
+    it renumbered, so a conditional net never gets a label without training images."""
+    from PIL import Image
+
+    for name, level in (("a", 10), ("c", 240)):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), (level,) * 3).save(tmp_path / name / "good.png")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "corrupt.jpg").write_bytes(b"not a jpeg")
+    for cache in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = data.ImageFolderDataset(tmp_path, resolution=8, cache=cache, progress=False)
+        assert ds.class_names == ["a", "c"] and ds.num_classes == 2
+        assert ds.labels.tolist() == [0, 1] and [label for _, label in ds.files] == [0, 1]
+        assert ds[1][0].mean() > 0.8 and int(ds[1][1]) == 1  # the bright image is class "c"
+        dropped = [str(w.message) for w in caught if "class dropped" in str(w.message)]
+        assert len(dropped) == 1 and str(tmp_path / "b") in dropped[0]
+
+
+def test_image_folder_skips_hidden_folders_and_names_unread_formats(tmp_path):
+    """Images inside a hidden folder of a class (.thumbs/) are not training data; image files in
+    formats not read here (.gif, .tiff) are named in one warning; a note file raises nothing."""
+    from PIL import Image
+
+    make_image_folder(tmp_path)
+    (tmp_path / "cat" / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / ".thumbs" / "a.jpg")
+    for name in ("dog/g.gif", "dog/h.gif", "cat/i.tiff"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.ImageFolderDataset(tmp_path, resolution=8, progress=False)
+    assert len(ds) == 6 and not any(".thumbs" in str(path) for path, _ in ds.files)
+    messages = [str(w.message) for w in caught]
+    unread = [m for m in messages if "formats not read" in m]
+    assert len(unread) == 1 and "3 image file(s)" in unread[0]
+    assert "2 .gif" in unread[0] and "1 .tiff" in unread[0]
+    assert not any("notes.txt" in m for m in messages)  # the fixture's text file: no warning
+    (tmp_path / "tiffs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "tiffs" / "only.tif")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.ImageFolderDataset(tmp_path, resolution=8, progress=False)
+    ignored = [str(w.message) for w in caught if "folder ignored" in str(w.message)]
+    assert ds.class_names == ["cat", "dog"] and len(ignored) == 1 and ".jpg" in ignored[0]
+
 #----------------------------------------------------------------------------
 # scikit-learn digits (real data).
 
