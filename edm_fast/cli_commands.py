@@ -108,8 +108,8 @@ def _add_train(sub, formatter) -> None:
     r.add_argument("--out", default=d.out, help="run folder")
     r.add_argument("--resume", action="store_true",
                    help="continue from the latest readable checkpoint in --out; the data, loss, "
-                   "batch and network options (dropout and resolution included) must be the "
-                   "run's own; lr, EMA and lengths may change")
+                   "batch, seed and network options (dropout and resolution included) must be "
+                   "the run's own; lr, EMA and lengths may change")
     r.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
     r.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     r.add_argument("--ckpt-every", type=float, default=d.ckpt_every_kimg,

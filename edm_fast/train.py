@@ -350,7 +350,7 @@ def _resume_or_start(run: _Run, resume: bool):
                                   "optimizer state or training weights; an inference file "
                                   "written by convert/export?)")
         saved = meta["train"]
-        for key in ("data", "preset", "loss", "cond", "batch", "augment"):
+        for key in ("data", "preset", "loss", "cond", "batch", "augment", "seed"):
             if getattr(cfg, key) != saved[key]:
                 raise ValueError(f"--resume: {key}={getattr(cfg, key)!r} differs from the run's "
                                  f"{saved[key]!r}")

@@ -384,6 +384,8 @@ def test_resume_guards(tmp_path):
         train(_toy(tmp_path, 8))
     with pytest.raises(ValueError, match="batch"):
         train(_toy(tmp_path, 8, batch=32), resume=True)
+    with pytest.raises(ValueError, match="--resume: seed=5 differs from the run's 0"):
+        train(_toy(tmp_path, 8, seed=5), resume=True)  # the data order is drawn from the seed
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train(_toy(tmp_path / "empty", 8), resume=True)
 
