@@ -16,7 +16,8 @@ std::vector<double> edm_sigmas(int64_t num_steps, double sigma_min, double sigma
   TORCH_CHECK(sigma_min > 0 && sigma_min < sigma_max && std::isfinite(sigma_max),
               "edm_sigmas: need 0 < sigma_min < sigma_max < inf, got sigma_min=", sigma_min,
               ", sigma_max=", sigma_max);
-  TORCH_CHECK(rho > 0, "edm_sigmas: rho must be positive, got ", rho);
+  TORCH_CHECK(rho > 0 && std::isfinite(rho),
+              "edm_sigmas: rho must be a positive finite number (EDM: 7), got ", rho);
   // Evaluated with the same ATen float64 ops, in the same order, as schedules.edm_sigmas, so the
   // two agree bit for bit (a scalar std::pow loop could differ from ATen's pow in the last ulp).
   const double a = std::pow(sigma_max, 1.0 / rho);
@@ -26,6 +27,11 @@ std::vector<double> edm_sigmas(int64_t num_steps, double sigma_min, double sigma
                                                       num_steps - 1, 1));  // i / (N - 1)
   at::Tensor t = at::pow(frac * (b - a) + a, rho).contiguous();           // Eq. 5
   std::vector<double> out(t.data_ptr<double>(), t.data_ptr<double>() + num_steps);
+  for (int64_t i = 0; i < num_steps; ++i) {  // an extreme rho overflows or collapses the grid
+    TORCH_CHECK(std::isfinite(out[i]) && (i == 0 || out[i] < out[i - 1]), "edm_sigmas: rho=",
+                rho, " gives ", num_steps, " sigmas that are not finite and strictly decreasing "
+                "in float64 (EDM: rho = 7)");
+  }
   out.push_back(0.0);  // t_N = 0
   return out;
 }
@@ -75,18 +81,20 @@ void Plan::validate() const {
                 "edm_fast sampler: sigmas must be positive (only the last may be 0), got sigma_",
                 i, " = ", sigmas[i]);
     if (i > 0) {
-      TORCH_CHECK(sigmas[i] < sigmas[i - 1],
-                  "edm_fast sampler: sigmas must be strictly decreasing, but sigma_", i, " = ",
-                  sigmas[i], " >= sigma_", i - 1, " = ", sigmas[i - 1],
+      // A level may repeat (a zero-length step): a discrete-time net's round_sigma can map
+      // neighbouring sigmas of the grid to one trained level, as in NVlabs' sampler.
+      TORCH_CHECK(sigmas[i] <= sigmas[i - 1],
+                  "edm_fast sampler: sigmas must not increase, but sigma_", i, " = ",
+                  sigmas[i], " > sigma_", i - 1, " = ", sigmas[i - 1],
                   "; build them with edm_sigmas / SamplingPlan.build");
     }
   }
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(gammas[i] >= 0 && std::isfinite(gammas[i]),
                 "edm_fast sampler: gamma_", i, " must be finite and >= 0, got ", gammas[i]);
-    TORCH_CHECK(std::isfinite(t_hats[i]) && t_hats[i] > sigmas[i + 1],
-                "edm_fast sampler: t_hat_", i, " = ", t_hats[i], " must be finite and > sigma_",
-                i + 1, " = ", sigmas[i + 1]);
+    TORCH_CHECK(std::isfinite(t_hats[i]) && t_hats[i] >= sigmas[i],  // Alg. 2 l.5: t + gamma t
+                "edm_fast sampler: t_hat_", i, " = ", t_hats[i], " must be finite and >= sigma_",
+                i, " = ", sigmas[i]);
   }
   TORCH_CHECK(std::isfinite(S_noise) && S_noise >= 0,
               "edm_fast sampler: S_noise must be finite and >= 0, got ", S_noise);

@@ -8,7 +8,9 @@ randn=None, callback=None)``:
   (as EDM's reference code does) and runs in noise's dtype, so float64 noise gives the float64
   golden reference;
 - ``sigmas`` is a strictly decreasing grid sigma_0 > ... > sigma_N >= 0 (schedules.py). A final
-  0 is the usual case; a positive last value stops the integration there (used by the tests);
+  0 is the usual case; a positive last value stops the integration there (used by the tests).
+  A discrete-time net's round_sigma may map neighbours to one level: ``run_edm_plan`` takes such
+  a rounded grid, whose repeated level is a zero-length step (as in NVlabs' sampler);
 - ``randn(x)`` returns the injected noise for one step, shaped like x. It is called only on
   steps that inject noise (gamma_i > 0 in Alg. 2); ``noise.SeedNoise.randn_like`` makes that
   noise depend on each sample's seed only;
@@ -73,7 +75,7 @@ def round_positive_sigmas(values: list[float], round_sigma) -> list[float]:
 class _Loop:
     """Shared bookkeeping: input checks, per-step sigma vectors, denoiser calls, finiteness."""
 
-    def __init__(self, denoiser, noise, sigmas, class_labels, callback):
+    def __init__(self, denoiser, noise, sigmas, class_labels, callback, allow_repeats=False):
         if not torch.is_tensor(noise) or not noise.is_floating_point() or noise.ndim < 2:
             raise ValueError("noise must be a floating-point tensor of shape (N, ...)")
         if class_labels is not None:
@@ -83,7 +85,7 @@ class _Loop:
                                  f"batch {noise.shape[0]}")
         self.denoiser, self.noise, self.labels = denoiser, noise, class_labels
         self.callback = callback
-        self.sigmas = validate_sigmas(sigmas)
+        self.sigmas = validate_sigmas(sigmas, allow_repeats=allow_repeats)
         self.num_steps = len(self.sigmas) - 1
         self.bad_steps: list[torch.Tensor] = []
 
@@ -166,8 +168,9 @@ def run_edm_plan(denoiser, noise, sigmas, t_hats, gammas, *, S_noise: float = 1.
                  class_labels=None, randn: Callable | None = None,
                  callback: Callable | None = None, solver: str = "heun") -> torch.Tensor:
     """Algorithm 2 on precomputed per-step scalars (already rounded t_i, t_hat_i, gamma_i), as
-    held by ``backends.plan.SamplingPlan``; ``sample_edm`` is this plus the planning."""
-    loop = _Loop(denoiser, noise, sigmas, class_labels, callback)
+    held by ``backends.plan.SamplingPlan``; ``sample_edm`` is this plus the planning. The
+    rounded grid may repeat a level (a zero-length step), never increase."""
+    loop = _Loop(denoiser, noise, sigmas, class_labels, callback, allow_repeats=True)
     if not len(t_hats) == len(gammas) == loop.num_steps:
         raise ValueError("t_hats and gammas need one value per step")
     return _edm_steps(loop, list(loop.sigmas), list(t_hats), list(gammas), S_noise=S_noise,

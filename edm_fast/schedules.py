@@ -59,10 +59,18 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
     """EDM's time steps (Eq. 5): rho-warped interpolation between sigma_max and sigma_min."""
     num_steps = _check_steps(num_steps)
     _check_range(sigma_min, sigma_max)
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got {rho}")
-    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return _append_zero((a + _fraction(num_steps) * (b - a)) ** rho)
+    if not 0 < rho < math.inf:
+        raise ValueError(f"rho must be a positive finite number (EDM: 7), got {rho}")
+    try:
+        a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    except OverflowError:
+        raise ValueError(f"rho={rho} is too small: sigma_max^(1/rho) overflows float64 "
+                         "(EDM: rho = 7)") from None
+    sigmas = (a + _fraction(num_steps) * (b - a)) ** rho
+    if not (torch.isfinite(sigmas).all() and (sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"rho={rho} gives {num_steps} sigmas that are not finite and strictly "
+                         f"decreasing in float64 (EDM: rho = 7)")
+    return _append_zero(sigmas)
 
 
 def vp_sigmas(num_steps: int, beta_d: float = 19.9, beta_min: float = 0.1,
@@ -112,8 +120,12 @@ def get_sigmas(name: str, num_steps: int, **kwargs) -> torch.Tensor:
     return SIGMA_SCHEDULES[name](num_steps, **kwargs)
 
 
-def validate_sigmas(sigmas) -> list[float]:
-    """Check a sigma grid (strictly decreasing, finite, positive but for a final 0); as floats."""
+def validate_sigmas(sigmas, *, allow_repeats: bool = False) -> list[float]:
+    """Check a sigma grid (strictly decreasing, finite, positive but for a final 0); as floats.
+
+    allow_repeats: equal neighbours are accepted (never an increase). A discrete-time net's grid
+    after round_sigma can repeat a level, as in NVlabs' sampler; that step has zero length.
+    """
     values = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     if values.ndim != 1 or values.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D sequence of at least 2 values, got shape "
@@ -122,7 +134,9 @@ def validate_sigmas(sigmas) -> list[float]:
         raise ValueError("sigmas must be finite")
     if (values[:-1] <= 0).any() or values[-1] < 0:
         raise ValueError("sigmas must be positive (only the last may be 0)")
-    if not (values[1:] < values[:-1]).all():
+    if allow_repeats and not (values[1:] <= values[:-1]).all():
+        raise ValueError(f"sigmas must not increase, got {values.tolist()}")
+    if not allow_repeats and not (values[1:] < values[:-1]).all():
         raise ValueError(f"sigmas must be strictly decreasing, got {values.tolist()}")
     return values.tolist()
 

@@ -150,6 +150,12 @@ def test_edm_sigmas_rejects_bad_ranges():
         ops.edm_sigmas(10, 80.0, 0.002, 7.0)
     with pytest.raises(RuntimeError, match="num_steps must be >= 1"):
         ops.edm_sigmas(0)
+    for rho in (0.0, math.nan, math.inf):
+        with pytest.raises(RuntimeError, match="rho must be a positive finite number"):
+            ops.edm_sigmas(10, 0.002, 80.0, rho)
+    for rho in (1e-3, 1e30):  # overflows float64 / collapses the grid onto one level
+        with pytest.raises(RuntimeError, match="not finite and strictly decreasing"):
+            ops.edm_sigmas(10, 0.002, 80.0, rho)
 
 
 @needs_cpp
@@ -366,7 +372,7 @@ def test_input_errors(models):
         (dict(labels=torch.zeros(2, LABEL_DIM + 1)), "class_labels must be"),
         (dict(sampler=uncond), "unconditional"),
         (dict(sampler=uncond, labels=None, guidance=2.0), "guidance needs a class-conditional"),
-        (dict(sigmas=[s[1], s[0]] + s[2:]), "strictly decreasing"),
+        (dict(sigmas=[s[1], s[0]] + s[2:]), "sigmas must not increase"),
         (dict(x=x.double(), eps=eps.double()), "exported for"),
         (dict(x=x.to("meta"), eps=eps.to("meta")), "latents are on meta"),
         (dict(solver="rk4"), "solver must be"),

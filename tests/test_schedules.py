@@ -35,8 +35,14 @@ def test_edm_sigmas_validation():
         edm_sigmas(10, sigma_min=5.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         edm_sigmas(10, sigma_min=0.0)
-    with pytest.raises(ValueError, match="rho"):
-        edm_sigmas(10, rho=0)
+    for rho in (0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="rho must be a positive finite number"):
+            edm_sigmas(10, rho=rho)
+    with pytest.raises(ValueError, match="rho=0.001 is too small"):  # was an OverflowError
+        edm_sigmas(10, rho=1e-3)
+    with pytest.raises(ValueError, match="rho=1e\\+30 gives 10 sigmas that are not finite"):
+        edm_sigmas(10, rho=1e30)  # 80^(1/rho) = 1 for every sigma: a grid of equal levels
+    assert (edm_sigmas(10, rho=0.05)[:-1].diff() < 0).all()  # small but usable
 
 
 def test_other_discretisations_endpoints():

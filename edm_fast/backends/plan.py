@@ -10,6 +10,7 @@ how they execute it. Step i goes from t_i to t_{i+1}:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from ..samplers import check_churn_options, churn_gammas, round_positive_sigmas
@@ -63,6 +64,13 @@ class SamplingPlan:
         grid = validate_sigmas(sigmas if sigmas is not None
                                else edm_sigmas(num_steps, sigma_min, sigma_max, rho))
         grid = round_positive_sigmas(grid, round_sigma)
+        repeats = sum(1 for a, b in zip(grid, grid[1:]) if a == b)
+        if repeats:  # kept, as NVlabs' sampler keeps them: results equal sample_edm's
+            warnings.warn(f"{repeats} of the {len(grid) - 1} steps start and end on the same "
+                          "noise level after rounding to the model's trained levels "
+                          "(round_sigma): zero-length steps that spend evaluations without "
+                          "integrating; fewer steps or a larger sigma_min avoid them",
+                          RuntimeWarning, stacklevel=2)
         gammas = churn_gammas(grid, S_churn, S_min, S_max)
         t_hats = round_positive_sigmas([t + g * t for t, g in zip(grid, gammas)], round_sigma)
         return cls(tuple(grid), tuple(t_hats), tuple(gammas), solver, float(S_noise),
