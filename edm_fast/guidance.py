@@ -22,6 +22,7 @@ def one_hot_labels(labels, label_dim: int, *, batch: int, device=None, dtype=tor
     if labels is None:
         return torch.zeros(batch, label_dim, device=device, dtype=dtype)
     labels = torch.as_tensor(labels, device=device)
+    given = tuple(labels.shape)  # the error below names what the caller passed
     if labels.ndim == 1 and not labels.is_floating_point():
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= label_dim):
             raise ValueError(f"class labels must lie in [0, {label_dim - 1}], got "
@@ -29,7 +30,7 @@ def one_hot_labels(labels, label_dim: int, *, batch: int, device=None, dtype=tor
         labels = nn.functional.one_hot(labels.long(), label_dim)
     if labels.shape != (batch, label_dim):
         raise ValueError(f"class labels must be ({batch},) ints or ({batch}, {label_dim}) floats, "
-                         f"got {tuple(labels.shape)}")
+                         f"got {given}")
     return labels.to(dtype)
 
 

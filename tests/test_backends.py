@@ -252,6 +252,16 @@ def test_sampler_labels_and_validation():
         s()
     with pytest.raises(ValueError, match="noise must be"):
         s(noise=torch.zeros(2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"with N >= 1, got \(0, 2, 5, 5\)"):
+        s(noise=torch.zeros(0, 2, 5, 5))
+    with pytest.raises(ValueError, match="floating-point"):
+        s(noise=torch.zeros(2, 2, 5, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="seeds is empty"):
+        s(seeds=[])
+    with pytest.raises(ValueError, match="churn_noise= goes with noise="):  # was ignored
+        s(seeds=[1, 2], churn_noise=torch.zeros(0, 2, 2, 5, 5))
+    with pytest.raises(ValueError, match=r"\(3,\) ints or \(3, 3\) floats, got \(2,\)"):
+        s(seeds=[1, 2, 3], class_labels=[1, 2])  # the shape passed, not its one-hot form
     noise = torch.randn(2, 2, 5, 5, dtype=torch.float64)
     assert torch.equal(s(noise=noise.numpy(), class_labels=1), s(noise=noise, class_labels=1))
     assert torch.equal(s(seeds=np.int64(2), class_labels=1), a[1:])  # a numpy seed
@@ -298,9 +308,11 @@ def test_sampler_options_sigma_range_and_dtype_names():
         warnings.simplefilter("error")  # the default is clipped silently, as in NVlabs' code
         assert Sampler(vp, **opts | {"shape": (2,)}).plan.sigmas[0] == approx_20
     assert Sampler(den, dtype="float64", **opts).dtype == torch.float64
-    assert Sampler(den, dtype="torch.float16", **opts).dtype == torch.float16
-    with pytest.raises(ValueError, match="dtype must be"):
-        Sampler(den, dtype="cuda", **opts)
+    with pytest.warns(UserWarning, match="rounds every step sum"):  # half state: it loses 1e-2
+        assert Sampler(den, dtype="torch.float16", **opts).dtype == torch.float16
+    for bad in ("cuda", "int64", torch.complex64, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+            Sampler(den, dtype=bad, **opts)
 
 
 def test_auto_keeps_exact_denoisers_on_the_reference_loop():
@@ -370,6 +382,60 @@ def test_auto_sampler_skips_and_survives_backends_that_cannot_serve_the_job(monk
     assert torch.equal(sampler(seeds=[4, 5]), ref(seeds=[4, 5]))
     with pytest.raises(RuntimeError, match="export failed"):
         Sampler(den, backend="onnx", **opts)
+
+
+def test_auto_warns_only_when_a_better_backend_was_skipped(monkeypatch):
+    """A skipped backend ranked below the one 'auto' picks costs nothing, so no warning: a CPU
+    install without the C++ extension warned on every Sampler, although ONNX Runtime, the
+    first choice there, ran."""
+    from edm_fast.backends.onnx import OnnxBackend
+
+    require_backend("onnx")
+    monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
+    monkeypatch.setenv("EDM_FAST_DISABLE_COMPILED", "1")
+    den = make_denoiser(label_dim=3, channels=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", torch.device("cpu")) is OnnxBackend
+        sampler = Sampler(den, shape=(1, 5, 5), batch_size=2, num_steps=3, device="cpu")
+    assert sampler.backend_name == "onnx"
+    monkeypatch.setenv("EDM_FAST_DISABLE_ONNX", "1")  # now the first choice is skipped
+    with pytest.warns(RuntimeWarning, match="EDM_FAST_DISABLE_ONNX") as caught:
+        assert resolve_backend("auto", torch.device("cpu")) is ReferenceBackend
+    message = str(caught[0].message)
+    assert message.index("onnx:") < message.index("cpp:") < message.index("compiled:")
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled", "cpp", "onnx"])
+def test_discrete_model_grid_with_repeated_levels_runs_on_every_backend(backend):
+    """A discrete-time net (DDPM, 1000 levels) at 100 steps: round_sigma maps neighbouring
+    sigmas of the grid to one trained level. As in NVlabs' sampler those are zero-length
+    steps: every backend runs them (the reference and C++ loops refused the plan on every
+    call) with one warning at construction, and equals sample_edm on the unrounded grid."""
+    from edm_fast.precond import DDPMPrecond
+    from edm_fast.schedules import edm_sigmas
+
+    require_backend(backend)
+    torch.manual_seed(0)
+    den = Denoiser(TinyConvNet(2, 3), DDPMPrecond()).eval()
+    options = {"compiled": {"compile": False}, "cpp": {"kind": "torchscript"}}.get(backend, {})
+    with pytest.warns(RuntimeWarning, match="2 of the 100 steps start and end on the same"):
+        sampler = Sampler(den, shape=(2, 5, 5), batch_size=2, num_steps=100, S_churn=40,
+                          device="cpu", backend=backend, backend_options=options)
+    plan = sampler.plan
+    assert sum(a == b for a, b in zip(plan.sigmas, plan.sigmas[1:])) == 2
+    labels = torch.tensor([0, 2])
+    out = sampler(seeds=[3, 4], class_labels=labels)
+    grid = edm_sigmas(100, den.sigma_min, 80.0)  # strictly decreasing; rounded inside
+    one_hot = torch.nn.functional.one_hot(labels, 3)
+
+    def reference(dtype):
+        noise = SeedNoise([3, 4], (2, 5, 5))  # the seeds' latents, then their churn draws
+        return sample_edm(den, noise.draw().to(dtype), grid, S_churn=40, class_labels=one_hot,
+                          randn=noise.randn_like)
+
+    ref64, ref32 = reference(torch.float64), reference(torch.float32)
+    assert rel_err(out, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
 
 
 @pytest.mark.gpu

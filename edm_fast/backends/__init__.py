@@ -42,6 +42,11 @@ AUTO_ORDER = {"cuda": ["compiled", "cpp", "reference"],
               "cpu": ["onnx", "cpp", "compiled", "reference"]}
 
 
+def _auto_order(device: torch.device) -> list[str]:
+    """AUTO_ORDER for this device type (MPS and others: compiled, then the reference)."""
+    return AUTO_ORDER.get(device.type, ["compiled", "reference"])
+
+
 def _disabled(name: str) -> bool:
     return os.environ.get(f"EDM_FAST_DISABLE_{name.upper()}", "0") == "1"
 
@@ -87,25 +92,25 @@ def _unsuitable(name: str, device: torch.device, dtype: torch.dtype) -> str | No
 
 
 def auto_candidates(device: torch.device, expected_images: int | None = None,
-                    dtype: torch.dtype = torch.float32) -> tuple[list, list[str]]:
+                    dtype: torch.dtype = torch.float32) -> tuple[list, list[tuple[str, str]]]:
     """The backend classes 'auto' may use here, best first (always ending with the reference),
-    and the reasons the better ones it skipped could not be used."""
+    and (name, reason) for each backend it skipped, in AUTO_ORDER."""
     if device.type == "cpu" and expected_images is not None and expected_images < SMALL_CPU_JOB:
         return [load_backend("reference")], []
-    classes, reasons = [], []
-    for name in AUTO_ORDER.get(device.type, ["compiled", "reference"]):
+    classes, skipped = [], []
+    for name in _auto_order(device):
         if name != "reference" and _disabled(name):
-            reasons.append(f"{name}: disabled by EDM_FAST_DISABLE_{name.upper()}=1")
+            skipped.append((name, f"{name}: disabled by EDM_FAST_DISABLE_{name.upper()}=1"))
             continue
         why = _unsuitable(name, device, dtype)
         if why is not None:
-            reasons.append(why)
+            skipped.append((name, why))
             continue
         try:
             classes.append(load_backend(name))
         except Exception as exc:
-            reasons.append(f"{name}: {exc}")
-    return classes, reasons
+            skipped.append((name, f"{name}: {exc}"))
+    return classes, skipped
 
 
 def resolve_backend(requested: str, device: torch.device, expected_images: int | None = None,
@@ -123,9 +128,8 @@ def resolve_backend(requested: str, device: torch.device, expected_images: int |
         requested = forced
     if requested != "auto":
         return load_backend(requested)
-    classes, reasons = auto_candidates(device, expected_images, dtype)
-    if reasons:
-        warn_fallback(classes[0].name, reasons, stacklevel=3)
+    classes, skipped = auto_candidates(device, expected_images, dtype)
+    warn_fallback(classes[0].name, skipped, device, stacklevel=3)
     return classes[0]
 
 
@@ -134,7 +138,14 @@ def is_auto(requested: str) -> bool:
     return requested == "auto" and not os.environ.get("EDM_FAST_BACKEND")
 
 
-def warn_fallback(name: str, reasons: list[str], stacklevel: int = 2) -> None:
-    """The one warning of an 'auto' choice that ended below its first choice."""
-    warnings.warn(f"edm-fast: using the '{name}' backend; " + "; ".join(reasons),
-                  RuntimeWarning, stacklevel=stacklevel + 1)
+def warn_fallback(name: str, skipped: list[tuple[str, str]], device: torch.device,
+                  stacklevel: int = 2) -> None:
+    """The one warning of an 'auto' choice that ended below its first choice, naming why each
+    better backend was skipped; nothing when ``name`` is the best one usable here (a skipped
+    backend ranked below the chosen one costs the user nothing)."""
+    rank = _auto_order(device).index
+    reasons = [why for skipped_name, why in sorted(skipped, key=lambda item: rank(item[0]))
+               if rank(skipped_name) < rank(name)]
+    if reasons:
+        warnings.warn(f"edm-fast: using the '{name}' backend; " + "; ".join(reasons),
+                      RuntimeWarning, stacklevel=stacklevel + 1)
