@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 import warnings
@@ -107,8 +108,9 @@ class OnnxExportReport:
 
     @property
     def max_rel_err(self) -> float | None:
-        """The largest relative error of the check (None when it did not run)."""
-        return max(err for _, _, err in self.checks) if self.checks else None
+        """The largest relative error of the check (NaN if any case was NaN; None when it did
+        not run)."""
+        return _worst(self.checks)[2] if self.checks else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,12 +244,26 @@ def check_onnx(module, path, *, sample_shape: Sequence[int], label_dim: int,
             ref = module(*inputs)
             out = session.run([OUTPUT_NAME], {n: t.numpy() for n, t in zip(names, inputs)})[0]
             cases.append((b, float(sigma), _rel_err(torch.from_numpy(out), ref)))
-    worst = max(cases, key=lambda case: case[2])
-    if tolerance is not None and worst[2] > tolerance:
-        raise OnnxCheckError(f"ONNX Runtime differs from PyTorch by {worst[2]:.3g} (relative, "
-                             f"batch {worst[0]}, sigma {worst[1]}) > tolerance {tolerance:g}",
-                             None)
+    if tolerance is not None:
+        _judge(cases, tolerance, os.fspath(path), None)
     return cases
+
+
+def _worst(cases: list[tuple[int, float, float]]) -> tuple[int, float, float]:
+    """The case with the largest error, a NaN one first (max() alone depends on the order)."""
+    return max(cases, key=lambda case: math.inf if math.isnan(case[2]) else case[2])
+
+
+def _judge(cases, tolerance: float, where: str, report: OnnxExportReport | None) -> None:
+    """OnnxCheckError unless every error is a number within ``tolerance`` (NaN fails)."""
+    b, sigma, err = _worst(cases)
+    if math.isnan(err):
+        raise OnnxCheckError(f"the check of {where} got NaN/Inf (batch {b}, sigma {sigma}): the "
+                             "model's outputs are not finite; check the checkpoint's weights",
+                             report)
+    if not err <= tolerance:
+        raise OnnxCheckError(f"ONNX Runtime differs from PyTorch by {err:.3g} (relative, batch "
+                             f"{b}, sigma {sigma}) > tolerance {tolerance:g} for {where}", report)
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,34 +327,33 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
                          args[0].shape[0])
         meta["edm_fast.net_dtype"] = str(dtype).removeprefix("torch.")
 
-        def write(tmp):  # graph and metadata into a temporary file, renamed when complete
+        reports = []
+
+        def write(tmp):  # graph, metadata and check on a temporary file, renamed when passed
             with torch.no_grad():
                 used, written = _run_exporter(exporter, module, args, str(tmp), names,
                                               int(opset), dynamic_batch)
             meta.update({"edm_fast.opset": str(written), "edm_fast.exporter": used})
             _write_metadata(str(tmp), meta)
+            report = OnnxExportReport(path, used, int(written), meta["edm_fast.net_dtype"], names,
+                                      dynamic_batch, time.perf_counter() - start)
+            if check:  # before the rename: a model that fails its check never lands at path
+                _check_report(report, tmp, module, sample_shape, label_dim, args[0].shape[0],
+                              providers, TOLERANCE[dtype] if tolerance is None else tolerance)
+            reports.append(report)
 
         atomic_save(write, path)
-        used, opset = meta["edm_fast.exporter"], int(meta["edm_fast.opset"])
-        report = OnnxExportReport(path, used, opset, meta["edm_fast.net_dtype"], names,
-                                  dynamic_batch, time.perf_counter() - start)
-        if check:
-            _check_report(report, module, sample_shape, label_dim, args[0].shape[0], providers,
-                          TOLERANCE[dtype] if tolerance is None else tolerance)
     finally:
         restore()
-    return report
+    return reports[0]
 
 
-def _check_report(report: OnnxExportReport, module, sample_shape, label_dim: int, batch: int,
-                  providers, tolerance: float) -> None:
-    """Fill ``report.checks``; raise OnnxCheckError (carrying the report) above ``tolerance``."""
+def _check_report(report: OnnxExportReport, model_file, module, sample_shape, label_dim: int,
+                  batch: int, providers, tolerance: float) -> None:
+    """Fill ``report.checks`` from ``model_file``; raise OnnxCheckError (carrying the report)
+    when an error is above ``tolerance`` or not a number."""
     batches = (1, 3) if report.dynamic_batch else (batch,)
-    report.checks = check_onnx(module, report.path, sample_shape=sample_shape,
+    report.checks = check_onnx(module, model_file, sample_shape=sample_shape,
                                label_dim=label_dim, batches=batches, providers=providers)
     report.tolerance = tolerance
-    if report.max_rel_err > tolerance:
-        b, sigma, err = max(report.checks, key=lambda case: case[2])
-        raise OnnxCheckError(f"ONNX Runtime differs from PyTorch by {err:.3g} (relative, batch "
-                             f"{b}, sigma {sigma}) > tolerance {tolerance:g} for {report.path}",
-                             report)
+    _judge(report.checks, tolerance, os.fspath(report.path), report)

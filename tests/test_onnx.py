@@ -40,14 +40,15 @@ from edm_fast.nets import build_net
 from edm_fast.noise import SeedNoise
 from edm_fast.onnx_export import (
     OnnxCheckError,
+    _worst,
     check_onnx,
     export_onnx,
     make_session,
     read_onnx_metadata,
 )
 from edm_fast.precond import Denoiser, EDMPrecond
-from edm_fast.samplers import NonFiniteError
 from edm_fast.sampler import Sampler
+from edm_fast.samplers import NonFiniteError
 
 LABEL_DIM = 3
 IMAGE = (1, 8, 8)
@@ -213,6 +214,25 @@ def test_check_detects_a_wrong_model(song, song_onnx):
     with pytest.raises(OnnxCheckError, match="differs from PyTorch"):
         check_onnx(other, song_onnx.path, sample_shape=IMAGE, label_dim=LABEL_DIM,
                    tolerance=1e-4)
+
+
+def test_export_that_fails_its_check_writes_no_file(tmp_path):
+    """A NaN weight (a broken checkpoint) fails the check, which had passed it (NaN > tol is
+    False), and a failed check leaves nothing at the path (the file was renamed into place
+    before the check ran)."""
+    nan_net = make_denoiser("mlp")
+    with torch.no_grad():
+        next(nan_net.model.parameters()).view(-1)[0] = float("nan")
+    path = tmp_path / "nan.onnx"
+    with pytest.raises(OnnxCheckError, match="NaN/Inf") as caught:
+        export_onnx(nan_net, path, sample_shape=(2,), label_dim=LABEL_DIM)
+    assert math.isnan(caught.value.report.max_rel_err)
+    strict = tmp_path / "strict.onnx"
+    with pytest.raises(OnnxCheckError, match="> tolerance 1e-30"):
+        export_onnx(make_denoiser("mlp"), strict, sample_shape=(2,), label_dim=LABEL_DIM,
+                    tolerance=1e-30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no model, no temporary file
+    assert math.isnan(_worst([(1, 0.5, 1e-3), (3, 0.5, float("nan")), (1, 2.0, 0.1)])[2])
 
 
 def test_dynamo_exporter(tmp_path):
