@@ -52,9 +52,6 @@ def cmd_convert(args) -> int:
     out = check_out_file(args.out, (".safetensors",), "convert writes")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is SRC itself; write the converted checkpoint elsewhere")
-    if out.name.startswith("ckpt-") and out.suffix == ".safetensors":
-        raise ValueError(f"--out {out}: ckpt-*.safetensors names a training checkpoint (which "
-                         "--resume would pick up); choose another name")
     if src.suffix in OFFICIAL_SUFFIXES:
         path = convert_official(src, args.out, dtype=dtype)
     else:

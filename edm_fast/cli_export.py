@@ -83,15 +83,34 @@ def check_out_file(out, suffixes, writer: str) -> Path:
                 if owner else " (edm-fast reads a .pt file as an NVlabs training state)"
                 if out.suffix == ".pt" else "")
         raise ValueError(f"--out {out}: {writer} a {expected} file, not {out.suffix}{hint}")
+    if out.name.startswith("ckpt-") and out.suffix == ".safetensors":
+        raise ValueError(f"--out {out}: ckpt-*.safetensors names a training checkpoint (which "
+                         "--resume would pick up); choose another name")
     check_writable_folder(out.parent, out)
     if out.exists() and not os.access(out, os.W_OK):
         raise ValueError(f"cannot write {out}: the file exists and is read-only")
     return out
 
 
+def _check_format_options(args) -> None:
+    """Refuse an option that the chosen --format would silently ignore."""
+    from .device import resolve_device
+
+    if args.format != "onnx":
+        for flag, given in (("--opset", args.opset != 17), ("--exporter", args.exporter != "auto"),
+                            ("--no-check", not args.check)):
+            if given:
+                raise ValueError(f"{flag} applies to --format onnx only, not {args.format}")
+    if args.format in ("onnx", "safetensors") and args.device != "cpu":
+        raise ValueError(f"--device {args.device}: --format {args.format} is written on the "
+                         "CPU; --device applies to aoti and torchscript")
+    args.device = str(resolve_device(args.device))  # a clear error for a missing device
+
+
 def _cmd_export(args) -> int:
     if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    _check_format_options(args)
     check_out_file(args.out, SUFFIXES[args.format], f"--format {args.format} writes")
     start = time.perf_counter()
     if args.format == "safetensors":
@@ -104,13 +123,10 @@ def _cmd_export(args) -> int:
 
 def _load(args):
     """(Denoiser on the CPU, sample shape) of --ckpt."""
-    from .device import resolve_device
     from .models import load_denoiser
     from .precond import require_denoiser
     from .sampler import _model_shape
 
-    if args.format != "onnx":
-        args.device = str(resolve_device(args.device))  # a clear error for a missing device
     denoiser = load_denoiser(args.ckpt, device="cpu")
     require_denoiser(denoiser, f"export of {args.ckpt!r}")
     return denoiser.eval(), _model_shape(denoiser)

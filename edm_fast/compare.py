@@ -338,6 +338,8 @@ def check_report_folder(out, prefix: str | None = None) -> Path:
     into the folder ``out``: a file in its place, a file among its parents, a folder where a
     {prefix}_* report file goes, or no write permission. Missing folders are fine (they are
     created, as ``write_report`` does)."""
+    if not os.fspath(out).strip():  # Path("") is the current folder
+        raise ValueError("--out is empty: name the folder for the report, e.g. compare-out")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")

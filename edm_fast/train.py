@@ -158,14 +158,22 @@ def _check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} is a probability in [0, 1), got {value}")
     if cfg.label_dropout and not cfg.cond:
         raise ValueError("label_dropout drops class labels: it needs a conditional run (--cond)")
+    if cfg.resolution is not None and cfg.resolution < 1:  # 0 read as "the default" before
+        raise ValueError(f"resolution must be >= 1 (or left out for the data's own), "
+                         f"got {cfg.resolution}")
+    if not str(cfg.out).strip():  # Path("") is the current folder
+        raise ValueError("--out is empty: name the run folder, e.g. runs/edm")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is an existing file, not a run folder")
 
 
 def _load_data(cfg: TrainConfig):
     from .data import load_dataset
 
     kwargs = {"progress": cfg.progress and is_main()}
-    if not cfg.data.startswith("toy:"):
-        kwargs |= {"resolution": cfg.resolution, "channels": cfg.channels}
+    # only the options given: load_dataset refuses them for toy data (2-D points have no size)
+    kwargs |= {name: value for name, value in (("resolution", cfg.resolution),
+                                               ("channels", cfg.channels)) if value is not None}
     return load_dataset(cfg.data, **kwargs)
 
 
@@ -493,14 +501,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     _check_config(cfg)
     run = _Run(cfg)
     if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
         for stale in remove_stale_temporaries(run.out):
             warnings.warn(f"removed {stale.name}, an unfinished checkpoint write of a killed "
                           "process", stacklevel=2)
     barrier()
     dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total = _resume_or_start(
         run, resume)
-    if run.main:
+    if run.main:  # only now: a run refused for its data, preset or --resume leaves no folder
+        run.out.mkdir(parents=True, exist_ok=True)
         _trim_log(run.out / "log.jsonl", step)
         (run.out / "config.json").write_text(json.dumps(meta | {"train": dataclasses.asdict(cfg)},
                                                         indent=2, default=str))

@@ -129,13 +129,34 @@ def _assert_resume_is_exact(tmp_path, extra):
     ({"grad_clip": -1.0}, "grad_clip must be a finite"), ({"augment": 1.5}, "augment is a prob"),
     ({"label_dropout": 0.1}, "needs a conditional run"), ({"dropout": 1.0}, "dropout is a prob"),
     ({"data": "digits:8"}, "use an image preset"), ({"preset": "tiny"}, "use --preset toy-mlp"),
+    ({"resolution": 64}, "toy data have no resolution"),  # was ignored, and recorded
+    ({"channels": 3}, "toy data have no resolution, channels"),
+    ({"data": "digits", "preset": "tiny", "resolution": 0}, "resolution must be >= 1"),
+    ({"data": "digits", "preset": "tiny", "resolution": 12}, "must be 8, 16 or 32"),
 ])
 def test_bad_options_are_refused_up_front(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         train(_toy(tmp_path / "run", 4, **bad))
     with pytest.raises(ValueError, match="kimg must be a finite number > 0"):
         train(TrainConfig(**{**TOY, "out": str(tmp_path / "run"), "kimg": 0.0}))
-    assert not (tmp_path / "run" / "log.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # not even an empty run folder
+
+
+def test_a_refused_run_leaves_no_folder_and_out_must_name_one(tmp_path, monkeypatch):
+    """Missing data, or --resume with nothing to resume, used to leave an empty run folder;
+    an empty --out trained into the current folder."""
+    with pytest.raises(FileNotFoundError):
+        train(_toy(tmp_path / "a", 4, data=str(tmp_path / "no_such_folder"), preset="tiny"))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(_toy(tmp_path / "b", 4), resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--out is empty"):
+        train(TrainConfig(**{**TOY, "out": "", "kimg": 0.256}))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="existing file, not a run folder"):
+        train(_toy(tmp_path / "file", 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def _global_grad_norms_at_each_step(run):
