@@ -122,9 +122,9 @@ def _labels_for(args, seeds, sampler):
             raise ValueError("--class given, but the model is unconditional")
         return None
     if args.class_label is not None:
-        meta = getattr(sampler.denoiser, "checkpoint_meta", None) or {}
-        names = [str(n) for n in meta.get("data", {}).get("class_names", [])]
-        index = _class_index(str(args.class_label), label_dim, names)
+        from .models import class_names
+
+        index = _class_index(str(args.class_label), label_dim, class_names(sampler.denoiser))
         return torch.full((len(seeds),), index, dtype=torch.long)
     return torch.tensor([s % label_dim for s in seeds], dtype=torch.long)
 

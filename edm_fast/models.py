@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .toy import MIXTURES
 
-__all__ = ["load_denoiser", "MODEL_NAMES", "ASSETS", "bundled_path", "model_mixture"]
+__all__ = ["load_denoiser", "MODEL_NAMES", "ASSETS", "bundled_path", "model_mixture",
+           "class_names"]
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = {"default": "edm-digits.safetensors", "default-ddpm": "ddpm-digits.safetensors"}
@@ -36,6 +37,13 @@ def model_mixture(spec: str):
 
 EXPORT_SUFFIXES = {".onnx": "ONNX", ".pt2": "AOTInductor", ".ts": "TorchScript",
                    ".torchscript": "TorchScript"}
+
+
+def class_names(denoiser) -> list[str]:
+    """The class names a checkpoint stores (its data's folder names; '0'..'9' for the digits),
+    index i naming label i; [] when it stores none."""
+    meta = getattr(denoiser, "checkpoint_meta", None) or {}
+    return [str(name) for name in meta.get("data", {}).get("class_names", [])]
 
 
 def load_denoiser(spec, *, device="cpu", ema: bool = True):

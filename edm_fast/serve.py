@@ -17,7 +17,9 @@ than the whole queue could never be queued, so it gets 422 (too many seeds), nev
 
 Endpoints
     POST /generate  {"seeds": [1, 2] | 7 | "0-7,9",       one to max_seeds non-negative ints
-                     "class": 3 | null | [3, null, ...],  null: all-zero labels (unconditional)
+                     "class": 3 | "dog" | null | [...],   an index or a stored class name (as
+                                                          `sample --class`), per seed in a list;
+                                                          null: all-zero labels (unconditional)
                      "steps": 18,                         1 .. 256; default: the server's --steps
                      "format": "png" | "npy" | "json"}    default: png (json for non-images)
         png, one seed       -> image/png
@@ -60,6 +62,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -100,7 +103,7 @@ class GenerateRequest:
 
 
 def parse_generate(body, *, label_dim: int, image: bool, max_seeds: int,
-                   default_steps: int) -> GenerateRequest:
+                   default_steps: int, class_names: Sequence[str] = ()) -> GenerateRequest:
     """Validate a decoded /generate body; raises HTTPError 400 (types) or 422 (values)."""
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
@@ -121,7 +124,7 @@ def parse_generate(body, *, label_dim: int, image: bool, max_seeds: int,
                         f"'format' must be one of {list(FORMATS)}, got {fmt!r}")
     if fmt == "png" and not image:
         raise HTTPError(422, "format 'png' needs image samples (C, H, W); use 'npy' or 'json'")
-    labels = _parse_labels(body.get("class"), len(seeds), label_dim)
+    labels = _parse_labels(body.get("class"), len(seeds), label_dim, list(class_names))
     return GenerateRequest(seeds, labels, int(steps), fmt)
 
 
@@ -169,18 +172,26 @@ def _seed_spec_count(spec: str) -> int:
     return total
 
 
-def _parse_labels(spec, n: int, label_dim: int) -> list[int | None]:
-    """null, an int or a list of n (int | null) -> one label per seed, each in [0, label_dim)."""
-    labels = spec if isinstance(spec, list) else [spec] * n
+def _parse_labels(spec, n: int, label_dim: int, names: list[str]) -> list[int | None]:
+    """null, an int, a class name or a list of n of them -> one label per seed (None or an
+    index in [0, label_dim)); a name is looked up in the checkpoint's class names, as
+    `edm-fast sample --class NAME` does."""
+    labels = list(spec) if isinstance(spec, list) else [spec] * n
     if len(labels) != n:
         raise HTTPError(422, f"'class' has {len(labels)} entries for {n} seeds")
-    for c in labels:
+    for i, c in enumerate(labels):
         if c is None:
             continue
-        if not _is_int(c):
-            raise HTTPError(400, "'class' must be an int, null, or a list of ints/nulls")
+        if not (_is_int(c) or isinstance(c, str)):
+            raise HTTPError(400, "'class' must be an int, a class name, null, or a list of them")
         if label_dim == 0:
             raise HTTPError(422, "the model is unconditional: 'class' must be null")
+        if isinstance(c, str):
+            if c not in names:
+                known = f"; its classes: {', '.join(names)}" if names else " (it stores none)"
+                raise HTTPError(422, f"unknown class name {c!r}: not a class name of the "
+                                     f"model{known}")
+            labels[i] = c = names.index(c)
         if not 0 <= c < label_dim:
             raise HTTPError(422, f"unknown class {c}: the model has classes 0..{label_dim - 1}")
     return labels
@@ -748,8 +759,12 @@ class InferenceServer:
         probe = self.dispatcher._sampler(self.default_steps, 1)
         self.shape = tuple(probe.shape)
         self.label_dim = probe.label_dim
+        from .models import class_names
+
+        self.class_names = class_names(probe.denoiser)
         self.info = {"name": self.model_name, "shape": list(self.shape),
-                     "label_dim": self.label_dim, "backend": probe.backend_name,
+                     "label_dim": self.label_dim, "class_names": self.class_names,
+                     "backend": probe.backend_name,
                      "device": str(probe.device), "dtype": str(probe.dtype).split(".")[-1]}
         try:
             self._httpd = _HTTPServer((self.host, self.port), _Handler)
@@ -789,7 +804,8 @@ class InferenceServer:
     def generate(self, body, conn) -> tuple[str, bytes, dict]:
         """Validate, queue, wait (deadline, client liveness), then render the rows."""
         req = parse_generate(body, label_dim=self.label_dim, image=len(self.shape) == 3,
-                             max_seeds=self.max_seeds, default_steps=self.default_steps)
+                             max_seeds=self.max_seeds, default_steps=self.default_steps,
+                             class_names=self.class_names)
         job = Job(req, deadline=time.monotonic() + self.request_timeout_s)
         self.dispatcher.submit(job)
         self._wait(job, conn)

@@ -114,8 +114,8 @@ def test_png_and_multi_seed_formats_match_the_sampler(digits_server, reference):
     want = to_uint8(torch.from_numpy(reference(5, 3))[None])[0, ..., 0]
     assert png.shape == (16, 16) and np.abs(png.astype(int) - want).max() <= 1
 
-    status, _, body = generate(digits_server.url, seeds="7-9", **{"class": [1, None, 2]})
-    assert status == 200
+    status, _, body = generate(digits_server.url, seeds="7-9", **{"class": [1, None, "2"]})
+    assert status == 200  # "2": a class name the checkpoint stores, as in `sample --class`
     out = json.loads(body)
     assert out["seeds"] == [7, 8, 9] and out["classes"] == [1, None, 2] and out["steps"] == STEPS
     for b64, seed, c in zip(out["images"], out["seeds"], out["classes"]):
@@ -134,6 +134,7 @@ def test_healthz_reports_the_model(digits_server):
     info = json.loads(body)
     assert status == 200 and info["status"] == "ok"
     assert info["model"]["shape"] == [1, 16, 16] and info["model"]["label_dim"] == 10
+    assert info["model"]["class_names"] == [str(c) for c in range(10)]
     assert info["limits"]["max_batch"] == 16 and info["limits"]["default_steps"] == STEPS
     status, _, body = request(digits_server.url, path="/healthz?probe=1")  # a query is ignored
     assert status == 200 and json.loads(body)["status"] == "ok"
@@ -161,8 +162,10 @@ BAD_REQUESTS = [  # (id, method, path, body bytes, extra headers, status, words 
      "'steps'"),
     ("steps-bool", "POST", "/generate", _json_body({"seeds": 1, "steps": True}), {}, 400,
      "'steps'"),
-    ("class-string", "POST", "/generate", _json_body({"seeds": 1, "class": "3"}), {}, 400,
+    ("class-float", "POST", "/generate", _json_body({"seeds": 1, "class": 3.0}), {}, 400,
      "'class'"),
+    ("class-unknown-name", "POST", "/generate", _json_body({"seeds": 1, "class": "cat"}), {},
+     422, "unknown class name 'cat'"),
     ("format-type", "POST", "/generate", _json_body({"seeds": 1, "format": 3}), {}, 400,
      "'format'"),
     ("steps-zero", "POST", "/generate", _json_body({"seeds": 1, "steps": 0}), {}, 422,
