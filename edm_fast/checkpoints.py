@@ -212,7 +212,10 @@ def export_inference_checkpoint(src, dst, *, dtype: torch.dtype | None = None) -
     """
     src = Path(src)
     if src.is_dir():
-        src = latest_checkpoint(src) or src
+        latest = latest_checkpoint(src)
+        if latest is None:
+            raise CheckpointError(f"no ckpt-*.safetensors in {src}")
+        src = latest
     tensors, meta = read_checkpoint(src, prefixes=("ema.", "model."))
     prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
     keep = {f"ema.{k[len(prefix):]}": (v.to(dtype) if dtype is not None and v.is_floating_point()

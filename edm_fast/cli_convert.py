@@ -66,13 +66,16 @@ def cmd_convert(args) -> int:
 
 def _check_src(src) -> None:
     """A clear error for a SRC that is not there, before anything is read or written."""
-    from .models import BUNDLED, TOYS
+    from .models import BUNDLED, EXPORT_SUFFIXES, TOYS
 
-    if src.exists():
-        return
     name = str(src)
     what = ("convert reads an official NVlabs snapshot (.pkl), a training-state-*.pt, or an "
             "edm-fast .safetensors checkpoint or run folder")
+    if src.suffix.lower() in EXPORT_SUFFIXES:
+        raise ValueError(f"{src} is an exported {EXPORT_SUFFIXES[src.suffix.lower()]} model, "
+                         f"which cannot be converted back; {what}")
+    if src.exists():
+        return
     if name in BUNDLED:
         raise ValueError(f"{name!r} is a bundled model, already an edm-fast .safetensors "
                          f"checkpoint; {what}. To copy it (in float16 with --dtype float16), "

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import edm_fast
+
 
 def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "edm_fast", *args], capture_output=True,
@@ -123,6 +125,12 @@ BAD_INVOCATIONS = {
     "export device, aoti": (["export", "--format", "aoti", "--device", "foo", "--out",
                              "{tmp}/m.pt2"], "bad device 'foo'"),
     "compare out empty": (["compare", "--out", ""], "--out is empty"),
+    "export a toy": (["export", "--ckpt", "toy-gmm", "--format", "safetensors", "--out",
+                      "{tmp}/t.safetensors"], "analytic toy model"),
+    "convert an onnx": (["convert", "{tmp}/m.onnx", "--out", "{tmp}/x.safetensors"],
+                        "cannot be converted back"),
+    "convert a folder without checkpoints": (["convert", "{tmp}", "--out", "{tmp}/x.safetensors"],
+                                             "no ckpt-*.safetensors in"),
     "train out empty": (["train", "--out", ""], "--out is empty"),
     "rho overflow": (["sample", "--rho", "0.001"], "rho=0.001 is too small"),
     "kimg 0": (["train", "--kimg", "0", "--out", "{tmp}/run"], "kimg must be a finite number > 0"),
@@ -190,6 +198,10 @@ def test_help_states_defaults_once():
         text = " ".join(buffer.getvalue().split())
         assert "(default: None)" not in text and "default: the model's, else 0.002) (" not in text
         assert "(default:" in text  # the defaults that mean something are still shown
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert buffer.getvalue().strip() == f"edm-fast {edm_fast.__version__}"
 
 
 def test_outputs_keep_float64_and_grids_stay_viewable(tmp_path, monkeypatch):
