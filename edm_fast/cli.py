@@ -222,6 +222,27 @@ def _resume_hint(args, exc: KeyboardInterrupt) -> str:
     return (f"{stopped}; saved {latest}; continue with the same command and --resume")
 
 
+# Library parameters whose option has another name (dest); the others are named as their dest.
+_PARAMETER_DESTS = {"num_steps": "steps", "default_steps": "steps", "batch_size": "batch"}
+
+
+def _name_options(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """An error from the library names Python parameters (num_steps, ema_halflife_kimg, S_churn);
+    add the option of this command that sets each: 'num_steps (--steps) must be ...'. Only
+    names with an underscore, which no English word in a message has, and only once."""
+    import re
+
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {action.dest: next(s for s in action.option_strings if s.startswith("--"))
+             for action in subparsers.choices[command]._actions
+             if any(s.startswith("--") for s in action.option_strings)}
+    for name in sorted(set(re.findall(r"\b[A-Za-z]+_[A-Za-z_]+\b", message))):
+        flag = flags.get(_PARAMETER_DESTS.get(name, name))
+        if flag is not None and flag not in message:
+            message = re.sub(rf"\b{name}\b", f"{name} ({flag})", message, count=1)
+    return message
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -236,7 +257,8 @@ def main(argv=None) -> int:
                 warnings.filterwarnings("ignore", category=category)
             return args.func(args) or 0
     except (OSError, ValueError, MissingDependency) as exc:  # bad paths, options, files; extras
-        print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)
+        message = _name_options(str(exc), parser, args.command)
+        print(f"edm-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # samplers.NonFiniteError: NaN/Inf from the model
         print(f"edm-fast {args.command}: error: {exc}", file=sys.stderr)

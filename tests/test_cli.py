@@ -107,7 +107,7 @@ BAD_INVOCATIONS = {
     "out suffix": (["sample", "--out", "{tmp}/x.jpg"], "unsupported output"),
     "toy into a folder": (["sample", "--model", "toy-gmm", "--out", "{tmp}/d"], "toy samples"),
     "repeated seed": (["sample", "--seeds", "0-3,2"], "seed(s) 2 more than once"),
-    "sigma_min 0": (["sample", "--sigma-min", "0"], "sigma_min must be a positive"),
+    "sigma_min 0": (["sample", "--sigma-min", "0"], "sigma_min (--sigma-min) must be a positive"),
     "toy on onnx": (["sample", "--model", "toy-gmm", "--backend", "onnx", "--out",
                      "{tmp}/t.png"], "needs a network with EDM preconditioning"),
     "corrupt pkl": (["sample", "--ckpt", "{tmp}/g.pkl"], "not a readable pickle snapshot"),
@@ -136,7 +136,11 @@ BAD_INVOCATIONS = {
     "kimg 0": (["train", "--kimg", "0", "--out", "{tmp}/run"], "kimg must be a finite number > 0"),
     "lr inf": (["train", "--lr", "inf", "--out", "{tmp}/run"], "lr must be a finite number > 0"),
     "ramp-up nan": (["train", "--lr-rampup-kimg", "nan", "--out", "{tmp}/run"],
-                    "lr_rampup_kimg must be a finite number >= 0"),
+                    "lr_rampup_kimg (--lr-rampup-kimg) must be a finite number >= 0"),
+    "steps 0": (["sample", "--steps", "0"], "num_steps (--steps) must be an integer >= 1"),
+    "serve steps 0": (["serve", "--steps", "0"], "default_steps (--steps) must be in"),
+    "train option named": (["train", "--seed", "-1", "--ema-kimg", "0", "--out", "{tmp}/run"],
+                        "ema_halflife_kimg (--ema-kimg) must be"),
     "seed -1": (["train", "--seed", "-1", "--out", "{tmp}/run"], "seed must be a finite number"),
     "device meta": (["train", "--device", "meta", "--out", "{tmp}/run"], "is not supported"),
     "data is a file": (["train", "--data", "{tmp}/afile", "--out", "{tmp}/run"], "afile"),
@@ -279,7 +283,7 @@ def test_nan_options_and_a_nan_checkpoint_are_one_line_errors(tmp_path):
 
     res = _run(["sample", "--steps", "4", "--seeds", "0-1", "--S-churn", "nan",
                 "--out", str(tmp_path / "a.png")])
-    assert res.returncode == 2 and "S_churn must be a finite number" in res.stderr, res.stderr
+    assert res.returncode == 2 and "S_churn (--S-churn) must be a finite" in res.stderr, res.stderr
     src = bundled_path("default")
     with safe_open(src, "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
