@@ -81,9 +81,20 @@ def seed_noise(seeds: Sequence[int], shape: Sequence[int], draws: int) -> torch.
     """``draws`` successive draws of each seed's stream: (draws, N, *shape) float32 on the CPU.
 
     Draw 0 is the latent, draw k >= 1 the k-th churn draw; equal bit for bit to
-    ``edm_fast.noise.SeedNoise(seeds, shape)`` drawn the same number of times.
+    ``edm_fast.noise.SeedNoise(seeds, shape)`` drawn the same number of times. Seeds are
+    TorchScript ints here, so 0 .. 2^63 - 1 (``SeedNoise`` and ``Sampler`` take 0 .. 2^64 - 1).
     """
-    return _ops().seed_noise([int(s) for s in seeds], [int(n) for n in shape], int(draws))
+    seeds = [int(s) for s in seeds]
+    _check_int64_seeds(seeds)
+    return _ops().seed_noise(seeds, [int(n) for n in shape], int(draws))
+
+
+def _check_int64_seeds(seeds: list[int]) -> None:
+    """A clear error for seeds the C++ ops cannot take (their int is int64)."""
+    too_large = [s for s in seeds if s >= 2**63]
+    if too_large:
+        raise ValueError(f"seed {too_large[0]} is >= 2^63, beyond the C++ ops' int64 seeds; "
+                         "use edm_fast.Sampler (seeds up to 2^64 - 1) for it")
 
 
 def churn(x: torch.Tensor, eps: torch.Tensor, t_cur: float, t_hat: float,
@@ -121,7 +132,8 @@ def load_sampler(model_path: str | os.PathLike, *, kind: str = "auto",
       guidance float | None) -> (N, *shape)``: Alg. 2 (see csrc/sampler_loop.h);
     - ``sample_seeds(seeds, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max,
       S_noise, solver, class_labels | None, guidance | None) -> (N, *shape)``: schedule, seed
-      noise and loop all in C++, as the standalone ``edm_fast_sample`` binary runs them;
+      noise and loop all in C++, as the standalone ``edm_fast_sample`` binary runs them (seeds
+      0 .. 2^63 - 1, TorchScript ints);
     - ``denoise(x, sigma (N,), class_labels | None)``: one evaluation of D;
     - ``label_dim()``, ``sample_shape()``, ``device()``, ``kind()``, ``path()``.
 

@@ -174,7 +174,7 @@ def test_churn_gammas_match_python(S_churn, S_min, S_max):
 def test_seed_noise_bit_exact(shape):
     """Latent then churn draws, each seed its own stream (small shapes take ATen's scalar path,
     >= 16 elements the vectorised one)."""
-    seeds = [0, 1, 7, 123456789, 2**40 + 3]
+    seeds = [0, 1, 7, 123456789, 2**40 + 3, 2**63 - 1]
     out = ops.seed_noise(seeds, shape, 4)  # (draws, N, *shape)
     noise = SeedNoise(seeds, shape)
     ref = torch.cat([noise.draw()[None], noise.draw_many(3)])
@@ -182,6 +182,8 @@ def test_seed_noise_bit_exact(shape):
     assert torch.equal(out, ref)
     # a seed's stream does not depend on the other seeds in the batch
     assert torch.equal(ops.seed_noise([seeds[3]], shape, 4)[:, 0], out[:, 3])
+    with pytest.raises(ValueError, match="2\\^63, beyond the C\\+\\+ ops' int64 seeds"):
+        ops.seed_noise([2**63], shape, 1)  # a TorchScript type error before
 
 
 # ------------------------------------------------------------------------------------------
