@@ -135,6 +135,9 @@ def _cmd_train(args) -> int:
         print(f"{args.out} is already at step {summary['steps']} ({summary['kimg']:g} kimg), the "
               "length asked for: nothing to train (raise --kimg or --max-steps to continue)")
         return 0
-    print(f"trained {summary['steps']} steps ({summary['kimg']:g} kimg), final loss "
-          f"{summary['final_loss']:.4f} (smoothed) -> {summary['checkpoint']}")
+    resumed = summary["steps_this_run"] != summary["steps"]
+    count = (f"{summary['steps_this_run']} steps, {summary['steps']} in all" if resumed
+             else f"{summary['steps']} steps")
+    print(f"trained {count} ({summary['kimg']:g} kimg), final loss "
+          f"{summary['final_loss']:.4f} (smoothed over this run) -> {summary['checkpoint']}")
     return 0

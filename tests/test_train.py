@@ -332,6 +332,7 @@ def test_interrupt_saves_the_last_step_and_resume_is_exact(tmp_path, sig, worker
     assert 0 < step < 600 and f"interrupted at step {step}; saved {ckpt}" in err
     done = subprocess.run(cmd(tmp_path / "b", "--resume"), capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+    assert f"trained {600 - step} steps, 600 in all" in done.stdout  # this run's, then the total
     subprocess.run(cmd(tmp_path / "a"), check=True, capture_output=True)
     ta, _ = read_checkpoint(latest_checkpoint(tmp_path / "a"))
     tb, _ = read_checkpoint(latest_checkpoint(tmp_path / "b"))
