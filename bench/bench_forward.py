@@ -21,9 +21,9 @@ from edm_fast.benchmark import bench_model, count_flops, format_table, peak_flop
 from edm_fast.sampler import _model_shape
 
 try:
-    from bench.results import append_results
+    from bench.results import append_results, command_line
 except ImportError:
-    from results import append_results
+    from results import append_results, command_line
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODELS = os.environ.get("EDM_FWD_MODELS", "tiny,cifar10-ddpmpp").split(",")
@@ -50,9 +50,17 @@ def _modes(den, x, sigma):
         path = os.path.join(tempfile.mkdtemp(prefix="edm_fwd_"), "d.onnx")
         export_onnx(den, path, sample_shape=tuple(x.shape[1:]), label_dim=den.label_dim,
                     check=False)
-        session = make_session(path)
         feeds = {"x": x.cpu().numpy(), "sigma": sigma.cpu().numpy()}
-        modes["onnxruntime"] = lambda: session.run(None, feeds)
+        if x.device.type == "cpu":
+            session = make_session(path)
+            modes["onnxruntime"] = lambda: session.run(None, feeds)
+        else:  # the GPU's own row, never a CPU time scored against the GPU's peak
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("this onnxruntime has no CUDAExecutionProvider")
+            session = make_session(path, providers=["CUDAExecutionProvider"])
+            modes["onnxruntime (CUDA EP, host I/O)"] = lambda: session.run(None, feeds)
     except Exception as exc:  # onnxruntime missing: say so and go on
         print(f"[bench_forward] onnxruntime skipped: {exc}")
     return modes
@@ -82,7 +90,7 @@ def teardown_module(module):
     if ROWS:
         note = (f"\n\nPeak: best measured float32 GEMM / 3x3 conv rate here, "
                 f"{peak_flops(DEVICE) / 1e9:.0f} GFLOP/s; threads: {torch.get_num_threads()}.")
-        cmd = (f"EDM_FWD_MODELS={','.join(MODELS)} EDM_FWD_BATCHES={','.join(map(str, BATCHES))}"
-               " python -m pytest bench/bench_forward.py -q -s")
+        cmd = command_line("python -m pytest bench/bench_forward.py -q -s",
+                           ("EDM_FWD_", "OMP_NUM_THREADS"))
         append_results("Denoiser forward rate per execution mode (bench/bench_forward.py)",
                        format_table(ROWS) + note, cmd)

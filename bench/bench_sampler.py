@@ -19,9 +19,9 @@ import torch
 from edm_fast.benchmark import benchmark_case, format_table, peak_flops
 
 try:
-    from bench.results import append_results
+    from bench.results import append_results, command_line
 except ImportError:
-    from results import append_results
+    from results import append_results, command_line
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
@@ -65,10 +65,9 @@ def teardown_module(module):
             f"convolution on this device, "
             f"{peak_flops(DEVICE) / 1e9:.0f} GFLOP/s. Overhead can be negative when the loop's "
             "forwards run faster than an isolated forward (warm caches, no launch gaps).")
-    cmd = (f"EDM_BENCH_BACKENDS={BACKENDS or ''} EDM_BENCH_MODELS={','.join(MODELS)} "
-           f"EDM_BENCH_BATCHES="
-           f"{','.join(map(str, BATCHES))} EDM_BENCH_STEPS={STEPS} EDM_BENCH_REPEATS={REPEATS} "
-           f"EDM_BENCH_ROUNDS={ROUNDS} "
-           "python -m pytest bench/bench_sampler.py -q -s")
+    # only the variables that were set: EDM_BENCH_BATCHES, when given, also lifts the CPU's
+    # batch-1-only rule for cifar10-ddpmpp, so spelling out the default would not repeat the run
+    cmd = command_line("python -m pytest bench/bench_sampler.py -q -s",
+                       ("EDM_BENCH_", "OMP_NUM_THREADS"))
     append_results("Sampler backends: latency per NFE, img/s, overhead (bench/bench_sampler.py)",
                    format_table(ROWS) + note, cmd)

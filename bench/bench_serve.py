@@ -5,12 +5,12 @@
 
 Both servers run in this process on 127.0.0.1 (ephemeral ports) and nothing else is contacted.
 Each run: ``--clients`` threads, each on its own keep-alive connection, send one-seed PNG
-requests (seed k, class k % 10) until ``--requests`` have been sent or ``--time-limit`` seconds
-have passed, whichever is first; a request also gives up at the time limit. A warm-up round of
-``--clients`` requests (not counted) makes the samplers first. Every response is decoded and
-compared with seed k's image from one ``Sampler(..., batch_size=64)`` over all the seeds (noise
-is per seed; only float rounding depends on the batch, ~1e-5, so a pixel may differ by one
-level); a difference of more than one level counts as a mismatch.
+requests (seed k, class k mod the number of classes) until ``--requests`` have been sent or
+``--time-limit`` seconds have passed, whichever is first; a request also gives up at the time
+limit. A warm-up round of ``--clients`` requests (not counted) makes the samplers first. Every
+response is decoded and compared with seed k's image from one ``Sampler(..., batch_size=64)``
+over all the seeds (noise is per seed; only float rounding depends on the batch, ~1e-5, so a
+pixel may differ by one level); a difference of more than one level counts as a mismatch.
 Columns: img/s and req/s over the run's wall time, latency percentiles per request (client
 side), mean batch (images per sampler call, from /metrics), speed-up against batching off.
 The table is appended to bench/RESULTS.md; the exit status is 1 if anything failed.
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import append_results  # noqa: E402
+from results import append_results, command_line  # noqa: E402
 
 from edm_fast.images import to_uint8  # noqa: E402
 from edm_fast.sampler import Sampler  # noqa: E402
@@ -55,19 +55,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def reference_images(args, seeds) -> dict[int, np.ndarray]:
-    """seed -> (H, W, C) uint8 reference image, from a batch-64 Sampler over ``seeds``."""
+def seed_class(seed: int, label_dim: int) -> int | None:
+    """The class every image of a seed is asked for: cycling through the classes, or None for
+    an unconditional model."""
+    return seed % label_dim if label_dim else None
+
+
+def reference_images(args, seeds) -> tuple[dict[int, np.ndarray], int]:
+    """(seed -> (H, W, C) uint8 reference image, from a batch-64 Sampler over ``seeds``; the
+    model's label_dim)."""
     sampler = Sampler(args.model, num_steps=args.steps, batch_size=64, device=args.device,
                       backend="reference")
     out = {}
     for lo in range(0, len(seeds), 64):
         part = seeds[lo:lo + 64]
-        images = sampler(seeds=part, class_labels=[s % sampler.label_dim for s in part])
-        out.update(zip(part, to_uint8(images)))
-    return out
+        labels = [seed_class(s, sampler.label_dim) for s in part] if sampler.label_dim else None
+        out.update(zip(part, to_uint8(sampler(seeds=part, class_labels=labels))))
+    return out, sampler.label_dim
 
 
-def client_loop(url, next_index, deadline, seed_base, record) -> None:
+def client_loop(url, next_index, deadline, seed_base, label_dim, record) -> None:
     """Send requests on one keep-alive connection until the indices or the time run out."""
     from urllib.parse import urlsplit
 
@@ -78,7 +85,7 @@ def client_loop(url, next_index, deadline, seed_base, record) -> None:
         if k is None or time.monotonic() >= deadline:
             break
         seed = seed_base + k
-        body = json.dumps({"seeds": [seed], "class": seed % 10}).encode()
+        body = json.dumps({"seeds": [seed], "class": seed_class(seed, label_dim)}).encode()
         start = time.perf_counter()
         try:
             if conn is None:
@@ -95,7 +102,7 @@ def client_loop(url, next_index, deadline, seed_base, record) -> None:
         conn.close()
 
 
-def load(url, *, clients, requests, time_limit, seed_base) -> tuple[list, float]:
+def load(url, *, clients, requests, time_limit, seed_base, label_dim) -> tuple[list, float]:
     """Run the clients; (records (seed, status, body, seconds), wall seconds)."""
     counter, lock, records = itertools.count(), threading.Lock(), []
 
@@ -110,7 +117,8 @@ def load(url, *, clients, requests, time_limit, seed_base) -> tuple[list, float]
 
     deadline = time.monotonic() + time_limit
     threads = [threading.Thread(target=client_loop,
-                                args=(url, next_index, deadline, seed_base, record))
+                                args=(url, next_index, deadline, seed_base, label_dim,
+                                      record))
                for _ in range(clients)]
     start = time.perf_counter()
     for t in threads:
@@ -129,15 +137,16 @@ def check(records, refs) -> dict:
         if status != 200:
             failed += 1
             continue
-        got = np.asarray(Image.open(io.BytesIO(data)))
-        diff = int(np.abs(got.astype(int) - refs[seed][..., 0].astype(int)).max())
+        got = np.asarray(Image.open(io.BytesIO(data)))  # (H, W) greyscale or (H, W, 3) RGB
+        want = refs[seed][..., 0] if refs[seed].shape[-1] == 1 else refs[seed]
+        diff = int(np.abs(got.astype(int) - want.astype(int)).max())
         max_diff = max(max_diff, diff)
         exact += diff == 0
         mismatch += diff > 1
     return {"failed": failed, "exact": exact, "mismatch": mismatch, "max_diff": max_diff}
 
 
-def run_config(args, max_batch, refs, seed_base) -> dict:
+def run_config(args, max_batch, refs, label_dim, seed_base) -> dict:
     """Start a server, warm it up, load it, check the responses, shut it down."""
     factory = make_sampler_factory(args.model, device=args.device, backend=args.backend)
     server = InferenceServer(factory, max_batch=max_batch, max_wait_ms=args.max_wait_ms,
@@ -145,10 +154,11 @@ def run_config(args, max_batch, refs, seed_base) -> dict:
     server.start()
     try:
         load(server.url, clients=args.clients, requests=args.clients, time_limit=args.time_limit,
-             seed_base=0)  # warm-up: makes the samplers; not counted
+             seed_base=0, label_dim=label_dim)  # warm-up: makes the samplers; not counted
         before = _metrics(server.url)
         records, wall = load(server.url, clients=args.clients, requests=args.requests,
-                             time_limit=args.time_limit, seed_base=seed_base)
+                             time_limit=args.time_limit, seed_base=seed_base,
+                             label_dim=label_dim)
         after = _metrics(server.url)
     finally:
         server.shutdown()
@@ -196,16 +206,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     seed_base = 10_000
     t0 = time.perf_counter()
-    refs = reference_images(args, list(range(seed_base, seed_base + args.requests)))
+    refs, label_dim = reference_images(args, list(range(seed_base, seed_base + args.requests)))
     print(f"reference images: {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for max_batch in (args.max_batch, 1):
-        rows.append(run_config(args, max_batch, refs, seed_base))
+        rows.append(run_config(args, max_batch, refs, label_dim, seed_base))
         print(rows[-1], flush=True)
     table = format_table(rows, args)
     print(table)
     if not args.no_append:
-        cmd = "OMP_NUM_THREADS=1 python bench/bench_serve.py " + " ".join(argv or sys.argv[1:])
+        cmd = command_line("python bench/bench_serve.py " + " ".join(argv or sys.argv[1:]),
+                           ("OMP_NUM_THREADS",))
         append_results("Inference server: batching on vs off (bench/bench_serve.py)", table,
                        cmd.strip())
     bad = any(r["failed"] or r["mismatch"] or r["ok"] < args.requests for r in rows)

@@ -5,6 +5,7 @@ the machine (CPU model, GPU name), the torch/triton/CUDA versions, the date and 
 import datetime
 import os
 import platform
+import shlex
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
@@ -42,6 +43,15 @@ def machine_description() -> str:
     lines.append(f"- versions: python {platform.python_version()}, torch {torch.__version__} "
                  f"(CUDA {torch.version.cuda}), triton {triton_version}")
     return "\n".join(lines)
+
+
+def command_line(run: str, env_prefixes: tuple[str, ...]) -> str:
+    """``run`` preceded by the environment settings it was run with (the variables starting with
+    one of ``env_prefixes`` that are set), so that the recorded command repeats the run: a
+    default the script applies only when a variable is unset stays unset."""
+    settings = [f"{key}={shlex.quote(value)}" for key, value in sorted(os.environ.items())
+                if key.startswith(env_prefixes)]
+    return " ".join([*settings, run])
 
 
 def append_results(title: str, table_markdown: str, command: str, path: Path = RESULTS) -> Path:

@@ -38,7 +38,7 @@ from .backends.plan import SamplingPlan
 from .device import synchronize
 from .noise import SeedNoise
 from .precond import Denoiser, EDMPrecond
-from .sampler import Sampler, _model_shape
+from .sampler import Sampler, _model_shape, _sigma_range
 
 __all__ = ["bench_model", "bench_model_names", "benchmark_case", "check_bench_model",
            "format_table", "load_k_diffusion_sampling", "measure_sampler",
@@ -280,6 +280,14 @@ def _install_null_network(sampler: str, ours) -> bool:
     return False
 
 
+def sampler_plan(den, steps: int) -> SamplingPlan:
+    """The plan ``Sampler(den, num_steps=steps)`` builds: EDM's grid within the model's sigma
+    range, rounded to a discrete-time net's levels (as NVlabs' edm_sampler also does), so the
+    outside samplers run exactly our grid."""
+    return SamplingPlan.build(num_steps=steps, **_sigma_range(den, None, None),
+                              round_sigma=getattr(den, "round_sigma", None))
+
+
 def measure_sampler(model_name: str, batch: int, sampler: str, *, device, steps: int = 18,
                     repeats: int = 5) -> dict:
     """Seconds of one sampling call (``total``), of one denoiser evaluation in the same
@@ -288,7 +296,7 @@ def measure_sampler(model_name: str, batch: int, sampler: str, *, device, steps:
     cannot be swapped out) for one sampler in this process: 'ours/<backend>', 'nvlabs-eager' or
     'k-diffusion'. Raises when the sampler cannot run."""
     den, shape, latents, sigma, labels, one_hot = _case_inputs(model_name, batch, device)
-    plan = SamplingPlan.build(num_steps=steps)
+    plan = sampler_plan(den, steps)
     net = [lambda x, s: den(x, s, one_hot)]  # swapped for the identity to time the host work
 
     def eager():
@@ -366,7 +374,7 @@ def benchmark_case(model_name: str, batch: int, *, device, steps: int = 18, repe
     and the minimum over rounds is the estimate least disturbed by it.
     """
     den, _, latents, sigma, _, one_hot = _case_inputs(model_name, batch, device)
-    plan = SamplingPlan.build(num_steps=steps)
+    plan = sampler_plan(den, steps)
     flops = count_flops(den, latents, sigma, one_hot)
     peak = peak_flops(device)
     names = [f"ours/{name}" for name, reason in available_backends().items()

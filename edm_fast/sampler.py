@@ -158,7 +158,8 @@ class Sampler:
             raise ValueError(f"noise must be (N, {', '.join(map(str, self.shape))}) with N >= 1, "
                              f"got {tuple(noise.shape)}")
         if not noise.is_floating_point():
-            raise ValueError(f"noise must be floating-point unit-variance latents, got {noise.dtype}")
+            raise ValueError(f"noise must be floating-point unit-variance latents, got "
+                             f"{noise.dtype}")
         if churn_noise is None:
             churn_noise = torch.randn((k, *noise.shape), device=noise.device, dtype=noise.dtype)
         elif (churn_noise := torch.as_tensor(churn_noise)).shape != (k, *noise.shape):

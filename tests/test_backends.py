@@ -559,3 +559,19 @@ def test_every_backend_raises_nonfinite_error_for_a_nan_network(backend):
                       backend=backend, backend_options=options)
     with pytest.raises(NonFiniteError, match="NaN/Inf"):
         sampler(seeds=[0, 1])
+
+
+def test_benchmark_runs_the_outside_samplers_on_the_samplers_grid():
+    """The NVlabs-style and k-diffusion rows of the benchmark take the grid Sampler builds:
+    within the model's sigma range and rounded to a discrete-time net's levels (for the DDPM
+    model they ran EDM's plain 0.002 .. 80 grid, a different job than ours)."""
+    from edm_fast.benchmark import bench_model, sampler_plan
+
+    for name in ("default-ddpm", "default"):
+        den = bench_model(name, torch.device("cpu"))
+        ours = Sampler(den, batch_size=1, num_steps=18, backend="reference", device="cpu").plan
+        assert sampler_plan(den, 18).sigmas == ours.sigmas
+    assert ours.sigmas == SamplingPlan.build(num_steps=18).sigmas  # EDM net: the plain grid
+    ddpm = sampler_plan(bench_model("default-ddpm", torch.device("cpu")), 18).sigmas
+    assert ddpm != SamplingPlan.build(num_steps=18).sigmas
+    assert ddpm[-2] == pytest.approx(0.01, rel=1e-4)  # the DDPM net's lowest level
