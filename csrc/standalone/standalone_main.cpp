@@ -7,12 +7,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -35,7 +37,8 @@ Sample images with EDM's sampler (Karras et al. 2022, Alg. 2) from an exported d
   --model PATH         .pt2 from edm_fast.export.export_aoti, or a TorchScript file
   --kind K             auto | aoti | torchscript                       [auto: by suffix]
   --seeds LIST         e.g. 0-7 or 1,5,9 or 0-3,10 (one image per seed)  [0-7]
-  --batch B            images per denoiser batch (results do not depend on it)  [64]
+  --batch B            images per denoiser batch (results do not depend on it)
+                       [64; a model exported with a static batch: that batch]
   --steps N            number of steps                                 [18]
   --sigma-min S        smallest noise level, within the model's range  [0.002]
   --sigma-max S        largest noise level, within the model's range   [80]
@@ -51,13 +54,13 @@ Sample images with EDM's sampler (Karras et al. 2022, Alg. 2) from an exported d
   --shape C,H,W        sample shape (default: from the model's metadata; must match it)
   --device D           cpu | cuda | cuda:I                             [cpu]
   --tf32 0|1           allow TF32 convolutions/matmuls on CUDA (faster, ~1e-3 error)  [0]
-  --out PATH           output .npy, float32 (N, *shape)                [out.npy]
+  --out PATH           output .npy, float32 (N, *shape); its folder must exist  [out.npy]
 )";
 
 using Options = std::map<std::string, std::string>;
 
 Options parse_args(int argc, char** argv) {
-  Options opts{{"kind", "auto"},     {"seeds", "0-7"},    {"batch", "64"},  {"steps", "18"},
+  Options opts{{"kind", "auto"},     {"seeds", "0-7"},    {"steps", "18"},
                {"rho", "7"},         {"S-churn", "0"},
                {"S-min", "0"},       {"S-max", "inf"},    {"S-noise", "1"}, {"solver", "heun"},
                {"device", "cpu"},    {"out", "out.npy"},  {"tf32", "0"}};
@@ -158,8 +161,29 @@ std::vector<int64_t> parse_shape(const std::string& spec) {
   return shape;
 }
 
+// Refuse an output the run could not write, before any sampling: a long job must not end in
+// "cannot write". The folder must exist (nothing is created) and the path must not be one.
+void check_out_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  TORCH_CHECK(!path.empty(), "--out is empty: name the .npy file to write");
+  const fs::path out(path);
+  TORCH_CHECK(!fs::is_directory(out), "--out '", path, "' is a folder; name the .npy file");
+  const fs::path folder = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  TORCH_CHECK(fs::is_directory(folder), "--out '", path, "': the folder '", folder.string(),
+              "' does not exist");
+  const fs::path probe = folder / (".edm_fast_sample.probe" + std::to_string(::getpid()));
+  std::ofstream test(probe);
+  const bool writable = test.good();
+  test.close();
+  std::error_code ignored;
+  fs::remove(probe, ignored);
+  TORCH_CHECK(writable, "--out '", path, "': cannot write into the folder '", folder.string(),
+              "'");
+}
+
 // NumPy .npy format 1.0: magic, version, little-endian header length, a Python-literal dict
-// padded with spaces to a multiple of 64 bytes, then the raw little-endian float32 data.
+// padded with spaces to a multiple of 64 bytes, then the raw little-endian float32 data. Written
+// to a temporary file in the same folder and renamed, so an interrupted run leaves no torn file.
 void write_npy(const std::string& path, const at::Tensor& images) {
   const uint16_t probe = 1;
   TORCH_CHECK(*reinterpret_cast<const uint8_t*>(&probe) == 1, "write_npy needs a little-endian "
@@ -173,7 +197,8 @@ void write_npy(const std::string& path, const at::Tensor& images) {
   std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }";
   const size_t unpadded = 6 + 2 + 2 + header.size() + 1;  // magic, version, length, '\n'
   header += std::string((64 - unpadded % 64) % 64, ' ') + "\n";
-  std::ofstream out(path, std::ios::binary);
+  const std::string tmp = path + ".tmp" + std::to_string(::getpid());
+  std::ofstream out(tmp, std::ios::binary);
   TORCH_CHECK(out.good(), "cannot write '", path, "'");
   const uint16_t header_len = static_cast<uint16_t>(header.size());
   out.write("\x93NUMPY\x01\x00", 8);
@@ -181,7 +206,13 @@ void write_npy(const std::string& path, const at::Tensor& images) {
   out.write(header.data(), static_cast<std::streamsize>(header.size()));
   out.write(static_cast<const char*>(data.data_ptr()),
             static_cast<std::streamsize>(data.numel() * sizeof(float)));
-  TORCH_CHECK(out.good(), "writing '", path, "' failed");
+  out.close();
+  std::error_code error;
+  if (out.good()) std::filesystem::rename(tmp, path, error);
+  if (!out.good() || error) {
+    std::filesystem::remove(tmp, error);
+    TORCH_CHECK(false, "writing '", path, "' failed");
+  }
 }
 
 // Alg. 2's sigma_min or sigma_max: EDM's default, or the asked value, within the range the
@@ -204,6 +235,7 @@ double sigma_bound(const Options& opts, const edm_fast::ModelInfo& info, bool up
 }
 
 int run(const Options& opts) {
+  check_out_path(opts.at("out"));
   const c10::Device device(opts.at("device"));
   TORCH_CHECK(opts.at("tf32") == "0" || opts.at("tf32") == "1", "--tf32 expects 0 or 1");
   at::globalContext().setAllowTF32CuDNN(opts.at("tf32") == "1");
@@ -233,8 +265,24 @@ int run(const Options& opts) {
       opts.at("solver"), guidance);
 
   const auto seeds = parse_seeds(opts.at("seeds"));
-  const int64_t batch = to_int(opts.at("batch"), "--batch");
-  TORCH_CHECK(batch >= 1, "--batch must be >= 1");
+  // A static-batch model (exported with --batch S) runs S images per call, guidance included:
+  // with guidance the network sees 2 x the images, so S must be even.
+  const int64_t per_call = guidance ? 2 : 1;
+  int64_t batch = 64;
+  if (info.static_batch > 0) {
+    TORCH_CHECK(info.static_batch % per_call == 0, "the model was exported with a static batch "
+                "of ", info.static_batch, ", but guidance needs an even batch (2N); re-export "
+                "it without --batch (a dynamic batch)");
+    batch = info.static_batch / per_call;
+  }
+  if (opts.count("batch")) {
+    const int64_t asked = to_int(opts.at("batch"), "--batch");
+    TORCH_CHECK(asked >= 1, "--batch must be >= 1");
+    TORCH_CHECK(info.static_batch < 0 || asked == batch, "--batch ", asked, ": the model was "
+                "exported with a static batch of ", info.static_batch, ", so --batch must be ",
+                batch, " (or left out); re-export it without --batch for any batch");
+    batch = asked;
+  }
   const auto options = at::TensorOptions().dtype(info.dtype.value_or(at::kFloat)).device(device);
   int64_t class_idx = -1;
   if (opts.count("class")) {
@@ -248,15 +296,20 @@ int run(const Options& opts) {
   std::vector<at::Tensor> chunks;
   const auto start = std::chrono::steady_clock::now();
   for (size_t first = 0; first < seeds.size(); first += batch) {
-    const std::vector<uint64_t> chunk(
+    std::vector<uint64_t> chunk(
         seeds.begin() + first, seeds.begin() + std::min(seeds.size(), first + batch));
+    const int64_t wanted = static_cast<int64_t>(chunk.size());
+    if (info.static_batch > 0) {  // pad the last chunk; noise is per seed, so rows are unchanged
+      chunk.resize(static_cast<size_t>(batch), chunk.front());
+    }
     std::optional<at::Tensor> labels;
     if (class_idx >= 0) {
       labels = at::zeros({static_cast<int64_t>(chunk.size()), info.label_dim}, options);
       labels->select(1, class_idx).fill_(1.0);  // one-hot
     }
-    chunks.push_back(
-        edm_fast::sample_from_seeds(*denoiser, plan, chunk, shape, options, labels).cpu());
+    chunks.push_back(edm_fast::sample_from_seeds(*denoiser, plan, chunk, shape, options, labels)
+                         .narrow(0, 0, wanted)
+                         .cpu());
   }
   const at::Tensor images = at::cat(chunks);
   const double seconds =
