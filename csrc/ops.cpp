@@ -55,11 +55,21 @@ at::Tensor seed_noise_op(c10::IntArrayRef seeds, c10::IntArrayRef shape, int64_t
   return SeedNoise(useeds, shape.vec()).draw_many(draws);
 }
 
+// The scalar arguments of the step ops: finite, and the noise levels in their range (NaN fails
+// every comparison, so each check is written to pass only for good values).
+void check_finite(const char* op, const char* name, double value) {
+  TORCH_CHECK(std::isfinite(value), op, ": ", name, " must be finite, got ", value);
+}
+
 at::Tensor churn_op(const at::Tensor& x, const at::Tensor& eps, double t_cur, double t_hat,
                     double S_noise) {
   CHECK_LIKE(eps, x);
+  check_finite("churn", "t_cur", t_cur);
+  check_finite("churn", "t_hat", t_hat);
+  check_finite("churn", "S_noise", S_noise);
   TORCH_CHECK(t_hat >= t_cur && t_cur >= 0, "churn: need t_hat >= t_cur >= 0, got t_cur=", t_cur,
               ", t_hat=", t_hat);
+  TORCH_CHECK(S_noise >= 0, "churn: S_noise must be >= 0, got ", S_noise);
   at::Tensor x_hat = at::empty_like(x);
   churn_out(x_hat, x, eps, std::sqrt(std::max(t_hat * t_hat - t_cur * t_cur, 0.0)) * S_noise);
   return x_hat;
@@ -69,6 +79,8 @@ std::tuple<at::Tensor, at::Tensor> euler_step_op(const at::Tensor& x_hat,
                                                  const at::Tensor& denoised, double t_hat,
                                                  double t_next) {
   CHECK_LIKE(denoised, x_hat);
+  check_finite("euler_step", "t_hat", t_hat);
+  check_finite("euler_step", "t_next", t_next);
   TORCH_CHECK(t_hat > 0 && t_next >= 0, "euler_step: need t_hat > 0 and t_next >= 0, got "
               "t_hat=", t_hat, ", t_next=", t_next);
   at::Tensor x_next = at::empty_like(x_hat), d_cur = at::empty_like(x_hat);
@@ -76,16 +88,21 @@ std::tuple<at::Tensor, at::Tensor> euler_step_op(const at::Tensor& x_hat,
   return {x_next, d_cur};
 }
 
-at::Tensor heun_correct_op(const at::Tensor& x_hat, const at::Tensor& x_next,
-                           const at::Tensor& d_cur, const at::Tensor& denoised, double t_hat,
-                           double t_next) {
-  CHECK_LIKE(x_next, x_hat);
+// Arguments in the order of the Triton kernel edm_fast.kernels.heun_correct (all four tensors
+// share one shape, so a different order would pass every check and compute garbage).
+at::Tensor heun_correct_op(const at::Tensor& x_hat, const at::Tensor& d_cur,
+                           const at::Tensor& x_next, const at::Tensor& denoised_next,
+                           double t_hat, double t_next) {
   CHECK_LIKE(d_cur, x_hat);
-  CHECK_LIKE(denoised, x_hat);
+  CHECK_LIKE(x_next, x_hat);
+  CHECK_LIKE(denoised_next, x_hat);
+  check_finite("heun_correct", "t_hat", t_hat);
+  check_finite("heun_correct", "t_next", t_next);
+  TORCH_CHECK(t_hat > 0, "heun_correct: need t_hat > 0, got ", t_hat);
   TORCH_CHECK(t_next > 0, "heun_correct: the correction needs t_next > 0 (Alg. 2 l.9), got ",
               t_next);
   at::Tensor out = x_next.clone(), scratch = d_cur.clone(), d_prime = at::empty_like(x_hat);
-  heun_correct_out(out, scratch, d_prime, x_hat, denoised, t_hat, t_next);
+  heun_correct_out(out, scratch, d_prime, x_hat, denoised_next, t_hat, t_next);
   return out;
 }
 
@@ -105,7 +122,8 @@ TORCH_LIBRARY(edm_fast, m) {
   m.def("euler_step(Tensor x_hat, Tensor denoised, float t_hat, float t_next)"
         " -> (Tensor x_next, Tensor d_cur)",
         TORCH_FN(edm_fast::euler_step_op));
-  m.def("heun_correct(Tensor x_hat, Tensor x_next, Tensor d_cur, Tensor denoised, float t_hat,"
+  m.def("heun_correct(Tensor x_hat, Tensor d_cur, Tensor x_next, Tensor denoised_next, "
+        "float t_hat,"
         " float t_next) -> Tensor",
         TORCH_FN(edm_fast::heun_correct_op));
 

@@ -163,7 +163,8 @@ at::Tensor sample_loop(DenoiserRunner& denoiser, const Plan& plan, const at::Ten
   TORCH_CHECK(info.static_batch < 0 || info.static_batch == B,
               "the model '", info.path, "' was exported with a static batch of ",
               info.static_batch, " (dynamic_batch=False) but this run needs batch ", B,
-              guided ? " (2N for guidance)" : "", "; re-export with dynamic_batch=True");
+              guided ? " (2N for guidance)" : "", "; re-export with a dynamic batch "
+              "(edm-fast export without --batch; dynamic_batch=True in Python)");
   const auto opts = latents.options();
   const at::Tensor eps = prepare_churn(plan, latents, churn_noise);  // (K, N, ...)
   const at::Tensor labels = prepare_labels(denoiser, plan, latents, class_labels);
@@ -261,6 +262,10 @@ at::Tensor Sampler::sample_seeds(const std::vector<int64_t>& seeds, int64_t num_
                   info.precond == "ve",
               "sample_seeds: the '", info.precond, "' preconditioning rounds sigma to discrete "
               "levels, which the C++ schedule does not do; build a SamplingPlan in Python");
+  // with no labels they are all zero, and the guided mix of two unconditional outputs is the
+  // unconditional output: the weight would silently do nothing (the binary needs --class too)
+  TORCH_CHECK(!guidance || class_labels.has_value(), "sample_seeds: guidance needs "
+              "class_labels (without them every label is zero and guidance changes nothing)");
   std::vector<uint64_t> useeds;
   for (int64_t s : seeds) {
     TORCH_CHECK(s >= 0, "seeds must be non-negative, got ", s);

@@ -39,7 +39,15 @@ std::vector<double> edm_sigmas(int64_t num_steps, double sigma_min, double sigma
 std::vector<double> churn_gammas(const std::vector<double>& sigmas, double S_churn, double S_min,
                                  double S_max) {
   TORCH_CHECK(sigmas.size() >= 2, "churn_gammas: need at least 2 sigmas, got ", sigmas.size());
-  TORCH_CHECK(S_churn >= 0, "churn_gammas: S_churn must be >= 0, got ", S_churn);
+  TORCH_CHECK(S_churn >= 0 && std::isfinite(S_churn),
+              "churn_gammas: S_churn must be a finite number >= 0, got ", S_churn);
+  // NaN would fail both comparisons below and silently turn churn off (as in Python's
+  // check_churn_options); S_max may be +inf (churn up to the top of the grid)
+  TORCH_CHECK(!std::isnan(S_min) && !std::isnan(S_max),
+              "churn_gammas: S_min and S_max must be numbers, got ", S_min, " and ", S_max);
+  for (size_t i = 0; i < sigmas.size(); ++i) {
+    TORCH_CHECK(std::isfinite(sigmas[i]), "churn_gammas: sigma_", i, " is not finite");
+  }
   const auto num_steps = static_cast<double>(sigmas.size() - 1);
   const double gamma = std::min(S_churn / num_steps, std::sqrt(2.0) - 1.0);  // Alg. 2 l.4
   std::vector<double> gammas;

@@ -112,12 +112,13 @@ def euler_step(x_hat: torch.Tensor, denoised: torch.Tensor, t_hat: float,
                              float(t_next))
 
 
-def heun_correct(x_hat: torch.Tensor, x_next: torch.Tensor, d_cur: torch.Tensor,
-                 denoised: torch.Tensor, t_hat: float, t_next: float) -> torch.Tensor:
+def heun_correct(x_hat: torch.Tensor, d_cur: torch.Tensor, x_next: torch.Tensor,
+                 denoised_next: torch.Tensor, t_hat: float, t_next: float) -> torch.Tensor:
     """x_hat + (t_next - t_hat)(d_cur/2 + d_prime/2), d_prime = (x_next - D')/t_next
-    (Alg. 2 l.10-11); ``denoised`` = D(x_next; t_next). All (N, ...); needs t_next > 0."""
-    return _ops().heun_correct(x_hat.contiguous(), x_next.contiguous(), d_cur.contiguous(),
-                               denoised.contiguous(), float(t_hat), float(t_next))
+    (Alg. 2 l.10-11); ``denoised_next`` = D(x_next; t_next). All (N, ...); needs t_next > 0.
+    The arguments come in the order of ``edm_fast.kernels.heun_correct``."""
+    return _ops().heun_correct(x_hat.contiguous(), d_cur.contiguous(), x_next.contiguous(),
+                               denoised_next.contiguous(), float(t_hat), float(t_next))
 
 
 def load_sampler(model_path: str | os.PathLike, *, kind: str = "auto",

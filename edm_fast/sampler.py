@@ -126,6 +126,10 @@ class Sampler:
         """
         latents, churn = self._noise(seeds, noise, churn_noise)
         n = latents.shape[0]
+        if class_labels is None and self.plan.guidance is not None:
+            raise ValueError("guidance needs class_labels: without them every label is zero, "
+                             "and the guided mix of two unconditional outputs is the "
+                             "unconditional output")
         if getattr(class_labels, "ndim", None) == 0:  # a numpy / torch scalar
             class_labels = class_labels.item()
         if isinstance(class_labels, bool):

@@ -250,6 +250,8 @@ def test_sampler_labels_and_validation():
         Sampler(den, shape=(2, 5, 5), guidance=float("nan"), device="cpu")
     with pytest.raises(ValueError, match="exactly one of"):
         s()
+    with pytest.raises(ValueError, match="guidance needs class_labels"):  # a silent no-op before
+        s(seeds=[1, 2])
     with pytest.raises(ValueError, match="noise must be"):
         s(noise=torch.zeros(2, 3, 5, 5))
     with pytest.raises(ValueError, match=r"with N >= 1, got \(0, 2, 5, 5\)"):

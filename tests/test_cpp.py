@@ -170,6 +170,22 @@ def test_churn_gammas_match_python(S_churn, S_min, S_max):
 
 
 @needs_cpp
+def test_churn_gammas_refuse_what_python_refuses():
+    """NaN S_min / S_max / sigma fail every comparison and silently turned churn off in C++
+    (the binary and sample_seeds too); Python's check_churn_options refuses them."""
+    sigmas, nan = edm_sigmas(4).tolist(), float("nan")
+    for args, message in (((sigmas, 5.0, nan, math.inf), "S_min and S_max must be numbers"),
+                          ((sigmas, 5.0, 0.0, nan), "S_min and S_max must be numbers"),
+                          ((sigmas, math.inf, 0.0, math.inf), "S_churn must be a finite"),
+                          (([nan, *sigmas[1:]], 5.0, 0.0, math.inf), "sigma_0 is not finite")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.churn_gammas(*args)
+        if "sigma_0" not in message:  # Python checks grids in validate_sigmas instead
+            with pytest.raises(ValueError):
+                churn_gammas(*args)
+
+
+@needs_cpp
 @pytest.mark.parametrize("shape", [(3, 9, 7), (5,), (1,), (2, 4, 4)])
 def test_seed_noise_bit_exact(shape):
     """Latent then churn draws, each seed its own stream (small shapes take ATen's scalar path,
@@ -210,13 +226,27 @@ def test_step_ops_match_formulas(dtype, device):
     ref_next = x + (t_next - t_hat) * ref_d  # l.8
     assert rel_err(d_cur, ref_d) < tol and rel_err(x_next, ref_next) < tol
 
-    out = ops.heun_correct(*dev(x, ref_next, ref_d, den2), t_hat, t_next)
+    out = ops.heun_correct(*dev(x, ref_d, ref_next, den2), t_hat, t_next)
     d_prime = (ref_next - den2) / t_next  # l.10
     assert rel_err(out, x + (t_next - t_hat) * (0.5 * ref_d + 0.5 * d_prime)) < tol  # l.11
     with pytest.raises(RuntimeError, match="same shape"):
         ops.euler_step(*dev(x, den[:2]), t_hat, t_next)
     with pytest.raises(RuntimeError, match="t_next > 0"):
-        ops.heun_correct(*dev(x, ref_next, ref_d, den2), t_hat, 0.0)
+        ops.heun_correct(*dev(x, ref_d, ref_next, den2), t_hat, 0.0)
+    from edm_fast.kernels import heun_correct_ref  # the Triton twin takes the same order
+
+    per_sample = [torch.full((3,), t, dtype=dtype, device=device) for t in (t_hat, t_next)]
+    assert rel_err(out, heun_correct_ref(*dev(x, ref_d, ref_next, den2), *per_sample)) < tol
+    nan, inf = float("nan"), float("inf")
+    for call, message in (
+            (lambda: ops.heun_correct(*dev(x, ref_d, ref_next, den2), nan, t_next), "t_hat must"),
+            (lambda: ops.heun_correct(*dev(x, ref_d, ref_next, den2), -1.0, t_next), "t_hat > 0"),
+            (lambda: ops.euler_step(*dev(x, den), inf, t_next), "t_hat must be finite"),
+            (lambda: ops.churn(*dev(x, eps), t_cur, inf), "t_hat must be finite"),
+            (lambda: ops.churn(*dev(x, eps), t_cur, t_hat, nan), "S_noise must be finite"),
+            (lambda: ops.churn(*dev(x, eps), t_cur, t_hat, -1.0), "S_noise must be >= 0")):
+        with pytest.raises(RuntimeError, match=message):
+            call()
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,6 +340,9 @@ def test_sample_seeds_matches_python(models, device, no_tf32):
     ref = reference(make_denoiser(LABEL_DIM, device=device), plan, latents.to(device),
                     noise.draw_many(len(plan.churn_steps)), labels)
     assert rel_err(out, ref) < 1e-5
+    with pytest.raises(RuntimeError, match="guidance needs class_labels"):  # was a no-op
+        sampler.sample_seeds([3], 10, 0.002, 80.0, 7.0, 0.0, 0.0, math.inf, 1.0, "heun", None,
+                             2.0)
 
 
 @needs_cpp
@@ -485,6 +518,35 @@ def test_standalone_binary_takes_seeds_up_to_the_generators_limit(models, standa
                              capture_output=True)
         assert bad.returncode == 1 and "bad seed list" in bad.stderr, (seeds, bad.stderr)
 
+
+
+@needs_cpp
+@pytest.mark.slow
+def test_standalone_binary_runs_a_static_batch_model_and_checks_out_first(standalone_binary,
+                                                                            tmp_path):
+    """A model exported with a static batch of 4: the binary takes 4 as its batch, pads the last
+    chunk (6 seeds: 4 + 2) and equals the Python reference; another --batch is refused. An
+    --out it could not write is refused before the model is even loaded (it sampled first)."""
+    model = export_aoti(make_denoiser(LABEL_DIM), (4, *SHAPE), dynamic_batch=False,
+                        path=tmp_path / "static4.pt2")
+    out = tmp_path / "static.npy"
+    args = ["--model", str(model), "--seeds", "0-5", "--steps", "4", "--class", "1",
+            "--out", str(out)]
+    run = subprocess.run([standalone_binary, *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    labels = nn.functional.one_hot(torch.full((6,), 1), LABEL_DIM).float()
+    ref = reference(make_denoiser(LABEL_DIM), SamplingPlan.build(num_steps=4),
+                    SeedNoise(range(6), SHAPE).draw(), None, labels)
+    assert rel_err(torch.from_numpy(np.load(out)), ref) < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["static.npy", "static4.pt2"]
+    bad = subprocess.run([standalone_binary, *args, "--batch", "3"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "static batch of 4, so --batch must be 4" in bad.stderr
+    for where, message in ((tmp_path / "missing" / "x.npy", "does not exist"),
+                           (tmp_path, "is a folder")):
+        bad = subprocess.run([standalone_binary, "--model", str(tmp_path / "absent.pt2"),
+                              "--out", str(where)], capture_output=True, text=True)
+        assert bad.returncode == 1 and message in bad.stderr, bad.stderr
 
 
 @needs_cpp
