@@ -104,8 +104,8 @@ class Sampler:
             except Exception as exc:
                 if cls.name == "reference":
                     raise
-                skipped.append((cls.name, f"{cls.name}: failed to build for this model "
-                                          f"({type(exc).__name__}: {exc})"))
+                why = f"{cls.name}: failed to build for this model ({type(exc).__name__}: {exc})"
+                skipped.append((cls.name, why))
                 continue
             warn_fallback(cls.name, skipped, self.device, stacklevel=3)
             return backend

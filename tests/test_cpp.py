@@ -532,7 +532,7 @@ def test_standalone_binary_runs_a_static_batch_model_and_checks_out_first(standa
     out = tmp_path / "static.npy"
     args = ["--model", str(model), "--seeds", "0-5", "--steps", "4", "--class", "1",
             "--out", str(out)]
-    run = subprocess.run([standalone_binary, *args], capture_output=True, text=True)
+    run = subprocess.run([standalone_binary, *args], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     labels = nn.functional.one_hot(torch.full((6,), 1), LABEL_DIM).float()
     ref = reference(make_denoiser(LABEL_DIM), SamplingPlan.build(num_steps=4),
@@ -540,12 +540,12 @@ def test_standalone_binary_runs_a_static_batch_model_and_checks_out_first(standa
     assert rel_err(torch.from_numpy(np.load(out)), ref) < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["static.npy", "static4.pt2"]
     bad = subprocess.run([standalone_binary, *args, "--batch", "3"], capture_output=True,
-                         text=True)
+                         text=True, check=False)
     assert bad.returncode == 1 and "static batch of 4, so --batch must be 4" in bad.stderr
     for where, message in ((tmp_path / "missing" / "x.npy", "does not exist"),
                            (tmp_path, "is a folder")):
         bad = subprocess.run([standalone_binary, "--model", str(tmp_path / "absent.pt2"),
-                              "--out", str(where)], capture_output=True, text=True)
+                              "--out", str(where)], capture_output=True, text=True, check=False)
         assert bad.returncode == 1 and message in bad.stderr, bad.stderr
 
 

@@ -9,6 +9,7 @@ how they execute it. Step i goes from t_i to t_{i+1}:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class SamplingPlan:
         grid = validate_sigmas(sigmas if sigmas is not None
                                else edm_sigmas(num_steps, sigma_min, sigma_max, rho))
         grid = round_positive_sigmas(grid, round_sigma)
-        repeats = sum(1 for a, b in zip(grid, grid[1:]) if a == b)
+        repeats = sum(1 for a, b in itertools.pairwise(grid) if a == b)
         if repeats:  # kept, as NVlabs' sampler keeps them: results equal sample_edm's
             warnings.warn(f"{repeats} of the {len(grid) - 1} steps start and end on the same "
                           "noise level after rounding to the model's trained levels "
