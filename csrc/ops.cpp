@@ -123,8 +123,7 @@ TORCH_LIBRARY(edm_fast, m) {
         " -> (Tensor x_next, Tensor d_cur)",
         TORCH_FN(edm_fast::euler_step_op));
   m.def("heun_correct(Tensor x_hat, Tensor d_cur, Tensor x_next, Tensor denoised_next, "
-        "float t_hat,"
-        " float t_next) -> Tensor",
+        "float t_hat, float t_next) -> Tensor",
         TORCH_FN(edm_fast::heun_correct_op));
 
   m.class_<Sampler>("Sampler")

@@ -65,15 +65,16 @@ def cmd_convert(args) -> int:
 
 
 def _check_src(src) -> None:
-    """A clear error for a SRC that is not there, before anything is read or written."""
-    from .models import BUNDLED, EXPORT_SUFFIXES, TOYS
+    """A clear error for a SRC that is not there or is an exported model, before anything is
+    read or written."""
+    from .models import BUNDLED, TOYS, exported_format
 
     name = str(src)
     what = ("convert reads an official NVlabs snapshot (.pkl), a training-state-*.pt, or an "
             "edm-fast .safetensors checkpoint or run folder")
-    if src.suffix.lower() in EXPORT_SUFFIXES:
-        raise ValueError(f"{src} is an exported {EXPORT_SUFFIXES[src.suffix.lower()]} model, "
-                         f"which cannot be converted back; {what}")
+    if exported_format(src):
+        raise ValueError(f"{src} is an exported {exported_format(src)} model, which cannot be "
+                         f"converted back; {what}")
     if src.exists():
         return
     if name in BUNDLED:

@@ -171,18 +171,17 @@ def _export_torch(args, denoiser, shape) -> str:
 
 def _export_safetensors(args) -> str:
     from .checkpoints import export_inference_checkpoint
-    from .models import BUNDLED, EXPORT_SUFFIXES, TOYS, bundled_path
+    from .models import BUNDLED, TOYS, bundled_path, exported_format
     from .onnx_export import NET_DTYPES
 
     if args.batch is not None:
         raise ValueError("--batch does not apply to --format safetensors")
-    suffix = Path(args.ckpt).suffix.lower()
     if args.ckpt in TOYS:
         raise ValueError(f"{args.ckpt!r} is an analytic toy model, with no weights to export")
-    if suffix in EXPORT_SUFFIXES:
-        raise ValueError(f"{args.ckpt} is an exported {EXPORT_SUFFIXES[suffix]} model; export "
+    if exported_format(args.ckpt):
+        raise ValueError(f"{args.ckpt} is an exported {exported_format(args.ckpt)} model; export "
                          "from the .safetensors checkpoint it came from")
-    if suffix in (".pkl", ".pt"):
+    if Path(args.ckpt).suffix.lower() in (".pkl", ".pt"):
         raise ValueError(f"{args.ckpt} is an NVlabs snapshot: `edm-fast convert {args.ckpt} "
                          "--out FILE.safetensors` converts it")
     src = bundled_path(args.ckpt) if args.ckpt in BUNDLED else args.ckpt

@@ -18,7 +18,7 @@ from pathlib import Path
 from .toy import MIXTURES
 
 __all__ = ["load_denoiser", "MODEL_NAMES", "ASSETS", "bundled_path", "model_mixture",
-           "class_names"]
+           "class_names", "exported_format"]
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = {"default": "edm-digits.safetensors", "default-ddpm": "ddpm-digits.safetensors"}
@@ -37,6 +37,12 @@ def model_mixture(spec: str):
 
 EXPORT_SUFFIXES = {".onnx": "ONNX", ".pt2": "AOTInductor", ".ts": "TorchScript",
                    ".torchscript": "TorchScript"}
+
+
+def exported_format(path) -> str | None:
+    """'ONNX', 'AOTInductor' or 'TorchScript' for a file an export wrote (by its suffix), else
+    None: such a file is for deployment, not a checkpoint to sample, convert or re-export."""
+    return EXPORT_SUFFIXES.get(Path(path).suffix.lower())
 
 
 def class_names(denoiser) -> list[str]:
@@ -61,8 +67,8 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
         if not path.exists():
             raise FileNotFoundError(f"no model or checkpoint at {spec_str!r}; use a path or one "
                                     f"of {', '.join(MODEL_NAMES)}")
-    if path.suffix.lower() in EXPORT_SUFFIXES:
-        raise ValueError(f"{path} is an exported model ({EXPORT_SUFFIXES[path.suffix.lower()]}), "
+    if exported_format(path):
+        raise ValueError(f"{path} is an exported model ({exported_format(path)}), "
                          "for deployment (ONNX Runtime, the C++ tool edm_fast_sample); sample "
                          "with the .safetensors checkpoint it was exported from")
     if path.suffix in (".pkl", ".pt"):  # official snapshot / training-state archive

@@ -85,16 +85,11 @@ def seed_noise(seeds: Sequence[int], shape: Sequence[int], draws: int) -> torch.
     TorchScript ints here, so 0 .. 2^63 - 1 (``SeedNoise`` and ``Sampler`` take 0 .. 2^64 - 1).
     """
     seeds = [int(s) for s in seeds]
-    _check_int64_seeds(seeds)
-    return _ops().seed_noise(seeds, [int(n) for n in shape], int(draws))
-
-
-def _check_int64_seeds(seeds: list[int]) -> None:
-    """A clear error for seeds the C++ ops cannot take (their int is int64)."""
-    too_large = [s for s in seeds if s >= 2**63]
-    if too_large:
-        raise ValueError(f"seed {too_large[0]} is >= 2^63, beyond the C++ ops' int64 seeds; "
+    too_large = next((s for s in seeds if s >= 2**63), None)
+    if too_large is not None:  # a TorchScript type error otherwise
+        raise ValueError(f"seed {too_large} is >= 2^63, beyond the C++ ops' int64 seeds; "
                          "use edm_fast.Sampler (seeds up to 2^64 - 1) for it")
+    return _ops().seed_noise(seeds, [int(n) for n in shape], int(draws))
 
 
 def churn(x: torch.Tensor, eps: torch.Tensor, t_cur: float, t_hat: float,

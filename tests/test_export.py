@@ -163,8 +163,7 @@ def test_aoti_dynamic_batch_matches_eager(aoti_package, aoti_device):
         x, sigma, labels = batch_inputs(batch, device=device)
         with torch.no_grad():
             out = loaded(x, sigma, labels)
-            # Inductor fuses and reorders the float32 arithmetic: a few ulps per value.
-            # Inductor fuses and reorders float32 ops: measured <= 2.4e-7 here
+            # Inductor fuses and reorders the float32 arithmetic: measured <= 2.4e-7 here
             assert rel_err(out, denoiser(x, sigma, labels)) < 1e-5
 
 

@@ -171,14 +171,8 @@ void check_out_path(const std::string& path) {
   const fs::path folder = out.has_parent_path() ? out.parent_path() : fs::path(".");
   TORCH_CHECK(fs::is_directory(folder), "--out '", path, "': the folder '", folder.string(),
               "' does not exist");
-  const fs::path probe = folder / (".edm_fast_sample.probe" + std::to_string(::getpid()));
-  std::ofstream test(probe);
-  const bool writable = test.good();
-  test.close();
-  std::error_code ignored;
-  fs::remove(probe, ignored);
-  TORCH_CHECK(writable, "--out '", path, "': cannot write into the folder '", folder.string(),
-              "'");
+  TORCH_CHECK(::access(folder.c_str(), W_OK | X_OK) == 0, "--out '", path,
+              "': cannot write into the folder '", folder.string(), "'");
 }
 
 // NumPy .npy format 1.0: magic, version, little-endian header length, a Python-literal dict
