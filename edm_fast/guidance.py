@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["GuidedDenoiser", "one_hot_labels"]
+__all__ = ["Guidance", "GuidedDenoiser", "one_hot_labels"]
 
 
 def one_hot_labels(labels, label_dim: int, *, batch: int, device=None, dtype=torch.float32):
@@ -58,3 +58,30 @@ class GuidedDenoiser(nn.Module):
                              torch.cat([labels, torch.zeros_like(labels)]))
         cond, uncond = both[:n], both[n:]
         return uncond + self.guidance * (cond - uncond)
+
+
+class Guidance:
+    """Guidance applied once, around any evaluator ``evaluate(x, sigma, labels) -> D``.
+
+    Called as ``guidance(evaluate, x, sigma, labels, guided)``: when ``guided`` (the plan says
+    this evaluation's sigma lies in the guidance interval) and labels are given,
+    classifier-free guidance D_u + w (D_c - D_u) with D_c and D_u from one batch of 2N (zero
+    labels for the unconditional half); with a ``guide`` evaluator (autoguidance, Karras et al.
+    2024) D_g + w (D - D_g) instead. Otherwise the plain D(x; sigma, labels).
+    """
+
+    def __init__(self, weight: float | None, guide=None):
+        self.weight = None if weight is None else float(weight)
+        self.guide = guide
+
+    def __call__(self, evaluate, x, sigma, labels, guided: bool = True):
+        if self.weight is None or not guided or labels is None:
+            return evaluate(x, sigma, labels)
+        if self.guide is not None:
+            d_guide = self.guide(x, sigma, labels)
+            return torch.lerp(d_guide, evaluate(x, sigma, labels).to(d_guide.dtype), self.weight)
+        n = x.shape[0]
+        both = evaluate(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                        torch.cat([labels, torch.zeros_like(labels)]))
+        cond, uncond = both[:n], both[n:]
+        return uncond + self.weight * (cond - uncond)

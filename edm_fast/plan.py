@@ -1,0 +1,158 @@
+"""The sampling plan: validated options, the sigma grid and the Program every backend runs.
+
+    plan = SamplingPlan.build(solver="dpmpp_2m", num_steps=10)
+    plan.program        # LIN/EVAL ops (program.py), written by the solver's planner (solvers.py)
+
+Options are checked once here, each error naming the option; everything downstream trusts the
+plan. The grid is rounded to a discrete-time net's trained levels (round_sigma, EDM Table 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .program import Program
+from .samplers import check_churn_options, round_positive_sigmas
+from .schedules import edm_sigmas, get_sigmas, validate_sigmas
+from .solvers import ODE_FAMILIES, SOLVERS, plan_solver
+
+__all__ = ["SamplingPlan", "SCHEDULES", "logsnr_sigmas"]
+
+SCHEDULES = ("edm", "logsnr", "vp", "ve", "iddpm", "ddpm")
+_DEFAULT_ETA = {"dpmpp_2m_sde": 1.0, "dpmpp_3m_sde": 1.0, "euler_ancestral": 1.0, "ddim": 0.0}
+_DEFAULT_ORDER = {"unipc": 3, "ipndm": 4, "lms": 4}
+
+
+def logsnr_sigmas(num_steps: int, sigma_min: float = 0.002,
+                  sigma_max: float = 80.0) -> torch.Tensor:
+    """Uniform in log-SNR = -2 ln sigma from sigma_max to sigma_min, then 0 (k-diffusion's
+    'exponential' grid)."""
+    edm_sigmas(num_steps, sigma_min, sigma_max)  # the same checks of N and the range
+    i = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
+    sigmas = torch.exp(math.log(sigma_max) + i * (math.log(sigma_min) - math.log(sigma_max)))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _grid(schedule, num_steps, sigma_min, sigma_max, rho, sigmas) -> list[float]:
+    if sigmas is not None:
+        return validate_sigmas(sigmas)
+    if schedule == "edm":
+        return validate_sigmas(edm_sigmas(num_steps, sigma_min, sigma_max, rho))
+    if schedule == "logsnr":
+        return validate_sigmas(logsnr_sigmas(num_steps, sigma_min, sigma_max))
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return validate_sigmas(get_sigmas(schedule, num_steps))
+
+
+def _check_number(name: str, value, low: float, *, inclusive: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (not inclusive and value == low):
+        bound = ">=" if inclusive else ">"
+        raise ValueError(f"{name} must be a finite number {bound} {low:g}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """One sampling run, planned: its options, the (rounded) grid and the program."""
+
+    solver: str
+    sigmas: tuple[float, ...]
+    program: Program
+    guidance: float | None = None
+    guidance_interval: tuple[float, float] | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def num_evals(self) -> int:
+        """Denoiser evaluations per image (NFE); guidance runs them at twice the batch."""
+        return self.program.num_evals
+
+    @property
+    def num_noise(self) -> int:
+        """Injected noise draws the program reads (after the latents), per seed."""
+        return self.program.num_noise
+
+    @classmethod
+    def build(cls, *, solver: str = "heun", num_steps: int = 18, schedule: str = "edm",
+              sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+              sigmas=None, S_churn: float = 0.0, S_min: float = 0.0,
+              S_max: float = float("inf"), S_noise: float = 1.0, eta: float | None = None,
+              order: int | None = None, ode: str = "edm", alpha: float = 1.0,
+              variance: str = "beta", guidance: float | None = None,
+              guidance_interval=None, round_sigma=None) -> "SamplingPlan":
+        """Check every option once (errors name it) and plan the run."""
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        reads = SOLVERS[solver].options
+        given = {"eta": eta is not None, "order": order is not None, "ode": ode != "edm",
+                 "alpha": alpha != 1.0, "variance": variance != "beta",
+                 "churn": S_churn != 0 or S_min != 0 or S_max != float("inf"),
+                 "S_noise": S_noise != 1.0}
+        for option, set_ in given.items():
+            if set_ and option not in reads and not (option == "S_noise" and "churn" in reads):
+                name = "S_churn/S_min/S_max" if option == "churn" else option
+                raise ValueError(f"{name} does not apply to solver {solver!r} (it reads: "
+                                 f"{', '.join(reads) or 'no options'})")
+        check_churn_options(S_churn, S_min, S_max, S_noise)
+        if ode not in ODE_FAMILIES:
+            raise ValueError(f"ode must be one of {', '.join(ODE_FAMILIES)}, got {ode!r}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        options = {}
+        if "churn" in reads:
+            options.update(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                           ode=ode, alpha=alpha)
+        if "eta" in reads:
+            options.update(eta=_check_number("eta", _DEFAULT_ETA[solver] if eta is None else eta,
+                                             0.0), S_noise=S_noise)
+        if "order" in reads:
+            top = {"unipc": 3}.get(solver, 4)
+            order = _DEFAULT_ORDER[solver] if order is None else order
+            if isinstance(order, bool) or order not in range(1, top + 1):
+                raise ValueError(f"order must be an integer 1..{top} for {solver}, got {order!r}")
+            options["order"] = order
+        if "variance" in reads:
+            if variance not in ("beta", "beta_tilde"):
+                raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
+            options["variance"] = variance
+        if guidance is not None and not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite weight (0: unconditional, 1: "
+                             f"conditional), got {guidance}")
+        interval = None
+        if guidance_interval is not None:
+            lo, hi = (float(v) for v in guidance_interval)
+            if not 0 <= lo <= hi or math.isnan(hi):
+                raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo "
+                                 f"<= hi, got {guidance_interval!r}")
+            if guidance is None:
+                raise ValueError("guidance_interval needs a guidance weight")
+            interval = (lo, hi)
+        grid = round_positive_sigmas(_grid(schedule, num_steps, sigma_min, sigma_max, rho,
+                                           sigmas), round_sigma)
+        repeats = sum(1 for a, b in itertools.pairwise(grid) if a == b)
+        if repeats and solver in ("heun", "euler"):  # kept, as NVlabs' sampler keeps them
+            warnings.warn(f"{repeats} of the {len(grid) - 1} steps start and end on the same "
+                          "noise level after rounding to the model's trained levels "
+                          "(round_sigma): zero-length steps that spend evaluations without "
+                          "integrating; fewer steps or a larger sigma_min avoid them",
+                          RuntimeWarning, stacklevel=2)
+        elif repeats:  # multistep solvers divide by the step length: the level runs once
+            grid = [a for a, b in itertools.zip_longest(grid, grid[1:]) if a != b]
+            warnings.warn(f"{repeats} steps of the grid round to a level already on it (the "
+                          f"model's trained levels); {solver} runs {len(grid) - 1} steps",
+                          RuntimeWarning, stacklevel=2)
+        if "churn" in reads and round_sigma is not None:
+            options["round_sigma"] = lambda v: round_positive_sigmas([v], round_sigma)[0]
+        program = plan_solver(solver, grid, guidance_interval=interval, **options)
+        return cls(solver, tuple(grid), program, None if guidance is None else float(guidance),
+                   interval)
