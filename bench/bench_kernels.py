@@ -4,6 +4,9 @@ Run on a CUDA machine, from the repository root:
 
     python -m pytest bench/bench_kernels.py -q -s
 
+Ops: precond_in, precond_out, and lincomb (the sampler program's LIN op, out = Σ c_j·src_j)
+with 2, 4 and 8 sources (an Euler step, a Heun correction, the kernel's maximum).
+
 For every op × dtype × size, in one run:
 - triton µs, torch µs: device time of one call, the median over `triton.testing.do_bench` runs
   of a CUDA graph that calls the op on `sets` different input sets (together more than the L2
@@ -12,6 +15,9 @@ For every op × dtype × size, in one run:
 - GB/s: bytes moved / time, where bytes moved = every input read once + every output written
   once (the minimum: the eager reference moves more, which is what fusing saves);
 - speedup: torch µs / triton µs;
+- expr µs, vs expr (lincomb only): the device time of the plain torch expression
+  srcs[0]*c0 + srcs[1]*c1 + ... in the sources' dtype (what a backend without the kernel would
+  run; it rounds every term in float16/bfloat16), and expr µs / triton µs;
 - % copy: triton GB/s over the bandwidth of a 1 GiB device-to-device `copy_` measured in the same
   run (bytes read + bytes written), the practical roofline;
 - eager µs: wall time per call of 100 back-to-back Python calls (median of 5 such loops), i.e.
@@ -58,22 +64,38 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 OP_ARGS = {
     "precond_in": (("x",), ("c_in",), ()),
     "precond_out": (("x", "F_x"), ("c_skip", "c_out"), ()),
-    "euler_step": (("x_hat", "denoised"), ("t_hat", "t_next"), ()),
-    "heun_correct": (("x_hat", "d_cur", "x_next", "denoised_next"), ("t_hat", "t_next"), ()),
-    "churn": (("x", "eps"), ("t_cur", "t_hat"), ("S_noise",)),
-    "precond_out_euler": (("x_hat", "F_x"), ("c_skip", "c_out", "t_hat", "t_next"), ()),
-    "precond_out_heun": (("x_hat", "d_cur", "x_next", "F_next"),
-                         ("c_skip_next", "c_out_next", "t_hat", "t_next"), ()),
 }
+# lincomb rows: name -> number of sources; the op takes (srcs, coefs).
+LINCOMB_SOURCES = {"lincomb N=2": 2, "lincomb N=4": 4, "lincomb N=8": 8}
+OPS = list(OP_ARGS) + list(LINCOMB_SOURCES)
 COLUMNS = ("op", "dtype", "shape", "MB/call", "sets", "triton µs", "torch µs", "speedup",
-           "triton GB/s", "torch GB/s", "% copy", "eager triton µs", "eager torch µs",
-           "first call ms")
+           "expr µs", "vs expr", "triton GB/s", "torch GB/s", "% copy", "eager triton µs",
+           "eager torch µs", "first call ms")
 
 
-def make_args(op, shape, dtype):
-    """Realistic arguments of `op` on the GPU: per-sample σ in [0.5, 80], EDM's c_* of σ."""
+def kernel_and_ref(op):
+    """The fused kernel and its pure-PyTorch twin for a row name of OPS."""
+    return K.OPS["lincomb" if op in LINCOMB_SOURCES else op]
+
+
+def lincomb_expr(srcs, coefs):
+    """The plain torch expression srcs[0]*c0 + srcs[1]*c1 + ..., in the sources' dtype."""
+    out = srcs[0] * coefs[0]
+    for s, c in zip(srcs[1:], coefs[1:]):
+        out = out + s * c
+    return out
+
+
+def make_args(op, shape, dtype, device="cuda"):
+    """Realistic arguments of `op` on the GPU: per-sample σ in [0.5, 80], EDM's c_* of σ; for
+    lincomb, sources of magnitude up to 80 and coefficients in [-1, 1] (a step's h/σ ratios)."""
+    if op in LINCOMB_SOURCES:
+        n_src = LINCOMB_SOURCES[op]
+        scales = 0.5 + 79.5 * torch.rand(n_src)
+        srcs = [(torch.randn(shape, device=device) * s).to(dtype) for s in scales.tolist()]
+        return [srcs, (2 * torch.rand(n_src, dtype=torch.float64) - 1).tolist()]
     n, sigma_data = shape[0], 0.5
-    t_hat = 0.5 + 79.5 * torch.rand(n, device="cuda")
+    t_hat = 0.5 + 79.5 * torch.rand(n, device=device)
     t_next = 0.5 * t_hat
     scalars = {"t_cur": t_hat / 1.2, "t_hat": t_hat, "t_next": t_next,
                "c_in": 1 / (t_hat**2 + sigma_data**2).sqrt()}
@@ -82,7 +104,7 @@ def make_args(op, shape, dtype):
         scalars["c_out" + suffix] = t * sigma_data / (t**2 + sigma_data**2).sqrt()
     tensors, scalar_names, floats = OP_ARGS[op]
     scale = t_hat.reshape(-1, *[1] * (len(shape) - 1))
-    args = [(torch.randn(shape, device="cuda") * (scale if name.startswith("x") else 1)).to(dtype)
+    args = [(torch.randn(shape, device=device) * (scale if name.startswith("x") else 1)).to(dtype)
             for name in tensors]
     return args + [scalars[s] for s in scalar_names] + [1.003 for _ in floats]
 
@@ -92,9 +114,23 @@ def as_tuple(result):
 
 
 def bytes_moved(args, outputs) -> int:
-    """Each input read once and each output written once."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)] + list(outputs)
+    """Each input read once and each output written once (lincomb's srcs: each source)."""
+    flat = [t for a in args for t in (a if isinstance(a, list) else [a])]
+    tensors = [a for a in flat if isinstance(a, torch.Tensor)] + list(outputs)
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_result(op, args, got, want):
+    """Kernel vs ref: both compute in float32 and round once, ~1 ulp apart; lincomb's sum may
+    cancel, so its atol is relative to Σ|c_j|·max|src_j| (a few float32 roundings per term)."""
+    eps = torch.finfo(want.dtype).eps
+    if op in LINCOMB_SOURCES:
+        srcs, coefs = args
+        scale = sum(abs(c) * s.abs().max().item() for s, c in zip(srcs, coefs))
+        atol = 2 * len(srcs) * max(eps, torch.finfo(torch.float32).eps) * scale
+    else:
+        atol = 8 * eps * want.abs().max()
+    torch.testing.assert_close(got, want, rtol=8 * eps, atol=atol)
 
 
 def capture(fn, arg_sets):
@@ -162,9 +198,9 @@ def table(request, copy_gbps):
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("op", list(OP_ARGS))
+@pytest.mark.parametrize("op", OPS)
 def test_bandwidth(op, dtype, size, copy_gbps, table, benchmark):
-    kernel, ref = K.OPS[op]
+    kernel, ref = kernel_and_ref(op)
     shape, dt = SIZES[size], DTYPES[dtype]
     torch.manual_seed(0)
     first = make_args(op, shape, dt)
@@ -174,9 +210,8 @@ def test_bandwidth(op, dtype, size, copy_gbps, table, benchmark):
     outputs = as_tuple(kernel(*first))
     torch.cuda.synchronize()
     first_call_ms = 1e3 * (time.perf_counter() - start)
-    eps = torch.finfo(dt).eps  # both compute in float32 and round once: ~1 ulp apart
     for got, want in zip(outputs, as_tuple(ref(*first))):
-        torch.testing.assert_close(got, want, rtol=8 * eps, atol=8 * eps * want.abs().max())
+        check_result(op, first, got, want)
 
     nbytes = bytes_moved(first, outputs)
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
@@ -186,10 +221,17 @@ def test_bandwidth(op, dtype, size, copy_gbps, table, benchmark):
     torch_graph, torch_keep = capture(ref, arg_sets)
     triton_us = median_us(triton_graph.replay) / n_sets
     torch_us = median_us(torch_graph.replay) / n_sets
+    expr_us = None
+    if op in LINCOMB_SOURCES:
+        expr_graph, expr_keep = capture(lincomb_expr, arg_sets)
+        expr_us = median_us(expr_graph.replay) / n_sets
+        del expr_graph, expr_keep
     row = {
         "op": op, "dtype": dtype, "shape": size, "MB/call": f"{nbytes / 1e6:.1f}",
         "sets": n_sets, "triton µs": f"{triton_us:.1f}", "torch µs": f"{torch_us:.1f}",
         "speedup": f"{torch_us / triton_us:.2f}x",
+        "expr µs": "—" if expr_us is None else f"{expr_us:.1f}",
+        "vs expr": "—" if expr_us is None else f"{expr_us / triton_us:.2f}x",
         "triton GB/s": f"{nbytes / triton_us / 1e3:.0f}",
         "torch GB/s": f"{nbytes / torch_us / 1e3:.0f}",
         "% copy": f"{100 * nbytes / triton_us / 1e3 / copy_gbps:.0f}%",

@@ -58,7 +58,7 @@ def test_sampler_backends(benchmark, model_name, batch):
 def teardown_module(module):
     if not ROWS:
         return
-    from edm_fast.backends.plan import SamplingPlan
+    from edm_fast.plan import SamplingPlan
 
     note = (f"\n\nNFE per image: {SamplingPlan.build(num_steps=STEPS).num_evals} ({STEPS} Heun "
             f"steps). % peak: against the best measured float32 rate of a large matmul or 3x3 "

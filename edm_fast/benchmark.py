@@ -34,7 +34,7 @@ import types
 import torch
 
 from .backends import available_backends
-from .backends.plan import SamplingPlan
+from .plan import SamplingPlan
 from .device import synchronize
 from .noise import SeedNoise
 from .precond import Denoiser, EDMPrecond
@@ -269,13 +269,11 @@ def _install_null_network(sampler: str, ours) -> bool:
         return True
     if sampler == "ours/compiled" and getattr(backend, "graph", None) is None:
         backend.denoise = _identity_denoiser
-        backend.net = _identity_denoiser  # the fused-precond path calls F directly
         return True
     if sampler == "ours/onnx":
-        for slots in backend._slots.values():
-            for evaluation in (slots.hat, slots.next):
-                evaluation.session = _NullSession()
-                evaluation.out.zero_()  # D = 0 from now on: finite, so no NonFiniteError
+        backend.evaluate.session = _NullSession()
+        for binding in backend.evaluate._bindings.values():
+            binding.out.zero_()  # D = 0 from now on: finite, so no NonFiniteError
         return True
     return False
 

@@ -84,14 +84,15 @@ def build_server(args):
     option out of range."""
     import torch
 
+    from .cli import sampling_options
     from .serve import InferenceServer, make_sampler_factory
 
     _check_options(args)
+    options = sampling_options(args)
+    del options["num_steps"]  # per request (--steps is the default)
     factory = make_sampler_factory(
-        args.ckpt, device=args.device, backend=args.backend, solver=args.solver,
-        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,
-        S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, guidance=args.guidance,
-        dtype=getattr(torch, args.dtype))
+        args.ckpt, device=args.device, backend=args.backend, **options,
+        guidance=args.guidance, dtype=getattr(torch, args.dtype))
     return InferenceServer(
         factory, host=args.host, port=args.port, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_seeds=args.max_seeds,

@@ -58,9 +58,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .export import ExportableDenoiser, _metadata, _output_file, _prepare, _unwrap
+from .export import (ExportableDenoiser, _metadata, _output_file, _prepare, _unwrap,
+                     require_exportable)
 from .images import atomic_save
-from .precond import Denoiser, require_denoiser
+from .precond import Denoiser
 
 __all__ = [
     "CHECK_SIGMAS",
@@ -269,9 +270,15 @@ def _judge(cases, tolerance: float, where: str, report: OnnxExportReport | None)
 # ------------------------------------------------------------------------------------------
 # Public entry point.
 
-def _net_in_dtype(denoiser: Denoiser, dtype: torch.dtype) -> Denoiser:
-    """The denoiser itself when F already runs in ``dtype``, else a copy with F in ``dtype``."""
-    require_denoiser(denoiser, "ONNX export")
+def _net_in_dtype(denoiser, dtype: torch.dtype):
+    """The denoiser itself when F already runs in ``dtype``, else a copy with F in ``dtype``
+    (a module in NVlabs' form is exported as it is, in float32 only)."""
+    require_exportable(denoiser, "ONNX export")
+    if not isinstance(denoiser, Denoiser):
+        if dtype != torch.float32:
+            raise ValueError("a float16 network inside the graph needs an edm_fast Denoiser "
+                             "(F and its preconditioning apart); export this module in float32")
+        return denoiser
     param = next(denoiser.model.parameters(), None)
     current = denoiser.net_dtype or (param.dtype if param is not None else torch.float32)
     if current == dtype:
@@ -295,8 +302,9 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
     """Write D(x, sigma[, class_labels]) to ``path`` as ONNX and check it with ONNX Runtime.
 
     Args:
-        denoiser: a ``precond.Denoiser`` (a ``GuidedDenoiser`` is unwrapped: guidance runs in
-            the sampling loop as one 2N batch). Exported from a CPU copy if it lives elsewhere.
+        denoiser: a ``precond.Denoiser`` or a module in NVlabs' form (a ``GuidedDenoiser`` is
+            unwrapped: guidance runs in the sampling loop as one 2N batch). Exported from a CPU
+            copy if it lives elsewhere.
         sample_shape: one sample's shape, e.g. (3, 32, 32) or (2,).
         label_dim: must equal ``denoiser.label_dim`` (default); 0 = no ``class_labels`` input.
         opset: the ONNX opset (the dynamo exporter writes at least 18).

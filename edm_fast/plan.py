@@ -39,7 +39,11 @@ def logsnr_sigmas(num_steps: int, sigma_min: float = 0.002,
 
 
 def _grid(schedule, num_steps, sigma_min, sigma_max, rho, sigmas) -> list[float]:
+    """The grid: ``sigmas`` as given, or the schedule's (edm and logsnr span sigma_min ..
+    sigma_max; vp, ve, iddpm and ddpm are EDM Table 1's grids with their own ranges)."""
     if sigmas is not None:
+        if schedule != "edm":
+            raise ValueError(f"schedule={schedule!r} and sigmas= both give the grid; pass one")
         return validate_sigmas(sigmas)
     if schedule == "edm":
         return validate_sigmas(edm_sigmas(num_steps, sigma_min, sigma_max, rho))
@@ -118,7 +122,8 @@ class SamplingPlan:
         if "order" in reads:
             top = {"unipc": 3}.get(solver, 4)
             order = _DEFAULT_ORDER[solver] if order is None else order
-            if isinstance(order, bool) or order not in range(1, top + 1):
+            if not isinstance(order, int) or isinstance(order, bool) \
+                    or order not in range(1, top + 1):
                 raise ValueError(f"order must be an integer 1..{top} for {solver}, got {order!r}")
             options["order"] = order
         if "variance" in reads:

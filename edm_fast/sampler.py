@@ -19,10 +19,10 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .backends import auto_candidates, is_auto, resolve_backend, warn_fallback
-from .backends.plan import SamplingPlan
 from .device import resolve_device
 from .guidance import one_hot_labels
 from .noise import SeedNoise, parse_seeds
+from .plan import SamplingPlan
 
 __all__ = ["Sampler"]
 
@@ -36,10 +36,19 @@ class Sampler:
         shape: one sample's shape, e.g. (1, 16, 16); taken from the model when omitted.
         batch_size: samples per backend call; larger requests run in chunks of this size (the
             last chunk is padded, which cannot change results: noise is per seed).
-        solver, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise: Alg. 2's
-            options (sigma range defaults to the model's, else EDM's 0.002 .. 80).
+        solver: one of ``edm_fast.solvers.SOLVERS`` (euler, heun, dpmpp_2m, dpmpp_2m_sde,
+            dpmpp_3m_sde, unipc, ipndm, lms, ddim, ddpm, euler_ancestral).
+        num_steps, schedule, sigma_min, sigma_max, rho, sigmas: the sigma grid (schedule 'edm':
+            Eq. 5 with rho; 'logsnr', 'vp', 've', 'iddpm', 'ddpm'; or an explicit list); the
+            range defaults to the model's, else EDM's 0.002 .. 80.
+        S_churn, S_min, S_max, S_noise, ode, alpha: Alg. 2's churn and Alg. 1's sigma(t)/s(t)
+            family and second-order parameter (euler/heun); eta, order, variance: the other
+            solvers' options (see ``SamplingPlan.build``). An option the solver does not read
+            is refused.
         guidance: classifier-free guidance weight w in D_u + w (D_c - D_u) (None: off, one
             evaluation per step; 1: conditional only; 0: the unconditional model).
+        guidance_interval: (sigma_lo, sigma_hi): guidance only at those noise levels
+            (Kynkaanniemi et al. 2024), the conditional D elsewhere.
         dtype: dtype of the sampler state (float32, or float64 for the golden reference).
         device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ...
         backend: 'auto', 'reference', 'compiled', 'cpp' or 'onnx' (see edm_fast.backends).
@@ -48,10 +57,13 @@ class Sampler:
     """
 
     def __init__(self, model, shape: Sequence[int] | None = None, *, batch_size: int = 64,
-                 solver: str = "heun", num_steps: int = 18, sigma_min: float | None = None,
-                 sigma_max: float | None = None, rho: float = 7.0, S_churn: float = 0.0,
-                 S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
-                 guidance: float | None = None, dtype: torch.dtype = torch.float32,
+                 solver: str = "heun", num_steps: int = 18, schedule: str = "edm",
+                 sigma_min: float | None = None, sigma_max: float | None = None,
+                 rho: float = 7.0, sigmas=None, S_churn: float = 0.0, S_min: float = 0.0,
+                 S_max: float = float("inf"), S_noise: float = 1.0, eta: float | None = None,
+                 order: int | None = None, ode: str = "edm", alpha: float = 1.0,
+                 variance: str = "beta", guidance: float | None = None,
+                 guidance_interval=None, dtype: torch.dtype = torch.float32,
                  device="auto", backend: str = "auto", backend_options: dict | None = None,
                  expected_images: int | None = None):
         start = time.perf_counter()
@@ -77,9 +89,12 @@ class Sampler:
                           "never learned (it was trained with label_dropout=0); expect worse "
                           "samples", stacklevel=2)
         self.plan = SamplingPlan.build(
-            num_steps=num_steps, **_sigma_range(self.denoiser, sigma_min, sigma_max), rho=rho,
-            S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver,
-            guidance=guidance, round_sigma=getattr(self.denoiser, "round_sigma", None))
+            solver=solver, num_steps=num_steps, schedule=schedule,
+            **_sigma_range(self.denoiser, sigma_min, sigma_max), rho=rho, sigmas=sigmas,
+            S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, order=order,
+            ode=ode, alpha=alpha, variance=variance, guidance=guidance,
+            guidance_interval=guidance_interval,
+            round_sigma=getattr(self.denoiser, "round_sigma", None))
         self.backend = self._build_backend(backend, expected_images, backend_options or {})
         self.backend_name = self.backend.name
         self.warmup_seconds = time.perf_counter() - start
@@ -117,14 +132,17 @@ class Sampler:
         return self.plan.num_evals
 
     def __call__(self, seeds: Iterable[int] | str | None = None, class_labels=None, *,
-                 noise: torch.Tensor | None = None, churn_noise: torch.Tensor | None = None):
+                 noise: torch.Tensor | None = None, step_noise: torch.Tensor | None = None):
         """Sample images for ``seeds`` (per-seed noise) or for explicit ``noise`` (N, *shape).
+
+        step_noise: with ``noise=``, the draws the solver injects (K, N, *shape),
+        K = ``plan.num_noise`` (churn, ancestral or SDE noise; drawn at random when omitted).
 
         class_labels: None (unconditional / zero labels), an int (or 0-d integer array) for all,
         (N,) ints or (N, label_dim) floats. Returns (N, *shape) in the sampler's dtype, on its
         device. Samples are not clipped: values slightly outside [-1, 1] are the model's own.
         """
-        latents, churn = self._noise(seeds, noise, churn_noise)
+        latents, draws = self._noise(seeds, noise, step_noise)
         n = latents.shape[0]
         if class_labels is None and self.plan.guidance is not None:
             raise ValueError("guidance needs class_labels: without them every label is zero, "
@@ -141,16 +159,16 @@ class Sampler:
         if self.label_dim == 0:
             labels = None
         with self._lock:
-            return torch.cat([self._chunk(latents, churn, labels, lo, min(lo + self.batch_size, n))
+            return torch.cat([self._chunk(latents, draws, labels, lo, min(lo + self.batch_size, n))
                               for lo in range(0, n, self.batch_size)])
 
-    def _noise(self, seeds, noise, churn_noise):
-        k = len(self.plan.churn_steps)
+    def _noise(self, seeds, noise, step_noise):
+        k = self.plan.num_noise
         if (seeds is None) == (noise is None):
             raise ValueError("pass exactly one of seeds= or noise=")
         if seeds is not None:
-            if churn_noise is not None:  # it would be ignored: the seeds draw the churn noise
-                raise ValueError("churn_noise= goes with noise=; with seeds= the churn noise "
+            if step_noise is not None:  # it would be ignored: the seeds draw the step noise
+                raise ValueError("step_noise= goes with noise=; with seeds= the step noise "
                                  "comes from the seeds")
             seeds = parse_seeds(seeds)
             if not seeds:
@@ -164,14 +182,14 @@ class Sampler:
         if not noise.is_floating_point():
             raise ValueError(f"noise must be floating-point unit-variance latents, got "
                              f"{noise.dtype}")
-        if churn_noise is None:
-            churn_noise = torch.randn((k, *noise.shape), device=noise.device, dtype=noise.dtype)
-        elif (churn_noise := torch.as_tensor(churn_noise)).shape != (k, *noise.shape):
-            raise ValueError(f"churn_noise must be {(k, *noise.shape)} for this plan, "
-                             f"got {tuple(churn_noise.shape)}")
-        return noise.to(self.device), churn_noise.to(self.device)
+        if step_noise is None:
+            step_noise = torch.randn((k, *noise.shape), device=noise.device, dtype=noise.dtype)
+        elif (step_noise := torch.as_tensor(step_noise)).shape != (k, *noise.shape):
+            raise ValueError(f"step_noise must be {(k, *noise.shape)} for this plan, "
+                             f"got {tuple(step_noise.shape)}")
+        return noise.to(self.device), step_noise.to(self.device)
 
-    def _chunk(self, latents, churn, labels, lo, hi):
+    def _chunk(self, latents, draws, labels, lo, hi):
         """Run one backend call on rows lo:hi, padded to the batch size."""
         pad = self.batch_size - (hi - lo)
 
@@ -184,7 +202,7 @@ class Sampler:
                                   .repeat_interleave(pad, dim=dim)], dim=dim)
             return part.contiguous()
 
-        out = self.backend.run(take(latents), take(churn, 1) if churn.shape[0] else None,
+        out = self.backend.run(take(latents), take(draws, 1) if draws.shape[0] else None,
                                take(labels))
         return out[: hi - lo]
 

@@ -168,7 +168,7 @@ def run_edm_plan(denoiser, noise, sigmas, t_hats, gammas, *, S_noise: float = 1.
                  class_labels=None, randn: Callable | None = None,
                  callback: Callable | None = None, solver: str = "heun") -> torch.Tensor:
     """Algorithm 2 on precomputed per-step scalars (already rounded t_i, t_hat_i, gamma_i), as
-    held by ``backends.plan.SamplingPlan``; ``sample_edm`` is this plus the planning. The
+    as a planner computes them; ``sample_edm`` is this plus the planning. The
     rounded grid may repeat a level (a zero-length step), never increase."""
     loop = _Loop(denoiser, noise, sigmas, class_labels, callback, allow_repeats=True)
     if not len(t_hats) == len(gammas) == loop.num_steps:

@@ -81,8 +81,11 @@ def plan_alg1(b: ProgramBuilder, sigmas, guided, *, second_order: bool, ode: str
         x = x_hat + h * d_cur  # Alg. 1 l.5 (Euler step)
         if second_order and sigmas[i + 1] > 0:  # Alg. 1 l.6-8
             t_prime = t_hat + alpha * h  # App. D.2: t' = t_i + alpha h
+            sigma_prime = f(sig(t_prime))
+            if alpha == 1:  # Heun: t' = t_{i+1}, the grid's own level (not one ulp off it)
+                t_prime, sigma_prime = t_next, sigmas[i + 1]
             x_prime = x_hat + alpha * h * d_cur
-            d_prime = derivative(x_prime, t_prime, f(sig(t_prime)))
+            d_prime = derivative(x_prime, t_prime, sigma_prime)
             w = 1 / (2 * alpha)
             x = x_hat + h * ((1 - w) * d_cur + w * d_prime)  # App. D.2; Alg. 1 l.8 at alpha = 1
     return x

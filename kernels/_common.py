@@ -1,4 +1,4 @@
-"""Plumbing shared by the fused EDM kernels in precond.py and steps.py.
+"""Plumbing shared by the fused EDM kernels in precond.py and linear.py.
 
 Holds the optional Triton import, the availability predicate and its kill-switch, the checks a
 launcher runs before it touches memory, the launch grid, the helpers the `*_ref` twins share,
@@ -8,7 +8,8 @@ Memory model of every kernel: x is (N, ...) and is read as N rows of M = x.numel
 elements, one row per sample. This holds for contiguous tensors and for 4-D channels_last
 tensors (each sample is still one contiguous run of memory), as long as every element tensor
 of a call has x's layout. Program (n, b) of the grid (N, cdiv(M, BLOCK_SIZE)) handles elements
-[b·BLOCK_SIZE, (b+1)·BLOCK_SIZE) of sample n and loads that sample's scalars once.
+[b·BLOCK_SIZE, (b+1)·BLOCK_SIZE) of sample n and loads that sample's scalars once. Kernels
+without per-sample scalars (lincomb) use a flat 1-D grid instead, `launch_flat`.
 """
 
 import os
@@ -166,9 +167,10 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 # ----------------------------------------------------------------------------
-# Launch: grid (N, cdiv(M, BLOCK_SIZE)). Every kernel takes, in order: the element tensors, a
-# (pointer, stride) pair per per-sample scalar, the float arguments, the outputs, then M,
-# USE_FP64 and BLOCK_SIZE.
+# Launch: grid (N, cdiv(M, BLOCK_SIZE)). Every per-sample kernel takes, in order: the element
+# tensors, a (pointer, stride) pair per per-sample scalar, the float arguments, the outputs,
+# then M, USE_FP64 and BLOCK_SIZE. Flat kernels (launch_flat): their arguments, numel, their
+# constexprs, USE_FP64 and BLOCK_SIZE.
 
 
 def block_size(m: int) -> int:
@@ -191,6 +193,20 @@ def launch(kernel, x: torch.Tensor, *args) -> None:
                      num_warps=max(1, min(4, block // 256)))
 
 
+def launch_flat(kernel, out: torch.Tensor, *args, **constexprs) -> None:
+    """Run `kernel[grid](*args, numel, **constexprs, USE_FP64=..., BLOCK_SIZE=...)` on a 1-D
+    grid of cdiv(numel, BLOCK_SIZE) programs over `out`'s numel elements (any shape)."""
+    numel = out.numel()
+    if numel == 0:
+        return
+    block = block_size(numel)
+    grid = (triton_cdiv(numel, block),)
+    on_other_gpu = out.device.type == "cuda" and out.device.index != torch.cuda.current_device()
+    with torch.cuda.device(out.device) if on_other_gpu else nullcontext():
+        kernel[grid](*args, numel, **constexprs, USE_FP64=out.dtype == torch.float64,
+                     BLOCK_SIZE=block, num_warps=max(1, min(4, block // 256)))
+
+
 # ----------------------------------------------------------------------------
 # torch.library registration: for each kernel, torch.ops.edm_fast_triton.<op> (returns new
 # tensors) and <op>_out (writes into the caller's buffers, e.g. the static buffers of a CUDA
@@ -202,8 +218,9 @@ def register_ops(name: str, kernel, tensors: tuple, scalars: tuple, outs: tuple,
     """Register the two custom ops of one kernel and return them as (functional, out).
 
     tensors: names of the element tensors, x first; scalars: names of the per-sample (N,)
-    tensors; floats: names of Python float arguments; outs: names of the outputs (the out op
-    takes buffers named <out>_out after the inputs). The ops validate their inputs (also in
+    tensors; floats: names of Python float arguments (an unannotated kernel parameter receives
+    a Python float as fp32: annotate it `tl.float64` to keep every bit); outs: names of the
+    outputs (the out op takes buffers named <out>_out after the inputs). The ops validate their inputs (also in
     the fake implementations that torch.compile traces with), allocate like x unless given
     buffers, and launch `kernel` once. If this package was imported before under its other
     name (edm_fast.kernels / kernels), the ops registered then are returned.
@@ -330,27 +347,12 @@ if HAS_TRITON:
 
     @triton.jit
     def float_arg(v, USE_FP64: tl.constexpr):
-        """A float kernel argument as a compute-precision scalar (float64 keeps all its bits)."""
+        """A float kernel argument as a compute-precision scalar, rounded to nearest.
+
+        Annotate the parameter `tl.float64`: unannotated, Triton passes a Python float as fp32
+        (and the interpreter as a Python float, which `.to` would not accept)."""
         if USE_FP64:
             r = tl.full((), v, tl.float64)
         else:
             r = tl.full((), v, tl.float32)
-        return r
-
-    @triton.jit
-    def div(a, b, USE_FP64: tl.constexpr):
-        """a / b rounded to nearest as torch divides (Triton's plain float32 `/` may not be)."""
-        if USE_FP64:
-            r = a / b
-        else:
-            r = tl.math.div_rn(a, b)
-        return r
-
-    @triton.jit
-    def sqrt(a, USE_FP64: tl.constexpr):
-        """Square root rounded to nearest as torch's (Triton's float32 tl.sqrt is approximate)."""
-        if USE_FP64:
-            r = tl.sqrt(a)
-        else:
-            r = tl.sqrt_rn(a)
         return r

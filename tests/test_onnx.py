@@ -31,7 +31,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from edm_fast.backends import available_backends, resolve_backend
 from edm_fast.backends.onnx import OnnxBackend
-from edm_fast.backends.plan import SamplingPlan
+from edm_fast.plan import SamplingPlan
 from edm_fast.backends.reference import ReferenceBackend
 from edm_fast.cli_export import add_export_command
 from edm_fast.export import read_metadata
@@ -285,10 +285,10 @@ def rel_err(a, b):
 
 def run_backend(cls, den, plan, batch, dtype, labels, **opts):
     noise = SeedNoise(range(50, 50 + batch), IMAGE)
-    latents, churn = noise.draw(), noise.draw_many(len(plan.churn_steps))
+    latents, draws = noise.draw(), noise.draw_many(plan.num_noise)
     be = cls(den, plan, (batch, *IMAGE), dtype=dtype, device=torch.device("cpu"),
              label_dim=LABEL_DIM, **opts)
-    return be.run(latents, churn if len(plan.churn_steps) else None, labels)
+    return be.run(latents, draws if plan.num_noise else None, labels)
 
 
 @pytest.mark.parametrize("solver, S_churn, guidance, batch",
@@ -357,9 +357,9 @@ class BadAt(nn.Module):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_backend_reports_non_finite_values(song, tmp_path, solver, value):
     """NaN/Inf in one latent entry, or from the net at the first, a middle or the last
-    evaluations, raise NonFiniteError. The loop checks once, at the end, so the bad value must
-    survive every later update; the network F here maps non-finite inputs to finite outputs,
-    so nothing but the skip connection c_skip x and the update math carries it."""
+    evaluations, raise NonFiniteError. The executor flags every non-finite D and checks once,
+    at the end; the network F here maps non-finite inputs to finite outputs, so a bad latent
+    reaches D only through the skip connection c_skip x."""
     plan = SamplingPlan.build(num_steps=6, solver=solver)
 
     def backend(lo, hi, name):

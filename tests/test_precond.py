@@ -141,7 +141,7 @@ def test_iddpm_u_recursion_and_rounding():
     assert p.round_sigma(low).tolist() == [0.0, u[999].item()]
     assert p.coefficients(low)[3].tolist() == [-1.0, 0.0]
     # a sampler grid must not step to 0 early (it would divide by t = 0): refused, clearly
-    from edm_fast.backends.plan import SamplingPlan
+    from edm_fast.plan import SamplingPlan
     from edm_fast.samplers import sample_edm
     from edm_fast.schedules import edm_sigmas
 

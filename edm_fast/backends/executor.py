@@ -8,13 +8,15 @@ executor knows no solver: it walks the ops, holds the registers and calls the ev
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..guidance import Guidance
 from ..program import EVAL, LATENTS, Program
 from ..samplers import NonFiniteError
 
-__all__ = ["execute", "run_program", "lincomb_torch", "SigmaVectors"]
+__all__ = ["execute", "run_program", "lincomb_torch", "SigmaVectors", "unwrap_guided"]
 
 
 def lincomb_torch(srcs: list[torch.Tensor], coefs: tuple[float, ...]) -> torch.Tensor:
@@ -81,3 +83,14 @@ def run_program(program: Program, evaluate, latents, noise, labels, **options) -
         raise NonFiniteError("the denoiser returned NaN/Inf during sampling; check the "
                              "checkpoint and inputs")
     return x
+
+
+def unwrap_guided(denoiser, plan):
+    """(inner denoiser, plan): a ``GuidedDenoiser`` passed as the model is taken apart, its
+    weight moved into the plan (guidance is applied once, by the executor's ``Guidance``)."""
+    inner = getattr(denoiser, "denoiser", None)
+    if inner is None or not hasattr(denoiser, "guidance"):
+        return denoiser, plan
+    if plan.guidance is None:
+        plan = dataclasses.replace(plan, guidance=float(denoiser.guidance))
+    return inner, plan

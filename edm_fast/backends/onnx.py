@@ -1,20 +1,12 @@
-"""The 'onnx' backend: EDM Algorithm 2 in torch around an ONNX Runtime session of D.
+"""The 'onnx' backend: the Python executor over an ONNX Runtime session of D.
 
 At construction the denoiser D(x; sigma, labels) is exported once with ``export_onnx`` (dynamic
 batch, checked against PyTorch) and loaded into an ``onnxruntime.InferenceSession``; export,
 check, session creation and one warm-up evaluation are reported as ``warmup_seconds``. ``run``
-then executes a ``SamplingPlan`` (host scalars t_i, t_hat_i, gamma_i), step i:
-
-    churn   x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps_k          (l.5-6; only if gamma_i > 0)
-    Euler   d = (x_hat - D(x_hat; t_hat)) / t_hat,  x' = x_hat + (t_next - t_hat) d      (l.7-8)
-    Heun    d' = (x' - D(x'; t_next)) / t_next,  x' = x_hat + (t_next - t_hat)(d/2 + d'/2) (l.9-11)
-
-with the step math in torch (the backend's dtype) on the session's device and one session call
-per evaluation. The session's inputs and outputs are float32 buffers bound once per batch size
-(``_Slots``); the step math is rearranged into three or four tensor ops per step (see ``run``)
-and NaN/Inf are checked once, at the end, because at small batches every op's dispatch costs
-more than its arithmetic. Classifier-free guidance evaluates the conditional and unconditional
-rows as one batch of 2N, D_w = D_u + w (D_c - D_u), like ``guidance.GuidedDenoiser``.
+then executes ``plan.program`` (backends/executor.py) with the step arithmetic in torch (the
+backend's dtype) on the session's device and one session call per evaluation. The session's
+inputs and outputs are float32 buffers bound once per row count (``OrtEvaluator``);
+classifier-free guidance is one call of 2N rows (``guidance.Guidance``).
 
 Devices: 'cpu' uses the CPU execution provider. 'cuda[:i]' needs onnxruntime-gpu (the CUDA
 execution provider); the session then reads and writes torch's CUDA tensors in place through
@@ -33,25 +25,14 @@ import weakref
 
 import torch
 
-from ..guidance import one_hot_labels
+from ..guidance import Guidance, one_hot_labels
 from ..onnx_export import OUTPUT_NAME, _net_dtype, export_onnx, make_session, read_onnx_metadata
-from ..samplers import check_finite_samples
-from .plan import SamplingPlan
+from ..plan import SamplingPlan
+from .executor import run_program, unwrap_guided
 
 __all__ = ["OnnxBackend"]
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
-
-
-def _split_guidance(denoiser, plan: SamplingPlan):
-    """(inner Denoiser, plan with the guidance weight) for a GuidedDenoiser, else unchanged."""
-    inner = getattr(denoiser, "denoiser", None)
-    if inner is None or not hasattr(denoiser, "guidance"):
-        return denoiser, plan
-    if plan.guidance is None:
-        plan = SamplingPlan(plan.sigmas, plan.t_hats, plan.gammas, plan.solver, plan.S_noise,
-                            float(denoiser.guidance))
-    return inner, plan
 
 
 def _providers(device: torch.device, tf32: bool):
@@ -70,28 +51,23 @@ def _providers(device: torch.device, tf32: bool):
     return [(CUDA_PROVIDER, options), "CPUExecutionProvider"]
 
 
-class _Evaluation:
-    """One evaluation slot at a fixed row count: float32 input, sigma, label and output buffers
-    bound once to an ``IOBinding`` (no per-call binding, no host round trip).
+class _Binding:
+    """float32 input, sigma, label and output buffers of one row count, bound once to an
+    ``IOBinding`` (no per-call binding, no host round trip)."""
 
-    Each call copies x into the input buffer (twice for guidance: conditional rows, then the
-    unconditional ones), sets sigma and runs the session; ONNX Runtime writes D into the output
-    buffer in place. The result aliases that buffer and is valid until this slot's next call.
-    """
-
-    def __init__(self, session, device: torch.device, rows: int, sample_shape,
-                 labels: torch.Tensor | None, guidance: float | None):
+    def __init__(self, session, device: torch.device, rows: int, sample_shape, label_dim: int):
         import numpy as np
 
         float32 = np.float32
-        self.session, self.device, self.guidance = session, device, guidance
         self.x = torch.zeros((rows, *sample_shape), dtype=torch.float32, device=device)
         self.sigma = torch.ones((rows,), dtype=torch.float32, device=device)
+        self.labels = (torch.zeros((rows, label_dim), dtype=torch.float32, device=device)
+                       if label_dim > 0 else None)
         self.out = torch.empty_like(self.x)
         where = "cuda" if device.type == "cuda" else "cpu"
         index = ((device.index if device.index is not None else torch.cuda.current_device())
                  if device.type == "cuda" else 0)
-        inputs = {"x": self.x, "sigma": self.sigma, "class_labels": labels}
+        inputs = {"x": self.x, "sigma": self.sigma, "class_labels": self.labels}
         self.binding = session.io_binding()
         for spec in session.get_inputs():  # by name, as export_onnx names them
             t = inputs.get(spec.name)
@@ -104,41 +80,35 @@ class _Evaluation:
         self.binding.bind_output(OUTPUT_NAME, where, index, float32, tuple(self.out.shape),
                                  self.out.data_ptr())
 
-    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-        """D(x; sigma) in float32 (guided: D_u + w (D_c - D_u)); sigma: a float, or a vector
-        with one entry per input row."""
-        n = x.shape[0]
-        self.x[:n].copy_(x)
-        if self.guidance is not None:
-            self.x[n:].copy_(x)
-        if isinstance(sigma, torch.Tensor):
-            self.sigma.copy_(sigma)
-        else:
-            self.sigma.fill_(sigma)
+
+class OrtEvaluator:
+    """D(x; sigma, labels) through the session: ``evaluate(x, sigma (B,), labels (B, L) | None)``
+    copies the inputs into the bound buffers of B rows, runs the session (which writes D into
+    the output buffer in place) and returns a copy of it in float32. Not thread-safe (the
+    buffers are shared); ``Sampler`` serialises calls with its lock."""
+
+    def __init__(self, session, device: torch.device, sample_shape, label_dim: int):
+        self.session, self.device = session, device
+        self.sample_shape, self.label_dim = tuple(sample_shape), label_dim
+        self._bindings: dict[int, _Binding] = {}
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+        rows = x.shape[0]
+        slot = self._bindings.get(rows)
+        if slot is None:
+            slot = self._bindings[rows] = _Binding(self.session, self.device, rows,
+                                                   self.sample_shape, self.label_dim)
+        slot.x.copy_(x)
+        slot.sigma.copy_(sigma)
+        if slot.labels is not None:
+            if labels is None:
+                slot.labels.zero_()
+            else:
+                slot.labels.copy_(labels)
         if self.device.type == "cuda":  # ORT runs on its own stream: torch's writes must be done
             torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(self.binding)  # returns once the outputs are written
-        if self.guidance is None:
-            return self.out
-        return torch.lerp(self.out[n:], self.out[:n], self.guidance)  # D_u + w (D_c - D_u)
-
-
-class _Slots:
-    """The buffers of one batch size: a shared label buffer and two evaluation slots (D at
-    t_hat and D at t_next, so that the first result survives the Heun correction's call)."""
-
-    def __init__(self, session, device, n: int, sample_shape, label_dim: int,
-                 guidance: float | None):
-        rows = 2 * n if guidance is not None else n
-        self.labels = (torch.zeros((rows, label_dim), dtype=torch.float32, device=device)
-                       if label_dim > 0 else None)
-        self.hat = _Evaluation(session, device, rows, sample_shape, self.labels, guidance)
-        self.next = _Evaluation(session, device, rows, sample_shape, self.labels, guidance)
-
-    def set_labels(self, labels: torch.Tensor | None) -> None:
-        """(N, L) float32 conditional labels; the unconditional rows of guidance stay zero."""
-        if self.labels is not None:
-            self.labels[: labels.shape[0]].copy_(labels)
+        self.session.run_with_iobinding(slot.binding)  # returns once D is written
+        return slot.out.clone()
 
 
 class OnnxBackend:
@@ -147,7 +117,7 @@ class OnnxBackend:
     Args:
         denoiser: a ``precond.Denoiser`` (a ``GuidedDenoiser`` is unwrapped; its weight is used
             when ``plan.guidance`` is None).
-        plan: the host scalars of the run (``SamplingPlan.build``).
+        plan: the planned run (``SamplingPlan.build``).
         batch_shape: (N, *sample_shape); other batch sizes work too (dynamic batch).
         dtype: the dtype of the sampler state and step math (float32, or float64); the graph's
             inputs and outputs are float32.
@@ -182,7 +152,7 @@ class OnnxBackend:
                  net_dtype="float32", opset: int = 17, exporter: str = "auto", check: bool = True,
                  threads: int | None = None, tf32: bool = False):
         start = time.perf_counter()
-        denoiser, self.plan = _split_guidance(denoiser, plan)
+        denoiser, self.plan = unwrap_guided(denoiser, plan)
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
         self.label_dim = int(denoiser.label_dim if label_dim is None else label_dim)
@@ -205,7 +175,9 @@ class OnnxBackend:
         if self.device.type == "cuda" and CUDA_PROVIDER not in self.session.get_providers():
             raise RuntimeError("onnxruntime could not start its CUDA provider (missing CUDA or "
                                "cuDNN libraries?); the session would run on the CPU")
-        self._slots: dict[int, _Slots] = {}
+        self.evaluate = OrtEvaluator(self.session, self.device, self.batch_shape[1:],
+                                     self.label_dim)
+        self.guidance = Guidance(self.plan.guidance)
         self._warmup()
         self.warmup_seconds = time.perf_counter() - start
 
@@ -228,17 +200,8 @@ class OnnxBackend:
     def _warmup(self) -> None:
         """One evaluation at the run's batch (ORT allocates and, on CUDA, picks kernels)."""
         n = self.batch_shape[0]
-        self._slots_for(n).hat(torch.zeros(self.batch_shape, device=self.device), 1.0)
-
-    # -- buffers --------------------------------------------------------------------------------
-    def _slots_for(self, n: int) -> _Slots:
-        """The bound buffers for batch size n, made on first use (calls are serialised by the
-        Sampler's lock, so one set per size is enough)."""
-        slots = self._slots.get(n)
-        if slots is None:
-            slots = self._slots[n] = _Slots(self.session, self.device, n, self.batch_shape[1:],
-                                            self.label_dim, self.plan.guidance)
-        return slots
+        self.evaluate(torch.zeros(self.batch_shape, device=self.device),
+                      torch.ones(n, device=self.device), None)
 
     def _labels(self, class_labels, n: int) -> torch.Tensor | None:
         """(N, L) float32 one-hot or given labels on the device; None when unconditional."""
@@ -252,22 +215,17 @@ class OnnxBackend:
     # -- public ---------------------------------------------------------------------------------
     def evaluation(self, x, sigma, class_labels=None):
         """A zero-argument callable that runs one denoiser evaluation D(x; sigma) exactly as
-        the loop runs it, with its inputs prepared beforehand (for benchmarks: t_F). Its result
-        aliases a buffer: valid until the backend's next evaluation."""
+        the loop runs it (guided when the plan has guidance), with its inputs prepared
+        beforehand (for benchmarks: t_F)."""
         x = x.to(self.device, self.dtype)
         n = x.shape[0]
-        slots = self._slots_for(n)
-        slots.set_labels(self._labels(class_labels, n))
-        if isinstance(sigma, torch.Tensor):
-            sigma = sigma.to(self.device, torch.float32).reshape(-1).expand(n)
-            if self.plan.guidance is not None:
-                sigma = torch.cat([sigma, sigma])
-        else:
-            sigma = float(sigma)
+        labels = self._labels(class_labels, n)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
+        sigma = sigma.reshape(-1).expand(n).contiguous()
 
         @torch.no_grad()
         def evaluate():
-            return slots.hat(x, sigma).to(self.dtype)
+            return self.guidance(self.evaluate, x, sigma, labels).to(self.dtype)
         return evaluate
 
     def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
@@ -275,51 +233,16 @@ class OnnxBackend:
         return self.evaluation(x, sigma, class_labels)().clone()
 
     @torch.no_grad()
-    def run(self, latents: torch.Tensor, churn_noise: torch.Tensor | None = None,
+    def run(self, latents: torch.Tensor, noise: torch.Tensor | None = None,
             class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Alg. 2 from x_0 = latents * t_0.
-
-        latents: (N, *sample_shape) unit-variance noise; churn_noise: (K, N, *sample_shape) with
-        K = len(plan.churn_steps) (the k-th slice is used at the k-th step with gamma_i > 0), or
-        None when K = 0; class_labels: (N, label_dim) float, (N,) int, or None (zeros).
-        Returns (N, *sample_shape) in the backend's dtype on its device.
-        """
-        plan, dtype = self.plan, self.dtype
-        latents = latents.to(self.device, dtype)
-        n, k_total = latents.shape[0], len(plan.churn_steps)
-        if k_total and (churn_noise is None or churn_noise.shape[0] != k_total):
-            raise ValueError(f"the plan needs {k_total} churn draws of shape "
-                             f"{tuple(latents.shape)}")
-        slots = self._slots_for(n)
-        slots.set_labels(self._labels(class_labels, n))
-        k = 0
-        x = latents * plan.sigmas[0]  # Alg. 2 l.2: x_0 ~ N(0, t_0^2 I)
-        for i in range(plan.num_steps):  # 0, ..., N-1
-            t_hat, t_next = plan.t_hats[i], plan.sigmas[i + 1]
-            x_hat = x
-            if plan.gammas[i] > 0:  # Alg. 2 l.5-6: x_hat = x + sqrt(t_hat^2 - t^2) S_noise eps
-                x_hat = x + plan.churn_std(i) * churn_noise[k].to(self.device, dtype)
-                k += 1
-            # The step math is written with as few tensor ops as possible, since at small
-            # batches each op's dispatch costs more than its arithmetic. With r = t_next/t_hat,
-            # Alg. 2 l.7-8, x' = x_hat + (t_next - t_hat)(x_hat - D_1)/t_hat, is the lerp
-            # D_1 + r (x_hat - D_1).
-            r = t_next / t_hat
-            d_1 = slots.hat(x_hat, t_hat).to(dtype)
-            x_prime = torch.lerp(d_1, x_hat, r)
-            if plan.solver == "heun" and t_next > 0:  # Alg. 2 l.9-11: second-order correction
-                d_2 = slots.next(x_prime, t_next).to(dtype)
-                # x_hat + h (d_i + d'_i)/2 with h = t_next - t_hat, d'_i = (x' - D_2)/t_next and
-                # h d_i = x' - x_hat is (x_hat + x')/2 + h/(2 t_next) (x' - D_2). The difference
-                # x' - D_2 is formed first, as in the reference, before its large factor.
-                c = (t_next - t_hat) / (2.0 * t_next)
-                x = torch.lerp(x_hat, x_prime, 0.5).add_(x_prime - d_2, alpha=c)
-            else:
-                x = x_prime
-        # NaN/Inf in any D (or in the latents) reaches x: every update above is a sum of
-        # products that contain x_hat and each D, and IEEE arithmetic never turns a non-finite
-        # operand of a sum or product into a finite result (the zero weight of the last step,
-        # r = 0, is still a product: 0 * Inf = NaN). So one check (one host sync) at the end.
-        return check_finite_samples(x, "ONNX Runtime returned NaN/Inf during sampling")
+        """``plan.program`` from ``latents`` (N, *sample_shape) with its injected draws
+        ``noise`` (K, N, *sample_shape), K = plan.num_noise (None when 0), and class_labels
+        (N, label_dim) float, (N,) int, or None (zeros). Returns (N, *sample_shape) in the
+        backend's dtype on its device."""
+        latents = latents.to(self.device, self.dtype)
+        noise = None if noise is None else noise.to(self.device, self.dtype)
+        labels = self._labels(class_labels, latents.shape[0])
+        return run_program(self.plan.program, self.evaluate, latents, noise, labels,
+                           guidance=self.guidance)
 
     __call__ = run

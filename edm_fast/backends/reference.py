@@ -1,45 +1,31 @@
-"""The reference backend: the pure-PyTorch Algorithm 2 of samplers.py, run on a plan."""
+"""The reference backend: the Python executor over the eager denoiser, in the sampler's dtype
+(float64 gives the golden reference)."""
 
 from __future__ import annotations
 
-import torch
+from ..guidance import Guidance
+from ..plan import SamplingPlan
+from .executor import run_program, unwrap_guided
 
-from ..guidance import GuidedDenoiser
-from ..samplers import run_edm_plan
-from .plan import SamplingPlan
-
-__all__ = ["ReferenceBackend", "ChurnNoise"]
-
-
-class ChurnNoise:
-    """The ``randn`` callable of the samplers, replaying pre-drawn churn noise (K, N, ...)."""
-
-    def __init__(self, churn_noise: torch.Tensor | None):
-        self.churn_noise, self.next = churn_noise, 0
-
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
-        if self.churn_noise is None or self.next >= self.churn_noise.shape[0]:
-            raise RuntimeError("the plan asked for more churn noise than was drawn")
-        eps = self.churn_noise[self.next]
-        self.next += 1
-        return eps.to(device=like.device, dtype=like.dtype)
+__all__ = ["ReferenceBackend"]
 
 
 class ReferenceBackend:
-    """Runs ``sample_edm`` (EDM Alg. 2) eagerly in the sampler's dtype; the ground truth."""
+    """Runs ``plan.program`` eagerly: every evaluation is one call of the denoiser module."""
 
     name = "reference"
 
     def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *, dtype, device, label_dim):
-        self.plan = plan
+        self.denoiser, self.plan = unwrap_guided(denoiser, plan)
         self.dtype, self.device = dtype, device
-        self.denoiser = (GuidedDenoiser(denoiser, plan.guidance) if plan.guidance is not None
-                         else denoiser)
+        self.guidance = Guidance(self.plan.guidance)
         self.warmup_seconds = 0.0
 
-    def run(self, latents, churn_noise=None, class_labels=None) -> torch.Tensor:
-        plan = self.plan
-        return run_edm_plan(self.denoiser, latents.to(self.device, self.dtype), list(plan.sigmas),
-                            plan.t_hats, plan.gammas, S_noise=plan.S_noise,
-                            class_labels=class_labels, randn=ChurnNoise(churn_noise),
-                            solver=plan.solver)
+    def run(self, latents, noise=None, class_labels=None):
+        """Sample from ``latents`` (N, ...) with the plan's injected draws ``noise`` (K, N, ...)
+        and (N, label_dim) float ``class_labels`` (or None)."""
+        latents = latents.to(self.device, self.dtype)
+        noise = None if noise is None else noise.to(self.device, self.dtype)
+        labels = None if class_labels is None else class_labels.to(self.device)
+        return run_program(self.plan.program, self.denoiser, latents, noise, labels,
+                           guidance=self.guidance)
