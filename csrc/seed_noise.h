@@ -2,8 +2,8 @@
 //
 // Each seed owns one CPU Mersenne-Twister generator seeded with the seed (what
 // torch.Generator().manual_seed(seed) does); every draw is at::randn(shape) in float32 on the
-// CPU. A stream is consumed as: the initial latent first, then one draw per churn step
-// (gamma_i > 0, Alg. 2 l.6), so a sample depends on its seed only, whatever the batch.
+// CPU. A stream is consumed as: the initial latent first, then the program's injected noise
+// draws in order (program_executor.h), so a sample depends on its seed only, whatever the batch.
 #pragma once
 
 #include <ATen/ATen.h>

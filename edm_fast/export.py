@@ -1,4 +1,4 @@
-"""Export the preconditioned denoiser D(x; sigma, labels) for the C++ loop and other runtimes.
+"""Export the preconditioned denoiser D(x; sigma, labels) for the C++ executor and other runtimes.
 
 What is exported is D of EDM Eq. 7, not the raw network F:
 
@@ -17,6 +17,12 @@ reference's arithmetic). ``Denoiser.forward`` branches on shapes (``sigma.numel(
 label normalisation), which would specialise the batch; ``ExportableDenoiser`` below has no
 such branches.
 
+**Denoisers in NVlabs' form** export too: any module with ``forward(x, sigma, class_labels)``
+returning D and the attributes ``label_dim``, ``img_channels`` and ``img_resolution`` (optional
+``sigma_min``, ``sigma_max``, ``round_sigma``), as the preconditioners of NVlabs' EDM code
+(training/networks.py) are. The module applies its own preconditioning; its output is cast to
+x's dtype, and its metadata names its class (``edm_fast.precond`` = ``nvlabs.<class name>``).
+
 Every exported file carries ``edm_fast.*`` metadata (label_dim, sample_shape, dtype, device,
 precond, sigma_min/sigma_max of the preconditioning, batch) that the C++ loader
 (csrc/denoiser_runner.cpp) checks inputs against and the standalone sampler clips its schedule
@@ -27,7 +33,9 @@ to: in the AOTInductor package's metadata, or in the TorchScript extra file
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import math
 import os
 import warnings
 import zipfile
@@ -37,10 +45,11 @@ import torch
 from torch import nn
 
 from .images import atomic_save
-from .precond import Denoiser, require_denoiser
+from .precond import Denoiser, NotADenoiserError
 
 __all__ = [
     "ExportableDenoiser", "export_aoti", "export_torchscript", "read_metadata", "METADATA_FILE",
+    "is_nvlabs_denoiser", "require_exportable",
 ]
 
 METADATA_FILE = "edm_fast_metadata.txt"  # TorchScript extra file (csrc/denoiser_runner.h)
@@ -50,24 +59,81 @@ METADATA_FORMAT = "1"
 # ------------------------------------------------------------------------------------------
 # The exported function: D(x; sigma, labels) without shape branches (EDM Eq. 7).
 
+_NVLABS_ATTRIBUTES = ("label_dim", "img_channels", "img_resolution")
+
+
+def is_nvlabs_denoiser(model) -> bool:
+    """True for a module in NVlabs' form: ``forward(x, sigma, class_labels)`` returning D, with
+    the attributes ``label_dim``, ``img_channels`` and ``img_resolution``."""
+    if not isinstance(model, nn.Module) or isinstance(model, Denoiser):
+        return False
+    if not all(hasattr(model, name) for name in _NVLABS_ATTRIBUTES):
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = [p.kind for p in params]
+    P = inspect.Parameter
+    positional = sum(k in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD) for k in kinds)
+    return positional >= 3 or P.VAR_POSITIONAL in kinds
+
+
+def require_exportable(model, purpose: str) -> None:
+    """Raise NotADenoiserError unless ``model`` is a ``precond.Denoiser`` or a module in
+    NVlabs' form (``is_nvlabs_denoiser``)."""
+    if isinstance(model, Denoiser) or is_nvlabs_denoiser(model):
+        return
+    hint = ("unwrap GuidedDenoiser: guidance runs in the sampling loop"
+            if hasattr(model, "guidance") else
+            "exact denoisers such as the toy models run on the 'reference' and 'compiled' "
+            "backends")
+    raise NotADenoiserError(
+        f"{purpose} needs a denoiser with its preconditioning: an edm_fast.precond.Denoiser or "
+        f"a module in NVlabs' form (forward(x, sigma, class_labels) and attributes "
+        f"{', '.join(_NVLABS_ATTRIBUTES)}), got {type(model).__name__} ({hint})")
+
+
 class ExportableDenoiser(nn.Module):
-    """Branch-free D(x, sigma[, class_labels]) around a ``Denoiser``'s network and precond.
+    """Branch-free D(x, sigma[, class_labels]) around a ``Denoiser``'s network and precond, or
+    around a module in NVlabs' form (which preconditions itself).
 
     Shares the network's parameters (no copy). ``forward(x (B, *shape), sigma (B,),
     class_labels (B, label_dim) | None) -> (B, *shape)`` in x's dtype.
     """
 
-    def __init__(self, denoiser: Denoiser):
+    def __init__(self, denoiser):
         super().__init__()
-        require_denoiser(denoiser, "export")
-        self.model = denoiser.model
-        self.precond = denoiser.precond
-        self.label_dim = denoiser.label_dim
-        param = next(denoiser.model.parameters(), None)
-        self.net_dtype = denoiser.net_dtype or (param.dtype if param is not None else None)
+        require_exportable(denoiser, "export")
+        self.label_dim = int(denoiser.label_dim)
+        if isinstance(denoiser, Denoiser):
+            self.model = denoiser.model
+            self.precond = denoiser.precond
+            param = next(denoiser.model.parameters(), None)
+            self.net_dtype = denoiser.net_dtype or (param.dtype if param is not None else None)
+        else:  # NVlabs' form: D itself
+            self.model = denoiser
+            self.precond = None
+            self.net_dtype = None
+
+    def metadata(self) -> dict[str, str]:
+        """The preconditioning's entries of the exported metadata."""
+        if self.precond is None:
+            name = f"nvlabs.{type(self.model).__name__}"
+            config = {"class": type(self.model).__name__}
+            lo = float(getattr(self.model, "sigma_min", 0.0))
+            hi = float(getattr(self.model, "sigma_max", math.inf))
+        else:
+            name, config = self.precond.name, self.precond.config()
+            lo, hi = float(self.precond.sigma_min), float(self.precond.sigma_max)
+        # The sigma range the preconditioning supports (VP, VE: finite), which samplers clip to.
+        return {"edm_fast.precond": name, "edm_fast.precond_config": json.dumps(config),
+                "edm_fast.sigma_min": repr(lo), "edm_fast.sigma_max": repr(hi)}
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.precond is None:  # the module preconditions itself
+            return self.model(x, sigma, class_labels).to(x.dtype)
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)  # (B,) each, x's dtype
         shape = (-1,) + (1,) * (x.ndim - 1)  # (B,) -> (B, 1, ..., 1)
         net_dtype = self.net_dtype or x.dtype
@@ -78,9 +144,10 @@ class ExportableDenoiser(nn.Module):
         return c_skip.reshape(shape) * x + c_out.reshape(shape) * F_x.to(x.dtype)
 
 
-def _unwrap(denoiser) -> Denoiser:
-    inner = getattr(denoiser, "denoiser", None)  # GuidedDenoiser -> its Denoiser
-    return inner if isinstance(inner, Denoiser) and not isinstance(denoiser, Denoiser) else denoiser
+def _unwrap(denoiser):
+    inner = getattr(denoiser, "denoiser", None)  # GuidedDenoiser -> its denoiser
+    exportable = isinstance(inner, Denoiser) or is_nvlabs_denoiser(inner)
+    return inner if exportable and not isinstance(denoiser, Denoiser) else denoiser
 
 
 def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
@@ -101,17 +168,18 @@ def _prepare(denoiser, example_shape: Sequence[int], label_dim: int | None, devi
     if len(example_shape) < 2 or min(example_shape) < 1:
         raise ValueError(f"example_shape must be a batch shape (N, *sample_shape) with sizes >= 1,"
                          f" got {example_shape}")
-    label_dim = denoiser.label_dim if label_dim is None else int(label_dim)
-    if label_dim != denoiser.label_dim:
-        raise ValueError(f"label_dim={label_dim} but the denoiser has label_dim="
-                         f"{denoiser.label_dim}")
     module = ExportableDenoiser(denoiser)
+    label_dim = module.label_dim if label_dim is None else int(label_dim)
+    if label_dim != module.label_dim:
+        raise ValueError(f"label_dim={label_dim} but the denoiser has label_dim="
+                         f"{module.label_dim}")
+    network = module.model  # the user's module, whose training mode eval() changes
     module.model = _on_device(module.model, device)
-    was_training = denoiser.model.training
+    was_training = network.training
     module.eval()  # no dropout / label dropout in the exported function
 
     def restore():
-        denoiser.model.train(was_training)
+        network.train(was_training)
 
     batch = max(example_shape[0], min_batch)
     gen = torch.Generator().manual_seed(0)
@@ -140,18 +208,14 @@ def _metadata(module: ExportableDenoiser, sample_shape, label_dim: int, dtype, d
         "edm_fast.sample_shape": ",".join(str(n) for n in sample_shape),
         "edm_fast.dtype": str(dtype).removeprefix("torch."),
         "edm_fast.device": torch.device(device).type,
-        "edm_fast.precond": module.precond.name,
-        "edm_fast.precond_config": json.dumps(module.precond.config()),
-        # The sigma range the preconditioning supports (VP, VE: finite), which samplers clip to.
-        "edm_fast.sigma_min": repr(float(module.precond.sigma_min)),
-        "edm_fast.sigma_max": repr(float(module.precond.sigma_max)),
+        **module.metadata(),
         "edm_fast.dynamic_batch": "1" if dynamic_batch else "0",
         "edm_fast.batch": str(batch),
     }
 
 
 # ------------------------------------------------------------------------------------------
-# AOTInductor (.pt2) for the C++ loop (csrc/) and the standalone edm_fast_sample binary.
+# AOTInductor (.pt2) for the C++ executor (csrc/) and the standalone edm_fast_sample binary.
 
 def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None = None,
                 device="cpu", dtype: torch.dtype = torch.float32,
@@ -160,15 +224,16 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
     """Compile D(x, sigma[, class_labels]) with torch.export + AOTInductor into a .pt2 package.
 
     Args:
-        denoiser: a ``precond.Denoiser`` (a ``GuidedDenoiser`` is unwrapped: guidance runs in the
-            sampling loop as one 2N batch).
+        denoiser: a ``precond.Denoiser`` or a module in NVlabs' form (see the module
+            docstring); a ``GuidedDenoiser`` is unwrapped: guidance runs in the sampling loop
+            as one 2N batch. Anything else raises ``precond.NotADenoiserError``.
         example_shape: a batch shape (N, *sample_shape), e.g. (8, 3, 32, 32). With
             ``dynamic_batch`` the batch is symbolic (any B >= 1; traced at max(N, 2) since
             torch.export specialises size-1 dimensions); without it the package only accepts B = N
             (use 2N for guided sampling).
         label_dim: must equal ``denoiser.label_dim`` (default); 0 = no labels input.
         device: 'cpu' or 'cuda[:i]'; the package only runs on that device type.
-        dtype: dtype of x, sigma and labels (the C++ loop's dtype); F keeps its own dtype.
+        dtype: dtype of x, sigma and labels (the C++ executor's dtype); F keeps its own dtype.
         path: where to write the package (must end in ``.pt2``; missing parent folders
             are created).
         inductor_configs: extra Inductor options (merged over the metadata entry).
@@ -199,7 +264,7 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
 
 
 # ------------------------------------------------------------------------------------------
-# TorchScript (torch.jit.trace): the fallback the C++ loop also loads (torch::jit::load).
+# TorchScript (torch.jit.trace): the fallback the C++ executor also loads (torch::jit::load).
 
 def export_torchscript(denoiser, example_shape: Sequence[int], *, label_dim: int | None = None,
                        device="cpu", dtype: torch.dtype = torch.float32,

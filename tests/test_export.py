@@ -188,18 +188,18 @@ def test_aoti_loads_in_cpp_for_vector_data(aoti_package, aoti_device):
 
 @needs_cpp
 def test_aoti_static_batch(tmp_path):
-    """dynamic_batch=False bakes the batch in; the C++ loop says how to fix a mismatch."""
+    """dynamic_batch=False bakes the batch in; the C++ executor says how to fix a mismatch."""
+    from edm_fast.plan import SamplingPlan
+
     path = export_aoti(make_denoiser(0), (2, DIM), dynamic_batch=False,
                        path=tmp_path / "static.pt2")
     assert read_metadata(path)["edm_fast.dynamic_batch"] == "0"
     sampler = ops.load_sampler(path)
-    sigmas, t_hats, gammas = [2.0, 1.0, 0.0], [2.0, 1.0], [0.0, 0.0]
-    out = sampler.sample(torch.randn(2, DIM), sigmas, t_hats, gammas, 1.0, "heun", None, None,
-                         None)
+    program = ops.program_args(SamplingPlan.build(sigmas=[2.0, 1.0, 0.0]).program)
+    out = sampler.run_program(torch.randn(2, DIM), *program, None, None, None)
     assert out.shape == (2, DIM)
     with pytest.raises(RuntimeError, match="static batch of 2"):
-        sampler.sample(torch.randn(3, DIM), sigmas, t_hats, gammas, 1.0, "heun", None, None,
-                       None)
+        sampler.run_program(torch.randn(3, DIM), *program, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-// edm_fast_sample: EDM sampling (Karras et al. 2022, Algorithm 2) without Python.
+// edm_fast_sample: diffusion sampling without Python.
 //
-// Loads a denoiser exported by edm_fast/export.py (AOTInductor .pt2 or TorchScript), computes
-// the schedule (Eq. 5), the churn (Alg. 2 l.4-5), per-seed noise (bit-identical to
-// edm_fast.noise.SeedNoise) and the sampling loop in C++, and writes the samples as a float32
-// .npy of shape (N, *sample_shape). Built by CMakeLists.txt at the repository root.
+// Loads a denoiser exported by edm_fast/export.py (AOTInductor .pt2 or TorchScript) and a
+// sampling program written by edm_fast/program_file.py (--plan; the format is documented
+// there), draws per-seed noise (bit-identical to edm_fast.noise.SeedNoise), runs the program with
+// the generic executor (program_executor.h) and writes the samples as a float32 .npy of shape
+// (N, *sample_shape). Built by CMakeLists.txt at the repository root.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
@@ -17,40 +18,36 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "denoiser_runner.h"
-#include "sampler_loop.h"
-#include "schedule.h"
+#include "program_executor.h"
 
 namespace {
 
-constexpr const char* kUsage = R"(usage: edm_fast_sample --model PATH [options]
+constexpr const char* kUsage = R"(usage: edm_fast_sample --model PATH --plan FILE [options]
 
-Sample images with EDM's sampler (Karras et al. 2022, Alg. 2) from an exported denoiser.
+Sample images from an exported denoiser with a sampling plan written from Python:
+  python -c 'from edm_fast.plan import SamplingPlan; from edm_fast.program_file import \
+             write_program_file; write_program_file("plan.txt", SamplingPlan.build())'
+The plan file holds the sampling program (noise levels, solver, injected noise) and the
+guidance weight; this binary draws the noise per seed and runs the program.
 
   --model PATH         .pt2 from edm_fast.export.export_aoti, or a TorchScript file
+  --plan FILE          program file from edm_fast.program_file.write_program_file
   --kind K             auto | aoti | torchscript                       [auto: by suffix]
   --seeds LIST         e.g. 0-7 or 1,5,9 or 0-3,10 (one image per seed)  [0-7]
   --batch B            images per denoiser batch (results do not depend on it)
                        [64; a model exported with a static batch: that batch]
-  --steps N            number of steps                                 [18]
-  --sigma-min S        smallest noise level, within the model's range  [0.002]
-  --sigma-max S        largest noise level, within the model's range   [80]
-  --rho R              schedule exponent (Eq. 5)                       [7]
-  --S-churn S          stochasticity (Alg. 2)                          [0]
-  --S-min S            churn only where t >= S_min                     [0]
-  --S-max S            churn only where t <= S_max                     [inf]
-  --S-noise S          noise inflation                                 [1]
-  --solver S           heun | euler                                    [heun]
   --class K            class index for every image (conditional models; default: zero
-                       labels, i.e. unconditional)
-  --guidance W         classifier-free guidance weight (needs --class)
+                       labels, i.e. unconditional); needed by a plan with guidance
   --shape C,H,W        sample shape (default: from the model's metadata; must match it)
   --device D           cpu | cuda | cuda:I                             [cpu]
   --tf32 0|1           allow TF32 convolutions/matmuls on CUDA (faster, ~1e-3 error)  [0]
@@ -60,14 +57,10 @@ Sample images with EDM's sampler (Karras et al. 2022, Alg. 2) from an exported d
 using Options = std::map<std::string, std::string>;
 
 Options parse_args(int argc, char** argv) {
-  Options opts{{"kind", "auto"},     {"seeds", "0-7"},    {"steps", "18"},
-               {"rho", "7"},         {"S-churn", "0"},
-               {"S-min", "0"},       {"S-max", "inf"},    {"S-noise", "1"}, {"solver", "heun"},
-               {"device", "cpu"},    {"out", "out.npy"},  {"tf32", "0"}};
-  const std::vector<std::string> known{"model", "kind", "seeds", "batch", "steps", "sigma-min",
-                                       "sigma-max", "rho", "S-churn", "S-min", "S-max",
-                                       "S-noise", "solver", "class", "guidance", "shape",
-                                       "device", "out", "tf32"};
+  Options opts{{"kind", "auto"}, {"seeds", "0-7"}, {"device", "cpu"}, {"out", "out.npy"},
+               {"tf32", "0"}};
+  const std::vector<std::string> known{"model", "plan", "kind", "seeds", "batch", "class",
+                                       "shape", "device", "out", "tf32"};
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
@@ -85,22 +78,14 @@ Options parse_args(int argc, char** argv) {
       value = argv[++i];
     }
     TORCH_CHECK(std::find(known.begin(), known.end(), key) != known.end(), "unknown option --",
-                key, " (see --help)");
+                key, " (see --help; steps, noise levels, solver options and guidance are set "
+                "in the --plan file)");
     opts[key] = value;
   }
   TORCH_CHECK(opts.count("model"), "--model PATH is required (see --help)");
+  TORCH_CHECK(opts.count("plan"), "--plan FILE is required: write it with "
+              "edm_fast.program_file.write_program_file (see --help)");
   return opts;
-}
-
-double to_double(const Options& opts, const std::string& key) {
-  try {
-    size_t used = 0;
-    const double value = std::stod(opts.at(key), &used);
-    TORCH_CHECK(used == opts.at(key).size(), "");
-    return value;
-  } catch (const std::exception&) {
-    TORCH_CHECK(false, "--", key, " expects a number, got '", opts.at(key), "'");
-  }
 }
 
 int64_t to_int(const std::string& text, const std::string& what) {
@@ -209,23 +194,126 @@ void write_npy(const std::string& path, const at::Tensor& images) {
   }
 }
 
-// Alg. 2's sigma_min or sigma_max: EDM's default, or the asked value, within the range the
-// model's preconditioning supports (as generate.py and edm_fast.Sampler do); an asked value
-// outside it is clipped with a warning.
-double sigma_bound(const Options& opts, const edm_fast::ModelInfo& info, bool upper) {
-  const std::string key = upper ? "sigma-max" : "sigma-min";
-  const double model = upper ? info.sigma_max : info.sigma_min;
-  const bool asked = opts.count(key) > 0;
-  const double value = asked ? to_double(opts, key) : (upper ? 80.0 : 0.002);
-  TORCH_CHECK(value > 0 && std::isfinite(value), "--", key,
-              " must be a positive finite number, got ", value);
-  const double clipped = upper ? std::min(value, model) : std::max(value, model);
-  if (asked && clipped != value) {
-    std::cerr << "edm_fast_sample: warning: --" << key << " " << value
-              << " is outside the model's range [" << info.sigma_min << ", " << info.sigma_max
-              << "]; using " << clipped << "\n";
+// A number of the plan file, all of `text` (std::stod alone accepts "1x").
+template <typename T>
+T parse_number(const std::string& text, const std::string& where, const char* what) {
+  try {
+    size_t used = 0;
+    const T value = std::is_integral_v<T> ? static_cast<T>(std::stoll(text, &used))
+                                          : static_cast<T>(std::stod(text, &used));
+    TORCH_CHECK(used == text.size(), "");
+    return value;
+  } catch (const std::exception&) {
+    TORCH_CHECK(false, where, ": ", what, " must be ",
+                std::is_integral_v<T> ? "an integer" : "a number", ", got '", text, "'");
   }
-  return clipped;
+}
+
+// The program file of edm_fast/program_file.py (its docstring documents the format). The
+// arrays are validated by run_program; this checks the syntax and names the line of an error.
+edm_fast::ProgramArrays read_program_file(const std::string& path,
+                                          std::optional<double>& guidance) {
+  std::ifstream in(path);
+  TORCH_CHECK(in.good(), "--plan '", path, "' does not exist or cannot be read; write it with "
+              "edm_fast.program_file.write_program_file");
+  edm_fast::ProgramArrays program;
+  program.term_start.push_back(0);
+  std::map<std::string, std::string> header;
+  int64_t ops = -1, number = 0;
+  bool magic = false;
+  std::string line;
+  while (std::getline(in, line)) {
+    ++number;
+    std::istringstream fields(line);
+    std::vector<std::string> f{std::istream_iterator<std::string>(fields), {}};
+    if (f.empty() || f[0][0] == '#') continue;
+    const std::string where = path + ":" + std::to_string(number);
+    if (!magic) {
+      TORCH_CHECK(f.size() == 2 && f[0] == "edm-fast-program" && f[1] == "1", "--plan '", path,
+                  "' is not an edm-fast program file (version 1): its first line must be "
+                  "'edm-fast-program 1'; write it with edm_fast.program_file.write_program_file");
+      magic = true;
+    } else if (ops < 0) {  // the header
+      if (f[0] == "info") continue;
+      TORCH_CHECK(f[0] == "num_registers" || f[0] == "output" || f[0] == "num_noise" ||
+                      f[0] == "guidance" || f[0] == "ops",
+                  where, ": unknown key '", f[0], "'");
+      TORCH_CHECK(f.size() == 2 && !header.count(f[0]), where, ": ", f[0],
+                  " must appear once, with one value");
+      header[f[0]] = f[1];
+      if (f[0] == "guidance") {
+        guidance = parse_number<double>(f[1], where, "guidance");
+      } else {
+        const int64_t value = parse_number<int64_t>(f[1], where, f[0].c_str());
+        if (f[0] == "num_registers") program.num_registers = value;
+        if (f[0] == "output") program.output = value;
+        if (f[0] == "num_noise") program.num_noise = value;
+        if (f[0] == "ops") {
+          TORCH_CHECK(value >= 1, where, ": ops must be >= 1, got ", value);
+          ops = value;
+        }
+      }
+    } else {  // an op line
+      TORCH_CHECK(program.num_ops() < ops, where, ": more op lines than 'ops ", ops, "'");
+      const bool lin = f[0] == "lin" && f.size() >= 3;
+      const bool eval = f[0] == "eval" && f.size() == 5 && (f[4] == "guided" ||
+                                                            f[4] == "unguided");
+      TORCH_CHECK(lin || eval, where, ": an op line must be 'lin DST SRC:COEF ...' or "
+                  "'eval DST SRC SIGMA guided|unguided'");
+      program.kinds.push_back(lin ? edm_fast::kLin : edm_fast::kEval);
+      program.dsts.push_back(parse_number<int64_t>(f[1], where, "the destination"));
+      if (lin) {
+        for (size_t j = 2; j < f.size(); ++j) {
+          const auto colon = f[j].find(':');
+          TORCH_CHECK(colon != std::string::npos, where, ": a lin term must be SRC:COEF, got '",
+                      f[j], "'");
+          program.srcs.push_back(parse_number<int64_t>(f[j].substr(0, colon), where, "SRC"));
+          program.coefs.push_back(parse_number<double>(f[j].substr(colon + 1), where, "COEF"));
+        }
+      } else {
+        program.srcs.push_back(parse_number<int64_t>(f[2], where, "SRC"));
+        program.coefs.push_back(1.0);
+      }
+      program.sigmas.push_back(lin ? 0.0 : parse_number<double>(f[3], where, "SIGMA"));
+      program.guided.push_back(lin || f[4] == "guided" ? 1 : 0);
+      program.term_start.push_back(static_cast<int64_t>(program.srcs.size()));
+    }
+  }
+  TORCH_CHECK(magic, "--plan '", path, "' is empty");
+  for (const char* key : {"num_registers", "output", "num_noise", "ops"}) {
+    TORCH_CHECK(header.count(key), "--plan '", path, "': missing '", key, "'");
+  }
+  TORCH_CHECK(program.num_ops() == ops, "--plan '", path, "': 'ops ", ops, "' but ",
+              program.num_ops(), " op lines");
+  try {
+    program.validate();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "--plan '", path, "': ", e.what_without_backtrace());
+  }
+  return program;
+}
+
+// The model's preconditioning supports sigma in [sigma_min, sigma_max] (VP, VE: finite); a plan
+// evaluating D outside it gets a warning, as edm_fast.Sampler clips its grid to that range.
+void warn_about_sigma_range(const edm_fast::ProgramArrays& program,
+                            const edm_fast::ModelInfo& info) {
+  double lo = std::numeric_limits<double>::infinity(), hi = 0;
+  for (int64_t i = 0; i < program.num_ops(); ++i) {
+    if (program.kinds[i] == edm_fast::kEval) {
+      lo = std::min(lo, program.sigmas[i]);
+      hi = std::max(hi, program.sigmas[i]);
+    }
+  }
+  const double slack = 1e-9;  // the grid is float64 arithmetic on the bounds
+  if (lo < info.sigma_min * (1 - slack) || hi > info.sigma_max * (1 + slack)) {
+    std::cerr << "edm_fast_sample: warning: the plan evaluates the denoiser at sigma in [" << lo
+              << ", " << hi << "], outside the model's range [" << info.sigma_min << ", "
+              << info.sigma_max << "]; build the plan with sigma_min/sigma_max within it\n";
+  }
+  if (info.precond == "iddpm" || info.precond == "ddpm") {
+    std::cerr << "edm_fast_sample: note: the model's '" << info.precond << "' preconditioning "
+              << "takes only its trained noise levels; build the plan with its round_sigma\n";
+  }
 }
 
 int run(const Options& opts) {
@@ -245,23 +333,19 @@ int run(const Options& opts) {
     shape = given;
   }
   TORCH_CHECK(!shape.empty(), "the model has no edm_fast metadata; pass --shape C,H,W");
-  TORCH_CHECK(info.precond.empty() || info.precond == "edm" || info.precond == "vp" ||
-                  info.precond == "ve",
-              "the '", info.precond, "' preconditioning rounds sigma to discrete levels, which "
-              "this binary does not do; sample it from Python");
 
   std::optional<double> guidance;
-  if (opts.count("guidance")) guidance = to_double(opts, "guidance");
-  const auto plan = edm_fast::make_edm_plan(
-      to_int(opts.at("steps"), "--steps"), sigma_bound(opts, info, false),
-      sigma_bound(opts, info, true), to_double(opts, "rho"), to_double(opts, "S-churn"),
-      to_double(opts, "S-min"), to_double(opts, "S-max"), to_double(opts, "S-noise"),
-      opts.at("solver"), guidance);
+  const edm_fast::ProgramArrays program = read_program_file(opts.at("plan"), guidance);
+  warn_about_sigma_range(program, info);
+  bool guided = false;  // does any evaluation run the 2N batch of guidance?
+  for (int64_t i = 0; i < program.num_ops(); ++i) {
+    guided |= guidance && program.kinds[i] == edm_fast::kEval && program.guided[i] != 0;
+  }
 
   const auto seeds = parse_seeds(opts.at("seeds"));
   // A static-batch model (exported with --batch S) runs S images per call, guidance included:
   // with guidance the network sees 2 x the images, so S must be even.
-  const int64_t per_call = guidance ? 2 : 1;
+  const int64_t per_call = guided ? 2 : 1;
   int64_t batch = 64;
   if (info.static_batch > 0) {
     TORCH_CHECK(info.static_batch % per_call == 0, "the model was exported with a static batch "
@@ -285,7 +369,9 @@ int run(const Options& opts) {
     TORCH_CHECK(class_idx >= 0 && class_idx < info.label_dim, "--class must lie in [0, ",
                 info.label_dim, "), got ", class_idx);
   }
-  TORCH_CHECK(!guidance || class_idx >= 0, "--guidance needs --class K");
+  // without labels they are all zero, and guidance would silently do nothing
+  TORCH_CHECK(!guidance || class_idx >= 0, "the plan has a guidance weight, which needs "
+              "--class K");
 
   std::vector<at::Tensor> chunks;
   const auto start = std::chrono::steady_clock::now();
@@ -301,7 +387,8 @@ int run(const Options& opts) {
       labels = at::zeros({static_cast<int64_t>(chunk.size()), info.label_dim}, options);
       labels->select(1, class_idx).fill_(1.0);  // one-hot
     }
-    chunks.push_back(edm_fast::sample_from_seeds(*denoiser, plan, chunk, shape, options, labels)
+    chunks.push_back(edm_fast::run_program_from_seeds(*denoiser, program, chunk, shape, options,
+                                                      labels, guidance)
                          .narrow(0, 0, wanted)
                          .cpu());
   }
@@ -310,7 +397,7 @@ int run(const Options& opts) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   write_npy(opts.at("out"), images);
   std::cerr << "edm_fast_sample: " << seeds.size() << " samples " << c10::IntArrayRef(shape)
-            << ", " << plan.num_evals() << " NFE per batch, " << seconds << " s -> "
+            << ", " << program.num_evals() << " NFE per batch, " << seconds << " s -> "
             << opts.at("out") << "\n";
   return 0;
 }

@@ -1,14 +1,15 @@
-"""The 'cpp' backend: EDM Algorithm 2 as one C++ loop (csrc/) over an exported denoiser.
+"""The 'cpp' backend: a plan's program (edm_fast/program.py) run by the C++ executor (csrc/).
 
 At construction the denoiser D(x; sigma, labels) is exported once (AOTInductor .pt2 by default,
 or TorchScript) and loaded into ``torch.classes.edm_fast.Sampler``; the export time is reported
-as ``warmup_seconds``. ``run`` then executes a ``SamplingPlan`` entirely in C++: per-step
-scalars are host doubles, sigma vectors are preallocated, noise is injected only on steps with
-gamma_i > 0, and classifier-free guidance runs conditional + unconditional as one batch of 2N.
+as ``warmup_seconds``. ``run`` then executes ``plan.program`` entirely in C++: registers and
+sigma vectors are preallocated, and classifier-free guidance runs conditional + unconditional as
+one batch of 2N at the evaluations the program flags guided.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -21,24 +22,24 @@ from .. import ops
 from ..export import export_aoti, export_torchscript, read_metadata
 from ..guidance import one_hot_labels
 from ..samplers import NONFINITE_SAMPLES, NonFiniteError
-from .plan import SamplingPlan
+from ..plan import SamplingPlan
 
 __all__ = ["CppBackend"]
 
 _SUFFIX = {"aoti": ".pt2", "torchscript": ".ts"}
-_NONFINITE_MESSAGE = "the sampled images contain NaN/Inf"  # csrc/sampler_loop.cpp's end check
+_NONFINITE_MESSAGE = "the sampled images contain NaN/Inf"  # csrc/program_executor.cpp's check
 
 
 class CppBackend:
-    """Run a SamplingPlan with the C++ loop.
+    """Run a SamplingPlan's program with the C++ executor.
 
     Args:
-        denoiser: a ``precond.Denoiser`` (a ``GuidedDenoiser`` is unwrapped; its weight is used
-            when ``plan.guidance`` is None).
-        plan: the host scalars of the run (``SamplingPlan.build``).
+        denoiser: a ``precond.Denoiser`` or a module in NVlabs' form (``export.py``); a
+            ``GuidedDenoiser`` is unwrapped, its weight used when ``plan.guidance`` is None.
+        plan: the run (``edm_fast.plan.SamplingPlan.build``): its program and guidance weight.
         batch_shape: (N, *sample_shape) of the latents ``run`` will get; other batch sizes work
             too (the export has a dynamic batch).
-        dtype, device: the loop's dtype (float32 or float64) and device ('cpu' or 'cuda').
+        dtype, device: the executor's dtype (float32 or float64) and device ('cpu' or 'cuda').
         label_dim: defaults to the denoiser's.
         model_path: where to write the exported model (default: a private temporary directory,
             removed with the backend). With ``reuse_model=True`` an existing file there is
@@ -58,8 +59,7 @@ class CppBackend:
         inner = getattr(denoiser, "denoiser", None)
         if inner is not None and hasattr(denoiser, "guidance"):  # GuidedDenoiser
             if plan.guidance is None:
-                plan = SamplingPlan(plan.sigmas, plan.t_hats, plan.gammas, plan.solver,
-                                    plan.S_noise, float(denoiser.guidance))
+                plan = dataclasses.replace(plan, guidance=float(denoiser.guidance))
             denoiser = inner
         self.plan = plan
         self.batch_shape = tuple(int(n) for n in batch_shape)
@@ -81,6 +81,7 @@ class CppBackend:
             export(denoiser, self.batch_shape, label_dim=self.label_dim, device=self.device,
                    dtype=dtype, path=self.model_path)
         self.sampler = ops.load_sampler(self.model_path, kind=kind, device=self.device)
+        self._program = ops.program_args(plan.program)
         self.warmup_seconds = time.perf_counter() - start
 
     def _metadata_matches(self, meta: dict) -> bool:
@@ -89,13 +90,13 @@ class CppBackend:
                 and meta.get("edm_fast.dtype") == str(self.dtype).removeprefix("torch.")
                 and meta.get("edm_fast.device") == self.device.type)
 
-    def run(self, latents: torch.Tensor, churn_noise: torch.Tensor | None = None,
+    def run(self, latents: torch.Tensor, noise: torch.Tensor | None = None,
             class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Alg. 2 from x_0 = latents * t_0.
+        """Run ``plan.program`` from ``latents``.
 
-        latents: (N, *sample_shape) unit-variance noise; churn_noise: (K, N, *sample_shape) with
-        K = len(plan.churn_steps) (the k-th slice is used at the k-th step with gamma_i > 0), or
-        None when K = 0; class_labels: (N, label_dim) float, (N,) int, or None (zeros).
+        latents: (N, *sample_shape) unit-variance noise; noise: (K, N, *sample_shape) with
+        K = plan.num_noise (the k-th slice is the program's k-th injected draw), or None when
+        K = 0; class_labels: (N, label_dim) float, (N,) int, or None (zeros).
         Returns (N, *sample_shape) in the backend's dtype on its device.
         """
         latents = latents.to(self.device, self.dtype).contiguous()
@@ -104,13 +105,12 @@ class CppBackend:
         if class_labels is not None:
             labels = one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
                                     dtype=self.dtype)
-        if churn_noise is not None:
-            churn_noise = churn_noise.to(self.device, self.dtype).contiguous()
-        p = self.plan
+        if noise is not None:
+            noise = noise.to(self.device, self.dtype).contiguous()
         try:
-            return self.sampler.sample(latents, list(p.sigmas), list(p.t_hats), list(p.gammas),
-                                       p.S_noise, p.solver, churn_noise, labels, p.guidance)
-        except RuntimeError as exc:  # the loop's end check (csrc/sampler_loop.cpp), as a type
+            return self.sampler.run_program(latents, *self._program, noise, labels,
+                                            self.plan.guidance)
+        except RuntimeError as exc:  # the executor's end check, as a type
             if _NONFINITE_MESSAGE not in str(exc):
                 raise
             raise NonFiniteError(NONFINITE_SAMPLES) from None
