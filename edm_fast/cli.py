@@ -53,9 +53,10 @@ def _sigma_list(text: str) -> list[float]:
                                          f"{text!r}") from None
 
 
-def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+def _add_sampling_options(p: argparse.ArgumentParser, execution: bool = True) -> None:
     """The solver and schedule options (edm_fast.plan.SamplingPlan.build checks them), shared
-    by sample, bench and serve."""
+    by sample, bench, serve and plan; with ``execution`` also --backend, --device, --dtype and
+    --batch."""
     from .plan import SCHEDULES
     from .solvers import ODE_FAMILIES, SOLVERS, solver_help
 
@@ -100,6 +101,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-interval", type=_float_pair, default=None, metavar="LO,HI",
                    help="apply --guidance only at noise levels LO <= sigma <= HI "
                    "(Kynkaanniemi et al. 2024)")
+    if not execution:
+        return
     r = p.add_argument_group("execution")
     r.add_argument("--backend", choices=["auto", "reference", "compiled", "cpp", "onnx"],
                    default="auto", help="sampling backend; auto: the fastest that loads here "

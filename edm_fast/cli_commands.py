@@ -16,8 +16,39 @@ def add_commands(sub, formatter, add_sampling_options) -> None:
     add_export_command(sub, formatter)
     add_convert_command(sub, formatter)
     _add_bench(sub, formatter)
+    _add_plan(sub, formatter, add_sampling_options)
     add_compare_command(sub, formatter)
     add_serve_command(sub, formatter)
+
+
+def _add_plan(sub, formatter, add_sampling_options) -> None:
+    p = sub.add_parser(
+        "plan", formatter_class=formatter, help="write a sampling plan for edm_fast_sample",
+        description="Write the sampling program of a model and a set of solver options to a "
+        "text file (edm_fast.program_file), which the standalone C++ binary runs: "
+        "edm_fast_sample --model MODEL.pt2 --plan FILE. The plan takes the model's sigma range "
+        "and its rounding to trained levels (DDPM, iDDPM), as `edm-fast sample` does.")
+    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
+                   help="checkpoint, run folder or bundled model name (for its sigma range)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance weight (the binary then needs --class)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the plan file to write")
+    add_sampling_options(p, execution=False)
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args) -> int:
+    from .cli import sampling_options
+    from .models import load_denoiser
+    from .program_file import write_program_file
+    from .sampler import plan_for_model
+
+    plan = plan_for_model(load_denoiser(args.ckpt, device="cpu"), **sampling_options(args),
+                          guidance=args.guidance)
+    path = write_program_file(args.out, plan)
+    print(f"wrote {path}: {plan.solver}, {plan.num_steps} steps, {plan.num_evals} NFE, "
+          f"{plan.num_noise} noise draws per sample")
+    return 0
 
 
 def _add_bench(sub, formatter) -> None:

@@ -24,7 +24,7 @@ from .guidance import one_hot_labels
 from .noise import SeedNoise, parse_seeds
 from .plan import SamplingPlan
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "plan_for_model"]
 
 
 class Sampler:
@@ -88,13 +88,12 @@ class Sampler:
             warnings.warn("guidance mixes in the model's unconditional output, which this model "
                           "never learned (it was trained with label_dropout=0); expect worse "
                           "samples", stacklevel=2)
-        self.plan = SamplingPlan.build(
-            solver=solver, num_steps=num_steps, schedule=schedule,
-            **_sigma_range(self.denoiser, sigma_min, sigma_max), rho=rho, sigmas=sigmas,
+        self.plan = plan_for_model(
+            self.denoiser, solver=solver, num_steps=num_steps, schedule=schedule,
+            sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigmas=sigmas,
             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, order=order,
             ode=ode, alpha=alpha, variance=variance, guidance=guidance,
-            guidance_interval=guidance_interval,
-            round_sigma=getattr(self.denoiser, "round_sigma", None))
+            guidance_interval=guidance_interval)
         self.backend = self._build_backend(backend, expected_images, backend_options or {})
         self.backend_name = self.backend.name
         self.warmup_seconds = time.perf_counter() - start
@@ -205,6 +204,15 @@ class Sampler:
         out = self.backend.run(take(latents), take(draws, 1) if draws.shape[0] else None,
                                take(labels))
         return out[: hi - lo]
+
+
+def plan_for_model(denoiser, *, sigma_min: float | None = None, sigma_max: float | None = None,
+                   **options) -> SamplingPlan:
+    """The plan ``Sampler`` runs for this denoiser: the sigma range within the model's (EDM's
+    0.002 .. 80 by default), its grid rounded by the model's ``round_sigma``; ``options`` as
+    ``SamplingPlan.build`` takes them."""
+    return SamplingPlan.build(**_sigma_range(denoiser, sigma_min, sigma_max), **options,
+                              round_sigma=getattr(denoiser, "round_sigma", None))
 
 
 def _model_shape(denoiser) -> tuple[int, ...]:

@@ -396,3 +396,23 @@ def test_output_kinds_of_odd_paths(tmp_path, monkeypatch):
                                                                         "seed000001.png"]
     res = _run(["sample", "--steps", "2", "--seeds", "0", "--out", ""], cwd=tmp_path)
     assert res.returncode == 2 and "output path is empty" in res.stderr
+
+
+def test_plan_command_writes_the_plan_sample_runs(tmp_path, capsys):
+    """`edm-fast plan` writes the program Sampler builds for the same model and options (the
+    model's sigma range and rounding included), readable by program_file; a solver option the
+    solver does not read is one error line naming it."""
+    from edm_fast.cli import main
+    from edm_fast.program_file import read_program_file
+    from edm_fast.sampler import Sampler
+
+    out = tmp_path / "plan.txt"
+    assert main(["plan", "--ckpt", "default-ddpm", "--solver", "dpmpp_2m", "--steps", "7",
+                 "--guidance", "1.5", "--guidance-interval", "0.5,10", "--out", str(out)]) == 0
+    plan = read_program_file(out)
+    want = Sampler("default-ddpm", solver="dpmpp_2m", num_steps=7, guidance=1.5,
+                   guidance_interval=(0.5, 10), backend="reference", device="cpu").plan
+    assert plan.program == want.program and plan.guidance == 1.5
+    assert plan.sigmas == want.sigmas and plan.sigmas[0] != 80  # rounded to a DDPM level
+    assert main(["plan", "--solver", "heun", "--eta", "0.5", "--out", str(out)]) == 2
+    assert "eta does not apply to solver 'heun'" in capsys.readouterr().err

@@ -34,14 +34,13 @@ namespace {
 
 constexpr const char* kUsage = R"(usage: edm_fast_sample --model PATH --plan FILE [options]
 
-Sample images from an exported denoiser with a sampling plan written from Python:
-  python -c 'from edm_fast.plan import SamplingPlan; from edm_fast.program_file import \
-             write_program_file; write_program_file("plan.txt", SamplingPlan.build())'
-The plan file holds the sampling program (noise levels, solver, injected noise) and the
+Sample images from an exported denoiser with a sampling plan written by
+  edm-fast plan --ckpt CHECKPOINT --solver dpmpp_2m --steps 10 --out plan.txt
+(or from Python: edm_fast.program_file.write_program_file). The plan file holds the sampling program (noise levels, solver, injected noise) and the
 guidance weight; this binary draws the noise per seed and runs the program.
 
   --model PATH         .pt2 from edm_fast.export.export_aoti, or a TorchScript file
-  --plan FILE          program file from edm_fast.program_file.write_program_file
+  --plan FILE          program file from `edm-fast plan` (edm_fast.program_file)
   --kind K             auto | aoti | torchscript                       [auto: by suffix]
   --seeds LIST         e.g. 0-7 or 1,5,9 or 0-3,10 (one image per seed)  [0-7]
   --batch B            images per denoiser batch (results do not depend on it)
@@ -84,7 +83,7 @@ Options parse_args(int argc, char** argv) {
   }
   TORCH_CHECK(opts.count("model"), "--model PATH is required (see --help)");
   TORCH_CHECK(opts.count("plan"), "--plan FILE is required: write it with "
-              "edm_fast.program_file.write_program_file (see --help)");
+              "`edm-fast plan --ckpt CHECKPOINT --out FILE` (see --help)");
   return opts;
 }
 
@@ -215,7 +214,7 @@ edm_fast::ProgramArrays read_program_file(const std::string& path,
                                           std::optional<double>& guidance) {
   std::ifstream in(path);
   TORCH_CHECK(in.good(), "--plan '", path, "' does not exist or cannot be read; write it with "
-              "edm_fast.program_file.write_program_file");
+              "`edm-fast plan --ckpt CHECKPOINT --out FILE`");
   edm_fast::ProgramArrays program;
   program.term_start.push_back(0);
   std::map<std::string, std::string> header;
