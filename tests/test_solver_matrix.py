@@ -108,9 +108,10 @@ def run(backend_cls, den, plan, shape, dtype, **options):
     noise = SeedNoise(range(100, 100 + batch), shape[1:])
     latents, draws = noise.draw(), noise.draw_many(plan.num_noise)
     labels = nn.functional.one_hot(torch.arange(batch) % LABEL_DIM, LABEL_DIM).float()
-    be = backend_cls(den, plan, shape, dtype=dtype, device=options.pop("device", "cpu"),
-                     label_dim=LABEL_DIM, **options)
-    return be.run(latents, draws if plan.num_noise else None, labels.to(dtype)).cpu()
+    device = torch.device(options.pop("device", "cpu"))
+    be = backend_cls(den, plan, shape, dtype=dtype, device=device, label_dim=LABEL_DIM, **options)
+    return be.run(latents.to(device), draws.to(device) if plan.num_noise else None,
+                  labels.to(device, dtype)).cpu()
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +131,15 @@ def references():
     return get
 
 
-def check(fast, ref64, ref32, shape):
-    assert fast.dtype == torch.float32 and fast.shape == shape
+def check_backend(references, case, backend_cls, device="cpu", **options):
+    """The backend's float32 samples for ``case`` against its float64 reference (the rule of
+    the module docstring)."""
+    name, solver, opts, batch, image, guidance, interval = case
+    ref64, ref32 = references(*case)
+    plan = build_plan(solver, opts, guidance, interval)
+    fast = run(backend_cls, make_denoiser(image[0]).to(device), plan, (batch, *image),
+               torch.float32, device=device, **options)
+    assert fast.dtype == torch.float32 and fast.shape == (batch, *image)
     bound = max(1e-5, 4 * rel_err(ref32, ref64))
     assert rel_err(fast, ref64) <= bound, (rel_err(fast, ref64), bound)
 
@@ -149,11 +157,8 @@ def test_reference_float32_is_close_to_float64(references, name, solver, opts, b
 def test_compiled_executor_matches_reference(references, name, solver, opts, batch, image,
                                              guidance, interval, no_tf32):
     """The compiled backend's executor (eager net, torch step arithmetic) on every solver."""
-    ref64, ref32 = references(name, solver, opts, batch, image, guidance, interval)
-    plan = build_plan(solver, opts, guidance, interval)
-    fast = run(CompiledBackend, make_denoiser(image[0]), plan, (batch, *image), torch.float32,
-               compile=False, step_impl="torch")
-    check(fast, ref64, ref32, (batch, *image))
+    check_backend(references, (name, solver, opts, batch, image, guidance, interval),
+                  CompiledBackend, compile=False, step_impl="torch")
 
 
 def triton_case(case):
@@ -172,11 +177,8 @@ def test_compiled_triton_lincomb_matches_reference(references, name, solver, opt
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not triton_available(device):
         pytest.skip("Triton is not available here")
-    ref64, ref32 = references(name, solver, opts, batch, image, guidance, interval)
-    plan = build_plan(solver, opts, guidance, interval)
-    fast = run(CompiledBackend, make_denoiser(image[0]).to(device), plan, (batch, *image),
-               torch.float32, device=device, compile=False, step_impl="triton")
-    check(fast, ref64, ref32, (batch, *image))
+    check_backend(references, (name, solver, opts, batch, image, guidance, interval),
+                  CompiledBackend, device=device, compile=False, step_impl="triton")
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +195,8 @@ def test_onnx_executor_matches_reference(references, onnx_models, name, solver, 
                                          image, guidance, interval):
     from edm_fast.backends.onnx import OnnxBackend
 
-    ref64, ref32 = references(name, solver, opts, batch, image, guidance, interval)
-    plan = build_plan(solver, opts, guidance, interval)
-    fast = run(OnnxBackend, make_denoiser(image[0]), plan, (batch, *image), torch.float32,
-               model_path=onnx_models(image), reuse_model=True)
-    check(fast, ref64, ref32, (batch, *image))
+    check_backend(references, (name, solver, opts, batch, image, guidance, interval),
+                  OnnxBackend, model_path=onnx_models(image), reuse_model=True)
 
 
 def inductor_case(case):
@@ -210,11 +209,8 @@ def inductor_case(case):
 def test_compiled_inductor_matches_reference(references, name, solver, opts, batch, image,
                                              guidance, interval, no_tf32):
     """torch.compile (Inductor's C++ backend on the CPU) on a representative subset."""
-    ref64, ref32 = references(name, solver, opts, batch, image, guidance, interval)
-    plan = build_plan(solver, opts, guidance, interval)
-    fast = run(CompiledBackend, make_denoiser(image[0]), plan, (batch, *image), torch.float32,
-               compile=True, step_impl="torch")
-    check(fast, ref64, ref32, (batch, *image))
+    check_backend(references, (name, solver, opts, batch, image, guidance, interval),
+                  CompiledBackend, compile=True, step_impl="torch")
 
 
 @pytest.mark.parametrize("backend, options", [
