@@ -109,7 +109,7 @@ BAD_INVOCATIONS = {
     "repeated seed": (["sample", "--seeds", "0-3,2"], "seed(s) 2 more than once"),
     "sigma_min 0": (["sample", "--sigma-min", "0"], "sigma_min (--sigma-min) must be a positive"),
     "toy on onnx": (["sample", "--model", "toy-gmm", "--backend", "onnx", "--out",
-                     "{tmp}/t.png"], "needs a network with EDM preconditioning"),
+                     "{tmp}/t.png"], "needs a denoiser with its preconditioning"),
     "corrupt pkl": (["sample", "--ckpt", "{tmp}/g.pkl"], "not a readable pickle snapshot"),
     "opset": (["export", "--opset", "5", "--out", "{tmp}/m.onnx"], "opset must be in 13..21"),
     "convert onto itself": (["convert", "{tmp}/m.safetensors", "--out", "{tmp}/m.safetensors"],
