@@ -34,11 +34,11 @@ import types
 import torch
 
 from .backends import available_backends
-from .plan import SamplingPlan
 from .device import synchronize
 from .noise import SeedNoise
+from .plan import SamplingPlan
 from .precond import Denoiser, EDMPrecond
-from .sampler import Sampler, _model_shape, _sigma_range
+from .sampler import Sampler, _model_shape, plan_for_model
 
 __all__ = ["bench_model", "bench_model_names", "benchmark_case", "check_bench_model",
            "format_table", "load_k_diffusion_sampling", "measure_sampler",
@@ -282,8 +282,7 @@ def sampler_plan(den, steps: int) -> SamplingPlan:
     """The plan ``Sampler(den, num_steps=steps)`` builds: EDM's grid within the model's sigma
     range, rounded to a discrete-time net's levels (as NVlabs' edm_sampler also does), so the
     outside samplers run exactly our grid."""
-    return SamplingPlan.build(num_steps=steps, **_sigma_range(den, None, None),
-                              round_sigma=getattr(den, "round_sigma", None))
+    return plan_for_model(den, num_steps=steps)
 
 
 def measure_sampler(model_name: str, batch: int, sampler: str, *, device, steps: int = 18,

@@ -38,7 +38,7 @@ def _add_plan(sub, formatter, add_sampling_options) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from .cli import sampling_options
+    from .cli_sampling import sampling_options
     from .models import load_denoiser
     from .program_file import write_program_file
     from .sampler import plan_for_model

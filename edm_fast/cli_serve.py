@@ -14,7 +14,7 @@ __all__ = ["add_serve_command"]
 
 def add_serve_command(sub, formatter) -> None:
     """Register ``serve`` on the subparsers ``sub`` (Algorithm 2's options shared with sample)."""
-    from .cli import _add_sampling_options
+    from .cli_sampling import add_sampling_options
 
     p = sub.add_parser(
         "serve", formatter_class=formatter, conflict_handler="resolve",
@@ -29,7 +29,7 @@ def add_serve_command(sub, formatter) -> None:
                    "toy-gmm1d")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight for every request (1 = conditional)")
-    _add_sampling_options(p)
+    add_sampling_options(p)
 
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
@@ -84,7 +84,7 @@ def build_server(args):
     option out of range."""
     import torch
 
-    from .cli import sampling_options
+    from .cli_sampling import sampling_options
     from .serve import InferenceServer, make_sampler_factory
 
     _check_options(args)

@@ -28,7 +28,8 @@ __all__ = ["Sampler", "plan_for_model"]
 
 
 class Sampler:
-    """EDM sampling (Alg. 2) of one denoiser at a fixed batch size, shape and dtype.
+    """Sampling of one denoiser with one solver (EDM Alg. 2 by default) at a fixed batch size,
+    shape and dtype.
 
     Args:
         model: a denoiser module D(x, sigma, class_labels), or a checkpoint path / model name

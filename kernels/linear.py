@@ -23,9 +23,19 @@ import numbers
 
 import torch
 
-from ._common import (HAS_TRITON, NAMESPACE, _check_device, _check_float_tensor,
-                      _is_sample_major, _same_layout, check_outs, compute_dtype, finish,
-                      launch_flat, require_triton)
+from ._common import (
+    HAS_TRITON,
+    NAMESPACE,
+    _check_device,
+    _check_float_tensor,
+    _is_sample_major,
+    _same_layout,
+    check_outs,
+    compute_dtype,
+    finish,
+    launch_flat,
+    require_triton,
+)
 
 if HAS_TRITON:
     import triton

@@ -21,8 +21,8 @@ import torch
 from .. import ops
 from ..export import export_aoti, export_torchscript, read_metadata
 from ..guidance import one_hot_labels
-from ..samplers import NONFINITE_SAMPLES, NonFiniteError
 from ..plan import SamplingPlan
+from ..samplers import NONFINITE_SAMPLES, NonFiniteError
 
 __all__ = ["CppBackend"]
 
