@@ -601,7 +601,9 @@ def test_standalone_binary_matches_python(models, standalone_binary, tmp_path, d
     assert bad.returncode == 1 and "op 1 reads register 1 before it is written" in bad.stderr
     help_text = subprocess.run([standalone_binary, "--help"], capture_output=True, text=True,
                                check=True).stdout
-    assert "--plan FILE" in help_text and "--steps" not in help_text
+    options = [line.split()[0] for line in help_text.splitlines() if line.startswith("  --")]
+    assert "--plan" in options and "--steps" not in options  # the plan file holds the steps
+    assert "edm-fast plan" in help_text  # how to write one
 
 
 @needs_cpp
