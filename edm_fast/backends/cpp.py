@@ -9,7 +9,6 @@ one batch of 2N at the evaluations the program flags guided.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from ..export import export_aoti, export_torchscript, read_metadata
 from ..guidance import one_hot_labels
 from ..plan import SamplingPlan
 from ..samplers import NONFINITE_SAMPLES, NonFiniteError
+from .executor import unwrap_guided
 
 __all__ = ["CppBackend"]
 
@@ -56,11 +56,7 @@ class CppBackend:
         ops.require_cpp()
         if kind not in _SUFFIX:
             raise ValueError(f"kind must be 'aoti' or 'torchscript', got {kind!r}")
-        inner = getattr(denoiser, "denoiser", None)
-        if inner is not None and hasattr(denoiser, "guidance"):  # GuidedDenoiser
-            if plan.guidance is None:
-                plan = dataclasses.replace(plan, guidance=float(denoiser.guidance))
-            denoiser = inner
+        denoiser, plan = unwrap_guided(denoiser, plan)
         self.plan = plan
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
