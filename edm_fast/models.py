@@ -68,9 +68,14 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
             raise FileNotFoundError(f"no model or checkpoint at {spec_str!r}; use a path or one "
                                     f"of {', '.join(MODEL_NAMES)}")
     if exported_format(path):
+        from .exported import LOADABLE_SUFFIXES, ExportedDenoiser
+
+        if path.suffix.lower() in LOADABLE_SUFFIXES:  # AOTInductor / TorchScript: D itself
+            return ExportedDenoiser(path)
         raise ValueError(f"{path} is an exported model ({exported_format(path)}), "
                          "for deployment (ONNX Runtime, the C++ tool edm_fast_sample); sample "
-                         "with the .safetensors checkpoint it was exported from")
+                         "with the .safetensors checkpoint it was exported from, or an "
+                         "AOTInductor (.pt2) or TorchScript (.ts) export")
     if path.suffix in (".pkl", ".pt"):  # official snapshot / training-state archive
         from .checkpoints import load_official
 

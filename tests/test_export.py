@@ -296,3 +296,54 @@ def test_interrupted_export_leaves_the_old_file_and_no_partial_one(tmp_path, mon
             onnx_export.export_onnx(make_denoiser(), path, sample_shape=(DIM,), check=False)
     assert path.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# ------------------------------------------------------------------------------------------
+# Exported files loaded back into Python (edm_fast.exported).
+
+def test_exported_aoti_package_samples_from_python_and_in_cpp(aoti_package, aoti_device):
+    """A .pt2 loads as a denoiser in NVlabs' form: the Python executor samples with it what the
+    original module gives (any solver, guided), and the cpp backend runs the same file without
+    exporting it again."""
+    from edm_fast.exported import ExportedDenoiser
+    from edm_fast.models import load_denoiser
+    from edm_fast.sampler import Sampler
+
+    loaded = load_denoiser(aoti_package)
+    assert isinstance(loaded, ExportedDenoiser) and loaded.sample_shape == (DIM,)
+    assert loaded.label_dim == LABEL_DIM and loaded.kind == "aoti"
+    opts = {"batch_size": 3, "solver": "unipc", "num_steps": 6, "guidance": 1.5,
+            "device": aoti_device}
+    want = Sampler(make_denoiser(device=aoti_device), backend="reference", **opts)(
+        seeds=[4, 5, 6], class_labels=[0, 1, 2])
+    got = Sampler(loaded, backend="reference", **opts)(seeds=[4, 5, 6], class_labels=[0, 1, 2])
+    assert rel_err(got, want) < 1e-5  # Inductor's kernels against eager float32
+    if ops.cpp_available():
+        cpp = Sampler(loaded, backend="cpp", **opts)
+        assert cpp.backend.model_path == aoti_package  # the file itself, not a new export
+        assert rel_err(cpp(seeds=[4, 5, 6], class_labels=[0, 1, 2]), got) < 1e-6
+
+
+def test_exported_torchscript_keeps_the_discrete_levels(tmp_path):
+    """A TorchScript export of a DDPM-preconditioned net rounds sigma to the same trained
+    levels (round_sigma from its metadata), so its plan is the original's; a static batch is
+    refused by name, and a file without edm_fast metadata is refused."""
+    from edm_fast.exported import ExportedDenoiser
+    from edm_fast.precond import DDPMPrecond
+    from edm_fast.sampler import Sampler
+
+    den = make_denoiser(precond=DDPMPrecond())
+    path = export_torchscript(den, (2, DIM), path=tmp_path / "ddpm.ts")
+    loaded = ExportedDenoiser(path)
+    opts = {"shape": (DIM,), "batch_size": 2, "solver": "dpmpp_2m", "num_steps": 8,
+            "backend": "reference", "device": "cpu"}
+    original, exported = Sampler(den, **opts), Sampler(loaded, **opts)
+    assert exported.plan.sigmas == original.plan.sigmas != Sampler(  # rounded levels
+        make_denoiser(), **opts).plan.sigmas
+    assert rel_err(exported(seeds=[1, 2]), original(seeds=[1, 2])) < 1e-6
+    loaded.static_batch = 2
+    with pytest.raises(ValueError, match="static batch of 2"):
+        loaded(torch.zeros(3, DIM), torch.ones(3))
+    (tmp_path / "plain.ts").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
+    with pytest.raises(ValueError, match="no edm_fast metadata"):
+        ExportedDenoiser(tmp_path / "plain.ts")

@@ -71,6 +71,17 @@ class CppBackend:
         self.model_path = os.fspath(model_path)
 
         start = time.perf_counter()
+        from ..exported import ExportedDenoiser
+
+        if isinstance(denoiser, ExportedDenoiser):  # already a file the C++ runner loads
+            if denoiser.export_device.type != self.device.type:
+                raise ValueError(f"{denoiser.path} was exported for {denoiser.export_device}, "
+                                 f"not {self.device}")
+            self.model_path, self.kind = denoiser.path, denoiser.kind
+            self.sampler = ops.load_sampler(self.model_path, kind=self.kind, device=self.device)
+            self._program = ops.program_args(plan.program)
+            self.warmup_seconds = time.perf_counter() - start
+            return
         if not (reuse_model and os.path.exists(self.model_path)
                 and self._metadata_matches(read_metadata(self.model_path))):
             export = export_aoti if kind == "aoti" else export_torchscript
