@@ -149,7 +149,7 @@ def cmd_sample(args) -> int:
             chunks.append(images)
     path = Path(out)
     if not per_seed_files:
-        title = f"{args.ckpt}: {len(seeds)} samples, {args.steps} {args.solver} steps"
+        title = f"{args.ckpt}: {len(seeds)} samples, {args.num_steps} {args.solver} steps"
         path = save_samples(torch.cat(chunks), out, seeds=seeds, labels=labels,
                             mixture=model_mixture(args.ckpt), title=title)
     if rank == 0:
@@ -187,7 +187,7 @@ def _resume_hint(args, exc: KeyboardInterrupt) -> str:
 
 
 # Library parameters whose option has another name (dest); the others are named as their dest.
-_PARAMETER_DESTS = {"num_steps": "steps", "default_steps": "steps", "batch_size": "batch"}
+_PARAMETER_DESTS = {"default_steps": "num_steps", "batch_size": "batch"}
 
 
 def _name_options(message: str, parser: argparse.ArgumentParser, command: str) -> str:

@@ -9,13 +9,9 @@ import argparse
 __all__ = ["add_sampling_options", "sampling_options"]
 
 
-def _float_or_inf(text: str) -> float:
-    return float("inf") if text.lower() in ("inf", "infinity") else float(text)
-
-
 def _float_pair(text: str) -> tuple[float, float]:
     try:
-        lo, hi = (_float_or_inf(v) for v in text.split(","))
+        lo, hi = (float(v) for v in text.split(","))  # 'inf' reads as infinity
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI (two noise levels), got {text!r}") \
             from None
@@ -31,53 +27,31 @@ def _sigma_list(text: str) -> list[float]:
 
 
 def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True) -> None:
-    """The solver and schedule options (edm_fast.plan.SamplingPlan.build checks them), shared
-    by sample, bench, serve and plan; with ``execution`` also --backend, --device, --dtype and
-    --batch."""
-    from .plan import SCHEDULES
-    from .solvers import ODE_FAMILIES, SOLVERS, solver_help
+    """The options of ``edm_fast.plan.SamplingOptions`` (generated from its fields; guidance is
+    left to each command, whose help differs), shared by sample, serve and plan; with
+    ``execution`` also --backend, --device, --dtype and --batch."""
+    from dataclasses import MISSING, fields
 
+    from .plan import SamplingOptions
+    from .solvers import solver_help
+
+    parsers = {"floats": _sigma_list, "float_pair": _float_pair}
     g = p.add_argument_group("sampler", "solvers (NFE per step, whether noise is injected):\n"
                              + solver_help())
-    g.add_argument("--steps", type=int, default=18, metavar="N",
-                   help="number of sampling steps N (heun: 2N-1 network evaluations, the "
-                   "other solvers N)")
-    g.add_argument("--solver", choices=list(SOLVERS), default="heun",
-                   help="the sampling method (listed above)")
-    g.add_argument("--schedule", choices=SCHEDULES, default="edm",
-                   help="noise levels: edm (Eq. 5, --rho), logsnr (uniform in log sigma), or "
-                   "the grids of vp, ve, iddpm, ddpm (EDM Table 1)")
-    g.add_argument("--sigmas", type=_sigma_list, default=None, metavar="S0,S1,..",
-                   help="an explicit decreasing grid of noise levels (replaces --schedule)")
-    g.add_argument("--sigma-min", type=float, default=None, metavar="S",
-                   help="lowest noise level (default: 0.002, raised to the model's lowest)")
-    g.add_argument("--sigma-max", type=float, default=None, metavar="S",
-                   help="highest noise level (default: 80, lowered to the model's highest)")
-    g.add_argument("--rho", type=float, default=7.0, help="schedule exponent rho (Eq. 5)")
-    g.add_argument("--S-churn", type=float, default=0.0, dest="S_churn",
-                   help="euler/heun stochasticity (Alg. 2); 0 = deterministic Algorithm 1")
-    g.add_argument("--S-min", type=float, default=0.0, dest="S_min",
-                   help="churn only where sigma >= S_min")
-    g.add_argument("--S-max", type=_float_or_inf, default=float("inf"), dest="S_max",
-                   help="churn only where sigma <= S_max")
-    g.add_argument("--S-noise", type=float, default=1.0, dest="S_noise",
-                   help="noise inflation of the churn or ancestral step")
-    g.add_argument("--ode", choices=list(ODE_FAMILIES), default="edm",
-                   help="euler/heun: the sigma(t), s(t) pair of EDM Table 1 that Alg. 1 "
-                   "integrates (vp, ve: NVlabs' --schedule/--scaling pairs)")
-    g.add_argument("--alpha", type=float, default=1.0,
-                   help="heun: the second-order step's parameter (App. D.2; 1 = Heun, "
-                   "0.5 = midpoint)")
-    g.add_argument("--eta", type=float, default=None,
-                   help="ddim, euler_ancestral, dpmpp_*_sde: noise amount (0 = the ODE form; "
-                   "default: ddim 0, the others 1)")
-    g.add_argument("--order", type=int, default=None,
-                   help="unipc (<= 3, default 3), ipndm and lms (<= 4, default 4)")
-    g.add_argument("--variance", choices=["beta", "beta_tilde"], default="beta",
-                   help="ddpm: the posterior variance of Ho et al. (beta or beta-tilde)")
-    g.add_argument("--guidance-interval", type=_float_pair, default=None, metavar="LO,HI",
-                   help="apply --guidance only at noise levels LO <= sigma <= HI "
-                   "(Kynkaanniemi et al. 2024)")
+    for f in fields(SamplingOptions):
+        if f.name == "guidance":
+            continue
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kind = {"int": int, "int | None": int, "str": str}.get(str(f.type), float)
+        kwargs = {"default": f.default if f.default is not MISSING else None,
+                  "help": meta["help"], "dest": f.name,
+                  "type": parsers[meta["parse"]] if meta["parse"] else kind}
+        if meta["choices"]:
+            kwargs["choices"] = list(meta["choices"])
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        g.add_argument(flag, **kwargs)
     if not execution:
         return
     r = p.add_argument_group("execution")
@@ -92,10 +66,10 @@ def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True) -> 
 
 
 def sampling_options(args) -> dict:
-    """The Sampler keyword arguments of the options ``_add_sampling_options`` added."""
-    return {"solver": args.solver, "num_steps": args.steps, "schedule": args.schedule,
-            "sigmas": args.sigmas, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
-            "rho": args.rho, "S_churn": args.S_churn, "S_min": args.S_min, "S_max": args.S_max,
-            "S_noise": args.S_noise, "ode": args.ode, "alpha": args.alpha, "eta": args.eta,
-            "order": args.order, "variance": args.variance,
-            "guidance_interval": args.guidance_interval}
+    """The Sampler keyword arguments of the options ``add_sampling_options`` added (every field
+    of SamplingOptions but guidance, which each command reads itself)."""
+    from dataclasses import fields
+
+    from .plan import SamplingOptions
+
+    return {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if f.name != "guidance"}

@@ -96,7 +96,7 @@ def build_server(args):
     return InferenceServer(
         factory, host=args.host, port=args.port, max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_seeds=args.max_seeds,
-        request_timeout_s=args.request_timeout_s, default_steps=args.steps,
+        request_timeout_s=args.request_timeout_s, default_steps=args.num_steps,
         batch_sizes=_batch_sizes(args.batch_sizes), max_samplers=args.max_samplers,
         max_queue=args.max_queue)
 

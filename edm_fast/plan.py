@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -21,7 +21,7 @@ from .samplers import check_churn_options, round_positive_sigmas
 from .schedules import edm_sigmas, get_sigmas, validate_sigmas
 from .solvers import ODE_FAMILIES, SOLVERS, plan_solver
 
-__all__ = ["SamplingPlan", "SCHEDULES", "logsnr_sigmas"]
+__all__ = ["SamplingOptions", "SamplingPlan", "SCHEDULES", "logsnr_sigmas"]
 
 SCHEDULES = ("edm", "logsnr", "vp", "ve", "iddpm", "ddpm")
 _DEFAULT_ETA = {"dpmpp_2m_sde": 1.0, "dpmpp_3m_sde": 1.0, "euler_ancestral": 1.0, "ddim": 0.0}
@@ -62,6 +62,59 @@ def _check_number(name: str, value, low: float, *, inclusive: bool = True) -> fl
     return float(value)
 
 
+def _option(default, help: str, *, flag: str | None = None, metavar: str | None = None,
+            choices=None, parse: str | None = None):
+    """A field of SamplingOptions with what the CLI needs to offer it (``parse``: how a
+    command-line string becomes the value: 'floats' a comma list, 'float_pair' LO,HI)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar,
+                                            "choices": choices, "parse": parse})
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Every option of a sampling run, declared once: ``SamplingPlan.build`` takes them (and
+    checks them), ``Sampler`` passes them on, and the CLI's options are generated from these
+    fields (their flag, help and choices). None means the solver's or the model's default."""
+
+    solver: str = _option("heun", "the sampling method (listed above)", choices=tuple(SOLVERS))
+    num_steps: int = _option(18, "number of sampling steps N (heun: 2N-1 network evaluations, "
+                             "the other solvers N)", flag="--steps", metavar="N")
+    schedule: str = _option("edm", "noise levels: edm (Eq. 5, --rho), logsnr (uniform in log "
+                            "sigma), or the grids of vp, ve, iddpm, ddpm (EDM Table 1)",
+                            choices=SCHEDULES)
+    sigmas: tuple[float, ...] | None = _option(
+        None, "an explicit decreasing grid of noise levels (replaces --schedule)",
+        metavar="S0,S1,..", parse="floats")
+    sigma_min: float | None = _option(None, "lowest noise level (default: 0.002, raised to the "
+                                      "model's lowest)", metavar="S")
+    sigma_max: float | None = _option(None, "highest noise level (default: 80, lowered to the "
+                                      "model's highest)", metavar="S")
+    rho: float = _option(7.0, "schedule exponent rho (Eq. 5)")
+    S_churn: float = _option(0.0, "euler/heun stochasticity (Alg. 2); 0 = deterministic "
+                             "Algorithm 1")
+    S_min: float = _option(0.0, "churn only where sigma >= S_min")
+    S_max: float = _option(math.inf, "churn only where sigma <= S_max")
+    S_noise: float = _option(1.0, "noise inflation of the churn or ancestral step")
+    ode: str = _option("edm", "euler/heun: the sigma(t), s(t) pair of EDM Table 1 that Alg. 1 "
+                       "integrates (vp, ve: NVlabs' --schedule/--scaling pairs)",
+                       choices=tuple(ODE_FAMILIES))
+    alpha: float = _option(1.0, "heun: the second-order step's parameter (App. D.2; 1 = Heun, "
+                           "0.5 = midpoint)")
+    eta: float | None = _option(None, "ddim, euler_ancestral, dpmpp_*_sde: noise amount (0 = "
+                                "the ODE form; default: ddim 0, the others 1)")
+    order: int | None = _option(None, "unipc (<= 3, default 3), ipndm and lms (<= 4, default 4)")
+    variance: str = _option("beta", "ddpm: the posterior variance of Ho et al. (beta or "
+                            "beta-tilde)", choices=("beta", "beta_tilde"))
+    guidance: float | None = _option(None, "classifier-free guidance weight w in D_u + w (D_c "
+                                     "- D_u) (1: conditional only)", metavar="W")
+    guidance_interval: tuple[float, float] | None = _option(
+        None, "apply --guidance only at noise levels LO <= sigma <= HI (Kynkaanniemi et al. "
+        "2024)", metavar="LO,HI", parse="float_pair")
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """One sampling run, planned: its options, the (rounded) grid and the program."""
@@ -88,13 +141,16 @@ class SamplingPlan:
 
     @classmethod
     def build(cls, *, solver: str = "heun", num_steps: int = 18, schedule: str = "edm",
-              sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+              sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
               sigmas=None, S_churn: float = 0.0, S_min: float = 0.0,
               S_max: float = float("inf"), S_noise: float = 1.0, eta: float | None = None,
               order: int | None = None, ode: str = "edm", alpha: float = 1.0,
               variance: str = "beta", guidance: float | None = None,
               guidance_interval=None, round_sigma=None) -> "SamplingPlan":
-        """Check every option once (errors name it) and plan the run."""
+        """Check every option once (errors name it) and plan the run. The sigma range
+        defaults to EDM's 0.002 .. 80 (``Sampler`` passes the model's)."""
+        sigma_min = 0.002 if sigma_min is None else sigma_min
+        sigma_max = 80.0 if sigma_max is None else sigma_max
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         reads = SOLVERS[solver].options

@@ -757,3 +757,29 @@ def test_build_accepts_what_each_solver_reads():
     for schedule in ("edm", "logsnr", "vp", "ve", "iddpm", "ddpm"):
         plan = SamplingPlan.build(solver="dpmpp_2m", num_steps=6, schedule=schedule)
         assert plan.num_steps == 6 and plan.sigmas[-1] == 0.0, schedule
+
+
+def test_sampling_options_are_declared_once():
+    """SamplingOptions is the one list of sampling options: SamplingPlan.build and Sampler take
+    exactly its fields (build also takes the model's round_sigma), with the same defaults, and
+    `edm-fast sample` offers each (but guidance, which each command words itself) with that
+    default."""
+    import inspect
+    from dataclasses import fields
+
+    from edm_fast.cli import build_parser
+    from edm_fast.plan import SamplingOptions
+    from edm_fast.sampler import Sampler
+
+    declared = {f.name: f.default for f in fields(SamplingOptions)}
+    build = {k: p.default for k, p in inspect.signature(SamplingPlan.build).parameters.items()
+             if k != "round_sigma"}
+    assert build == declared
+    sampler = inspect.signature(Sampler).parameters
+    assert {k: sampler[k].default for k in declared} == declared
+    args = build_parser().parse_args(["sample"])
+    for name, default in declared.items():
+        if name != "guidance":
+            assert getattr(args, name) == default, name
+    assert build_parser().parse_args(["sample", "--guidance-interval", "0.5,inf",
+                                      "--sigmas", "80,1,0"]).guidance_interval == (0.5, math.inf)
