@@ -24,8 +24,10 @@ import math
 import os
 import struct
 import warnings
+import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import BadFileError
 from .toy import bimodal_mixture_1d, ring_mixture_2d
 
 __all__ = [
@@ -156,38 +159,130 @@ def load_digits(resolution: int = 16, *, pad_to: int | None = None,
 # MNIST from its IDX files (http://yann.lecun.com/exdb/mnist/ format).
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_MAX_BYTES = 1 << 31  # 2 GiB of data per IDX file (MNIST's largest file holds 47 MB)
+MNIST_MAX_SIDE = 4096    # pixels per image side in an IDX images file (MNIST: 28)
+MNIST_MAX_CLASSES = 10_000
 
 
-def read_idx(path, *, ndim: int | None = None) -> np.ndarray:
-    """Parse one IDX file (plain or gzip) into an array of its header's dims; clear errors."""
+def _read_up_to(f, limit: int, path: Path) -> bytearray:
+    """At most `limit` bytes from f, in chunks, so memory grows with the data actually there (a
+    gzip header announcing terabytes costs only what its stream really holds)."""
+    buf = bytearray()
+    try:
+        while len(buf) < limit:
+            chunk = f.read(min(1 << 24, limit - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+    except (OSError, EOFError, zlib.error) as e:
+        raise BadFileError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    return buf
+
+
+def read_idx(path, *, ndim: int | None = None, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
+    """Parse one IDX file (plain or gzip) into an array of its header's dims; clear errors.
+
+    The header is checked before the data are read: the declared dims x item size must equal the
+    bytes after the header (for a plain file: its length on disk) and be at most `max_bytes`.
+    Every refusal raises ``BadFileError`` naming the file.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-    if len(raw) < 4:
-        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
-    zero, code, n_dims = struct.unpack(">HBB", raw[:4])
+        with open(path, "rb") as plain:
+            is_gz = plain.read(2) == b"\x1f\x8b"
+            plain.seek(0)
+            size_on_disk = os.fstat(plain.fileno()).st_size
+            with gzip.GzipFile(fileobj=plain) if is_gz else nullcontext(plain) as f:
+                dims, dtype, payload = _read_idx_parts(f, path, ndim, max_bytes,
+                                                       None if is_gz else size_on_disk)
+    except OSError as e:  # reading errors are BadFileErrors already: this is open() failing
+        raise BadFileError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    arr = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+def _read_idx_parts(f, path: Path, ndim: int | None, max_bytes: int, size_on_disk: int | None):
+    """(dims, dtype, payload) of an open IDX stream, the header checked before the payload is
+    read; size_on_disk (None for gzip) is the file's length, checked against the header."""
+    head = _read_up_to(f, 4, path)
+    if len(head) < 4:
+        raise BadFileError(f"{path}: truncated IDX file ({len(head)} bytes, no header)")
+    zero, code, n_dims = struct.unpack(">HBB", head)
     if zero != 0 or code not in _IDX_DTYPES or n_dims == 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number 0x{raw[:4].hex()}; "
-                         f"expected 0x0000 then a type code in {sorted(_IDX_DTYPES)} and ndim)")
+        raise BadFileError(f"{path}: not an IDX file (bad magic number 0x{head.hex()}; "
+                           f"expected 0x0000 then a type code in {sorted(_IDX_DTYPES)} and ndim)")
     if ndim is not None and n_dims != ndim:
-        raise ValueError(f"{path}: IDX file has {n_dims} dimensions, expected {ndim} "
-                         f"(magic 0x{raw[:4].hex()})")
-    header = 4 + 4 * n_dims
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{n_dims}I", raw[4:header])
+        raise BadFileError(f"{path}: IDX file has {n_dims} dimensions, expected {ndim} "
+                           f"(magic 0x{head.hex()})")
+    raw_dims = _read_up_to(f, 4 * n_dims, path)
+    if len(raw_dims) < 4 * n_dims:
+        raise BadFileError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{n_dims}I", raw_dims)
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = math.prod(dims) * dtype.itemsize
-    if len(raw) - header != expected:
-        what = "truncated" if len(raw) - header < expected else "has trailing bytes"
-        raise ValueError(f"{path}: {what}: header says dims {dims} = {expected} data bytes, "
-                         f"file has {len(raw) - header}")
-    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+    if expected > max_bytes:
+        raise BadFileError(f"{path}: header declares dims {dims} = {expected} data bytes, more "
+                           f"than the limit of {max_bytes} (max_bytes)")
+    got = None if size_on_disk is None else size_on_disk - 4 - 4 * n_dims
+    if got is None:  # gzip: read at most one byte past the declared data
+        payload = _read_up_to(f, expected + 1, path)
+        got = len(payload) if len(payload) <= expected else f"more than {expected}"
+    if got != expected:
+        what = "truncated" if isinstance(got, int) and got < expected else "has trailing bytes"
+        raise BadFileError(f"{path}: {what}: header says dims {dims} = {expected} data bytes, "
+                           f"file has {got}")
+    if size_on_disk is not None:
+        payload = _read_up_to(f, expected, path)
+        if len(payload) != expected:  # the file shrank while being read
+            raise BadFileError(f"{path}: truncated: header says dims {dims} = {expected} data "
+                               f"bytes, read {len(payload)}")
+    return dims, dtype, payload
+
+
+def _check_mnist_images(img: np.ndarray, path: Path) -> np.ndarray:
+    """IDX images -> uint8; refuses huge sides, non-finite or out-of-range (0..255) values."""
+    if max(img.shape[1:]) > MNIST_MAX_SIDE:
+        raise BadFileError(f"{path}: images of {img.shape[1]}x{img.shape[2]} pixels; at most "
+                           f"{MNIST_MAX_SIDE} per side")
+    if img.dtype.kind == "f":
+        bad = ~np.isfinite(img)
+        if bad.any():
+            first = int(np.flatnonzero(bad.reshape(len(img), -1).any(1))[0])
+            raise BadFileError(f"{path}: {int(bad.sum())} pixel values are NaN or infinite "
+                               f"(first in image {first}); pixels must be finite 0..255")
+    if img.dtype == np.uint8:
+        return img
+    if img.size and (img.min() < 0 or img.max() > 255):
+        raise BadFileError(f"{path}: pixel values span {img.min()}..{img.max()}; expected "
+                           "0..255")
+    return img.astype(np.uint8)
+
+
+def _mnist_classes(labels: np.ndarray, paths: list[Path]) -> int:
+    """The class count: 10 when every label is a digit 0..9 (MNIST, Fashion-MNIST), otherwise
+    the number of distinct labels K, which must be exactly 0..K-1 and at most
+    MNIST_MAX_CLASSES, so that a stray huge label can neither build millions of classes nor
+    give a conditional net labels it never sees in training."""
+    where = " / ".join(str(p) for p in paths)
+    if labels.dtype.kind not in "iu":
+        raise BadFileError(f"{where}: labels are {labels.dtype} values; expected integers")
+    if len(labels) == 0:
+        return 10
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise BadFileError(f"{where}: negative label {low}; labels must be 0..K-1")
+    if high <= 9:
+        return 10
+    present = np.unique(labels)
+    k = len(present)
+    if high >= k:
+        missing = np.setdiff1d(np.arange(min(high, k + 1000)), present)[:5]
+        raise BadFileError(f"{where}: label {high} among only {k} distinct labels in "
+                           f"{len(labels)} images; labels must be 0..K-1 with every class "
+                           f"present (missing e.g. {', '.join(map(str, missing))})")
+    if k > MNIST_MAX_CLASSES:
+        raise BadFileError(f"{where}: {k} classes; at most {MNIST_MAX_CLASSES}")
+    return k
 
 
 def _find_idx(root: Path, stem: str) -> Path:
@@ -207,6 +302,8 @@ def load_mnist(path, *, split: str = "train", pad_to: int | None = None,
 
     split: 'train' (train-*), 'test' (t10k-*) or 'all'. pad_to: pad 28x28 around the centre
     with background (-1); resolution: then resize (bilinear, antialiased) if it differs.
+    Hostile or malformed files raise ``BadFileError`` before costing memory (see read_idx); the
+    pixels must be finite 0..255 and the labels 0..9 (10 classes) or exactly 0..K-1.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -215,20 +312,23 @@ def load_mnist(path, *, split: str = "train", pad_to: int | None = None,
     prefixes = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}
     if split not in prefixes:
         raise ValueError(f"split must be one of {sorted(prefixes)}, got {split!r}")
-    images, labels = [], []
+    images, labels, label_paths = [], [], []
     for prefix in prefixes[split]:
         img_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
         lab_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
         img, lab = read_idx(img_path, ndim=3), read_idx(lab_path, ndim=1)
         if len(img) == 0:  # a valid header with 0 images: say so, not an IndexError later
-            raise ValueError(f"{img_path}: holds no images (header dims {img.shape})")
+            raise BadFileError(f"{img_path}: holds no images (header dims {img.shape})")
+        img = _check_mnist_images(img, img_path)
         if len(img) != len(lab):
-            raise ValueError(f"{img_path} has {len(img)} images but {lab_path} has "
-                             f"{len(lab)} labels")
-        images.append(torch.from_numpy(img.astype(np.uint8))[:, None])
-        labels.append(torch.from_numpy(lab.astype(np.int64)))
-    labels = torch.cat(labels)
-    num_classes = max(10, int(labels.max()) + 1) if len(labels) else 10
+            raise BadFileError(f"{img_path} has {len(img)} images but {lab_path} has "
+                               f"{len(lab)} labels")
+        images.append(torch.from_numpy(img)[:, None])
+        labels.append(lab)
+        label_paths.append(lab_path)
+    labels = np.concatenate(labels)
+    num_classes = _mnist_classes(labels, label_paths)
+    labels = torch.from_numpy(labels.astype(np.int64))
     return ArrayDataset(torch.cat(images), labels, name="mnist",
                         class_names=[str(i) for i in range(num_classes)],
                         transform=_fitter(pad_to=pad_to, resolution=resolution, channels=channels))
@@ -275,11 +375,40 @@ def _to_mode(im, channels: int):
     return im.convert("RGB" if channels == 3 else "L")
 
 
-def _decode(path: Path, resolution: int, channels: int) -> np.ndarray:
+MAX_PIXELS = 100_000_000  # per image, checked from the header before decoding
+
+
+def _too_many_pixels(im, max_pixels: int) -> str | None:
+    """The reason to skip a lazily opened image whose header declares over max_pixels, or None."""
+    w, h = im.size
+    if w * h > max_pixels:
+        return (f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels} (max_pixels; a "
+                "decompression bomb?), not decoded")
+    return None
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Pillow refuses images over twice its Image.MAX_IMAGE_PIXELS itself (a process-wide
+    setting): a max_pixels raised past that raises Pillow's limit to match, never lowers it."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+def _decode(path: Path, resolution: int, channels: int,
+            max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode, resize the shorter side to `resolution` (Lanczos), centre-crop -> uint8 (C, R, R)."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        reason = _too_many_pixels(im, max_pixels)
+        if reason:
+            raise _TooLarge(reason)
         im.draft("RGB" if channels == 3 else "L", (resolution, resolution))  # JPEG DCT scaling
         im = _to_mode(ImageOps.exif_transpose(im), channels)
         w, h = im.size
@@ -292,12 +421,16 @@ def _decode(path: Path, resolution: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def _verify(path: Path) -> str | None:
-    """None if Pillow can open and verify the file cheaply, else the reason it cannot."""
+def _verify(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None if Pillow can open and verify the file cheaply (and its header declares at most
+    max_pixels pixels), else the reason it cannot."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # lazy: reads the header only
+            reason = _too_many_pixels(im, max_pixels)
+            if reason:
+                return reason
             im.verify()
     except Exception as e:  # noqa: BLE001 -- any failure means "skip this file"
         return f"{type(e).__name__}: {e}"
@@ -319,7 +452,7 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     def is_image(p: Path) -> bool:
         return p.suffix.lower() in IMAGE_EXTENSIONS
 
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    subdirs = _class_folders(root)
     in_class = {d.name: visible_files(d) for d in subdirs}
     found = {name: [p for p in paths if is_image(p)] for name, paths in in_class.items()}
     class_names = [name for name in found if found[name]]
@@ -340,6 +473,28 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
                           "folder ignored", stacklevel=3)
     files = [(p, label) for label, name in enumerate(class_names) for p in found[name]]
     return class_names, files
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """Sorted visible subfolders of root; one that is a symlink resolving inside root (a loop
+    or a duplicate class) or to a folder already listed is skipped with a warning."""
+    real_root = root.resolve()
+    candidates = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    seen = {d.resolve(): d for d in candidates if not d.is_symlink()}
+    out = [d for d in candidates if not d.is_symlink()]
+    for d in (d for d in candidates if d.is_symlink()):
+        target = d.resolve()
+        if target == real_root or real_root in target.parents:
+            why = "inside the data root"
+        elif target in seen:
+            why = f"the folder already read as {seen[target]}"
+        else:
+            seen[target] = d
+            out.append(d)
+            continue
+        warnings.warn(f"{d}: class folder is a symlink to {target}, {why}; skipped (its "
+                      "images would be duplicates)", stacklevel=4)
+    return sorted(out)
 
 
 def _warn_unread_formats(root: Path, paths: list[Path]) -> None:
@@ -365,23 +520,33 @@ class ImageFolderDataset(Dataset):
     (path, reason). cache=True decodes everything up front into uint8 (tqdm progress); cache=None
     does so when that takes at most `cache_limit_bytes`; otherwise images are decoded on access,
     and one that fails then is reported and replaced by the next readable one (deterministic).
+    An image whose header declares more than `max_pixels` pixels (default 100 million) is
+    skipped the same way without being decoded (a decompression bomb); a folder of nothing but
+    unreadable or oversized images raises ``BadFileError``. A class folder that is a symlink
+    into the data root, or to a folder already seen, is skipped with a warning.
     """
 
     def __init__(self, root, *, resolution: int = 64, channels: int = 3,
                  cache: bool | None = None, cache_limit_bytes: int = 1 << 30,
-                 progress: bool = True, num_threads: int | None = None):
+                 progress: bool = True, num_threads: int | None = None,
+                 max_pixels: int = MAX_PIXELS):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
         self.root = Path(root).expanduser()
         self.name = self.root.name
         self.class_names, files = _scan_folder(self.root)
         self.skipped: list[tuple[str, str]] = []
         self._channels, self._resolution = channels, resolution
+        self._max_pixels = max_pixels
+        _allow_pixels(max_pixels)
         self._threads = num_threads or min(8, os.cpu_count() or 1)
-        reasons = self._map(lambda f: _verify(f[0]), files, "verifying", progress)
+        reasons = self._map(lambda f: _verify(f[0], max_pixels), files, "verifying", progress)
         self.files = [f for f, reason in zip(files, reasons) if not self._skip(f[0], reason)]
         if not self.files:
-            raise ValueError(f"{self.root}: none of the {len(files)} image files could be read")
+            raise BadFileError(f"{self.root}: none of the {len(files)} image files could be "
+                               f"read (e.g. {self.skipped[0][0]}: {self.skipped[0][1]})")
         self._drop_empty_classes()
         self._bad: set[int] = set()
         self.data = None
@@ -392,9 +557,13 @@ class ImageFolderDataset(Dataset):
 
     def _map(self, fn, items, what: str, progress: bool) -> list:
         """fn over items in order, on a thread pool (Pillow releases the GIL), with tqdm."""
+        from PIL import Image
         from tqdm.auto import tqdm
 
-        with ThreadPoolExecutor(self._threads) as pool:
+        # max_pixels is checked on every header; Pillow's own generic warning past its
+        # MAX_IMAGE_PIXELS would only repeat it for the images that pass
+        with ThreadPoolExecutor(self._threads) as pool, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return list(tqdm(pool.map(fn, items), total=len(items), disable=not progress,
                              desc=f"{what} {self.name}", unit="img", leave=False))
 
@@ -423,7 +592,9 @@ class ImageFolderDataset(Dataset):
 
     def _try_decode(self, path: Path):
         try:
-            return _decode(path, self._resolution, self._channels), None
+            return _decode(path, self._resolution, self._channels, self._max_pixels), None
+        except _TooLarge as e:
+            return None, str(e)
         except Exception as e:  # noqa: BLE001 -- report and skip, never crash a long run
             return None, f"{type(e).__name__}: {e}"
 
@@ -433,7 +604,8 @@ class ImageFolderDataset(Dataset):
         keep = [i for i, (_, reason) in enumerate(out)
                 if not self._skip(self.files[i][0], reason)]
         if not keep:
-            raise ValueError(f"{self.root}: none of the image files could be decoded")
+            raise BadFileError(f"{self.root}: none of the {len(out)} image files could be "
+                               f"decoded (e.g. {self.skipped[-1][0]}: {self.skipped[-1][1]})")
         self.files = [self.files[i] for i in keep]
         self._drop_empty_classes()
         self.data = torch.from_numpy(np.stack([out[i][0] for i in keep]))
@@ -511,12 +683,14 @@ def load_toy(name: str, *, num_samples: int = 100_000, seed: int = 0) -> ArrayDa
 
 def load_dataset(spec: str, *, resolution: int | None = None, channels: int | None = None,
                  pad_to: int | None = None, split: str = "train", cache: bool | None = None,
-                 num_samples: int = 100_000, seed: int = 0, progress: bool = True) -> Dataset:
+                 num_samples: int = 100_000, seed: int = 0, progress: bool = True,
+                 max_pixels: int = MAX_PIXELS) -> Dataset:
     """Dataset for a --data value: 'digits[:R]', 'mnist:DIR', 'toy:NAME' or an image folder DIR.
 
     digits: resolution 8/16/32 (default 16). mnist: native 28x28; a resolution >= 28 pads around
     the centre (like pad_to), a smaller one resizes. folder: resolution default 64, channels 3.
     toy: gmm1d, gmm2d, moons, swissroll; `num_samples` points drawn with `seed`.
+    max_pixels: the folder loader's cap on the pixels of one image (see ImageFolderDataset).
     """
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
@@ -542,7 +716,7 @@ def load_dataset(spec: str, *, resolution: int | None = None, channels: int | No
     if pad_to is not None:
         raise ValueError("pad_to applies to digits and MNIST only")
     return ImageFolderDataset(path, resolution=resolution or 64, channels=channels or 3,
-                              cache=cache, progress=progress)
+                              cache=cache, progress=progress, max_pixels=max_pixels)
 
 
 def dataset_stats(ds, max_items: int = 10_000, batch_size: int = 512) -> dict:
@@ -719,10 +893,7 @@ class BatchStream:
 
     def _index_batches(self):
         """Index lists for the DataLoader; remembers the sampler state after each one."""
-        while True:
-            indices = self.sampler.next_batch().tolist()
-            self._pending.append(self.sampler.state_dict())
-            yield indices
+        return _index_batches(self.sampler, self._pending)
 
     def state_dict(self) -> dict:
         return dict(self._state)
@@ -732,6 +903,17 @@ class BatchStream:
         self._state = self.sampler.state_dict()
         self._pending.clear()
         self._loader_iter = None  # restart workers from the restored position
+
+
+def _index_batches(sampler: InfiniteSampler, pending: deque):
+    """The sampler's batches as index lists, appending its state after each to `pending`. A
+    function, not a method: a generator holding the BatchStream would make a reference cycle
+    (stream -> DataLoader iterator -> generator -> stream), which only the garbage collector
+    frees, tearing the queues down before the iterator can stop its workers (5 s each)."""
+    while True:
+        indices = sampler.next_batch().tolist()
+        pending.append(sampler.state_dict())
+        yield indices
 
 
 def infinite_loader(ds, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
