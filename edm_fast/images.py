@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy",
+__all__ = ["to_uint8", "to_pil_images", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy",
            "save_figure", "atomic_save"]
 
 
@@ -28,6 +28,22 @@ def _pil(array: np.ndarray):
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def to_pil_images(samples: torch.Tensor) -> list:
+    """Samples (N, C, H, W) in [-1, 1] (values outside are clipped), as a Sampler returns them,
+    -> N PIL images: mode 'L' for one channel, 'RGB' for three. E.g.
+    ``to_pil_images(sampler(seeds=range(4)))[0].save("seed0.png")``; for one tiled PNG of
+    them all use ``save_grid``."""
+    if not torch.is_tensor(samples):
+        samples = torch.as_tensor(np.asarray(samples))
+    if samples.ndim == 3:
+        raise ValueError(f"expected a batch (N, C, H, W), got shape {tuple(samples.shape)}: "
+                         "for one image use samples[None]")
+    if samples.ndim == 4 and samples.shape[1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels in (N, C, H, W), got shape "
+                         f"{tuple(samples.shape)}")
+    return [_pil(array) for array in to_uint8(samples)]
+
+
 def atomic_save(save, path: Path) -> None:
     """``save(tmp)`` to a temporary file in the same folder (same suffix), then rename it to
     ``path``: a crash or Ctrl-C never leaves a partial file there. Creates missing folders."""
@@ -43,12 +59,13 @@ def atomic_save(save, path: Path) -> None:
 
 
 def save_figure(fig, path) -> Path:
-    """Write a matplotlib figure as PNG (atomically, creating the folder) and close it."""
-    import matplotlib.pyplot as plt
+    """Write a matplotlib figure as PNG (atomically, creating the folder) and close it. Neither
+    imports pyplot nor changes its backend (see ``edm_fast.optional.figures``)."""
+    from .optional import Figures
 
     path = Path(path)
     atomic_save(lambda p: fig.savefig(p, format="png"), path)
-    plt.close(fig)
+    Figures.close(fig)
     return path
 
 
@@ -112,9 +129,9 @@ def save_npz(samples: torch.Tensor, path, **arrays) -> Path:
 
 def plot_toy(samples: torch.Tensor, path, mixture=None, *, title: str = "") -> Path:
     """Scatter (2-D) or histogram (1-D) of samples over the true density when it is known."""
-    from .optional import pyplot
+    from .optional import figures
 
-    plt = pyplot("a .png plot of toy samples")
+    plt = figures("a .png plot of toy samples")  # files only: the session's backend stays
     x = samples.detach().double().cpu().reshape(samples.shape[0], -1)
     fig, ax = plt.subplots(figsize=(5, 5) if x.shape[1] == 2 else (6, 3.5), dpi=120)
     if x.shape[1] == 2:

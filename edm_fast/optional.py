@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["MissingDependency", "pyplot", "require"]
+__all__ = ["Figures", "MissingDependency", "figures", "pyplot", "require"]
 
 # import name -> (pip name, extra of edm-fast that installs it)
 _PACKAGES = {"sklearn": ("scikit-learn", "train"), "matplotlib": ("matplotlib", "train")}
@@ -30,10 +30,57 @@ def require(module: str, purpose: str) -> ModuleType:
                                 f"{hint}") from exc
 
 
-def pyplot(purpose: str = "plotting") -> ModuleType:
-    """matplotlib.pyplot on the non-interactive Agg backend (files only, no display needed)."""
-    matplotlib = require("matplotlib", purpose)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+class Figures:
+    """The figure-making part of ``matplotlib.pyplot`` (``subplots``, ``figure``, ``close``) for
+    files only: each figure is a ``matplotlib.figure.Figure`` on its own Agg canvas, not
+    registered with pyplot. Nothing switches matplotlib's backend, so the library works
+    headless and an interactive session (Jupyter's inline backend, a GUI window) keeps its own:
+    a later ``plt.show()`` still shows. Write a figure with ``fig.savefig`` (or
+    ``edm_fast.images.save_figure``)."""
 
-    return plt
+    def __init__(self, matplotlib: ModuleType):
+        self.matplotlib = matplotlib
+
+    def figure(self, figsize=None, dpi=None, **kwargs):
+        """A new Figure (pyplot.figure's size options) with an Agg canvas."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize, dpi=dpi, **kwargs)
+        FigureCanvasAgg(fig)
+        return fig
+
+    def subplots(self, nrows: int = 1, ncols: int = 1, *, sharex=False, sharey=False,
+                 squeeze: bool = True, width_ratios=None, height_ratios=None, subplot_kw=None,
+                 gridspec_kw=None, **fig_kw):
+        """(fig, axes) as ``pyplot.subplots`` returns them, on an unregistered Figure."""
+        fig = self.figure(**fig_kw)
+        axes = fig.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=squeeze,
+                            width_ratios=width_ratios, height_ratios=height_ratios,
+                            subplot_kw=subplot_kw, gridspec_kw=gridspec_kw)
+        return fig, axes
+
+    @staticmethod
+    def close(fig) -> None:
+        """Release ``fig``: only a figure that pyplot manages (made by the caller's own
+        ``plt``) needs closing; figures from this object are freed with their last reference."""
+        import sys
+
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None and getattr(getattr(fig, "canvas", None), "manager", None) is not None:
+            plt.close(fig)
+
+
+def figures(purpose: str = "plotting") -> Figures:
+    """Figures for writing image files (see ``Figures``), or MissingDependency without
+    matplotlib."""
+    matplotlib = require("matplotlib", purpose)
+    require("matplotlib.figure", purpose)
+    return Figures(matplotlib)
+
+
+def pyplot(purpose: str = "plotting") -> Figures:
+    """Kept for callers written against pyplot: the same as ``figures``. It used to switch the
+    whole process to the Agg backend, which left every later ``plt.show()`` in a notebook
+    blank; it now never touches the backend."""
+    return figures(purpose)

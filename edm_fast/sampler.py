@@ -2,6 +2,8 @@
 
     sampler = Sampler("default", num_steps=18, batch_size=64, device="cuda")
     images = sampler(seeds=range(64), class_labels=3)   # (64, C, H, W), about [-1, 1]
+    sampler.class_names                                  # ['0', ..., '9'] (folder names, ...)
+    cats = sampler(seeds=range(8), class_labels="cat")   # a class by the name the model stores
 
 Thread safety: one lock per instance serialises calls, so a Sampler may be shared by the threads
 of an inference server (requests queue on it); for parallel throughput create one Sampler per
@@ -127,6 +129,46 @@ class Sampler:
         raise RuntimeError("no sampler backend could be built")  # the reference always builds
 
     @property
+    def class_names(self) -> list[str]:
+        """The class names the checkpoint stores, index i naming label i: an image folder's
+        subfolder names, '0'..'9' for the digits; [] when it stores none (or is
+        unconditional). ``class_labels`` takes these names as well as indices."""
+        from .models import class_names
+
+        return class_names(self.denoiser)
+
+    def class_index(self, name: str) -> int:
+        """The label index of the class called ``name``; ValueError naming the valid names."""
+        names = self.class_names
+        if name in names:
+            return names.index(name)
+        if self.label_dim == 0:
+            raise ValueError(f"class {name!r} asked for, but the model is unconditional: it has "
+                             "no classes")
+        if not names:
+            raise ValueError(f"class {name!r} asked for by name, but this model stores no class "
+                             f"names: pass indices 0..{self.label_dim - 1} instead")
+        raise ValueError(f"unknown class {name!r}; this model's classes are: "
+                         f"{', '.join(map(repr, names))}")
+
+    def _named_labels(self, class_labels):
+        """A name, or a list of names (indices may be mixed in), as label indices; anything
+        else unchanged."""
+        if isinstance(class_labels, str):
+            return self.class_index(class_labels)
+        if isinstance(class_labels, (list, tuple)) and any(isinstance(c, str)
+                                                             for c in class_labels):
+            return torch.tensor([self.class_index(c) if isinstance(c, str) else int(c)
+                                 for c in class_labels], dtype=torch.long)
+        if getattr(getattr(class_labels, "dtype", None), "kind", None) in ("U", "S", "O"):
+            values = class_labels.tolist()  # numpy names: str (or bytes) items
+            values = values if isinstance(values, list) else [values]
+            values = [v.decode() if isinstance(v, bytes) else v for v in values]
+            named = self._named_labels(values)
+            return named[0].item() if class_labels.ndim == 0 else named
+        return class_labels
+
+    @property
     def num_evals(self) -> int:
         """Denoiser evaluations per image (NFE); guidance runs them at twice the batch."""
         return self.plan.num_evals
@@ -138,8 +180,9 @@ class Sampler:
         step_noise: with ``noise=``, the draws the solver injects (K, N, *shape),
         K = ``plan.num_noise`` (churn, ancestral or SDE noise; drawn at random when omitted).
 
-        class_labels: None (unconditional / zero labels), an int (or 0-d integer array) for all,
-        (N,) ints or (N, label_dim) floats. Returns (N, *shape) in the sampler's dtype, on its
+        class_labels: None (unconditional / zero labels), an int (or 0-d integer array) or a
+        class name (one of ``class_names``) for all, (N,) ints or names, or (N, label_dim)
+        floats. Returns (N, *shape) in the sampler's dtype, on its
         device. Samples are not clipped: values slightly outside [-1, 1] are the model's own.
         """
         latents, draws = self._noise(seeds, noise, step_noise)
@@ -148,6 +191,7 @@ class Sampler:
             raise ValueError("guidance needs class_labels: without them every label is zero, "
                              "and the guided mix of two unconditional outputs is the "
                              "unconditional output")
+        class_labels = self._named_labels(class_labels)
         if getattr(class_labels, "ndim", None) == 0:  # a numpy / torch scalar
             class_labels = class_labels.item()
         if isinstance(class_labels, bool):

@@ -434,11 +434,12 @@ def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total,
 
 
 def _plot_losses(out: Path) -> None:
-    """loss.png from log.jsonl (skipped quietly without matplotlib)."""
-    from .optional import MissingDependency, pyplot
+    """loss.png from log.jsonl (skipped quietly without matplotlib). Drawn on a figure of its
+    own: matplotlib's backend stays as it was (a notebook's plt.show() keeps working)."""
+    from .optional import MissingDependency, figures
 
     try:
-        plt = pyplot()
+        plt = figures("the loss curve loss.png")
     except MissingDependency:
         return
     log = out / "log.jsonl"
@@ -467,7 +468,7 @@ def _plot_losses(out: Path) -> None:
 @torch.no_grad()
 def _sample_grid(run: _Run, meta, ema, step: int, num: int = 64) -> None:
     """A grid (or toy scatter) of EMA samples with 18 Heun steps, seeds 0..num-1."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # the notebook widget under Jupyter (with ipywidgets)
 
     from .images import save_samples
     from .noise import SeedNoise
@@ -496,7 +497,7 @@ def _sample_grid(run: _Run, meta, ema, step: int, num: int = 64) -> None:
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or continue) a training run; returns a summary dict. See TrainConfig for options."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # the notebook widget under Jupyter (with ipywidgets)
 
     _check_config(cfg)
     run = _Run(cfg)
@@ -537,25 +538,26 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                disable=not (cfg.progress and run.main), dynamic_ncols=True)
     stop = _StopRequest(run.world == 1 and threading.current_thread() is threading.main_thread())
     try:
-        step, smooth, nonfinite_total = _loop(run, cfg, meta, denoiser, train_den, ema, opt,
-                                              stream, pipe, scaler, loss_fn, bar, stop, step,
-                                              total_steps, nonfinite_total)
+        step, last_logged, nonfinite_total = _loop(run, cfg, meta, denoiser, train_den, ema,
+                                                   opt, stream, pipe, scaler, loss_fn, bar, stop,
+                                                   step, total_steps, nonfinite_total)
     finally:
         stop.restore()
         bar.close()
     in_sync = _ranks_in_sync(denoiser.model, run.world)
-    return _summary(run, step, step - start_step, smooth, nonfinite_total, in_sync)
+    return _summary(run, step, step - start_step, last_logged, nonfinite_total, in_sync)
 
 
 def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, loss_fn, bar,
           stop, step, total_steps, nonfinite_total):
-    """The training steps from ``step`` to ``total_steps``; returns (step, smoothed loss,
-    nonfinite_total)."""
+    """The training steps from ``step`` to ``total_steps``; returns (step, last_logged,
+    nonfinite_total), last_logged = (loss, steps): the last log record's loss, the mean over
+    its last ``steps`` steps (None when no step ran)."""
     ckpt_every = max(1, round(cfg.ckpt_every_kimg * 1000 / cfg.batch))
     sample_every = round(cfg.sample_every_kimg * 1000 / cfg.batch) if cfg.sample_every_kimg else 0
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     saved_step = step
-    consecutive_bad, smooth, steps_since_log, loss_sum = 0, None, 0, 0.0
+    consecutive_bad, smooth, steps_since_log, loss_sum, last_logged = 0, None, 0, 0.0, None
     t_last = time.perf_counter()
     while step < total_steps and stop.signal is None:
         try:
@@ -609,6 +611,7 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
                       "loss": loss_sum / steps_since_log, "lr": opt.param_groups[0]["lr"],
                       "img_per_s": ips, "nonfinite_total": nonfinite_total}
             run.log(record)
+            last_logged = (record["loss"], steps_since_log)
             bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.0f}")
             t_last, steps_since_log, loss_sum = now, 0, 0.0
         if step % ckpt_every == 0 or step == total_steps:
@@ -620,13 +623,19 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
         if saved_step != step:
             _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total, scaler)
         raise TrainingInterrupted(step, latest_checkpoint(run.out), stop.signal)
-    return step, smooth, nonfinite_total
+    return step, last_logged, nonfinite_total
 
 
-def _summary(run: _Run, step, steps_this_run, smooth, nonfinite_total, in_sync,
+def _summary(run: _Run, step, steps_this_run, last_logged, nonfinite_total, in_sync,
              log: bool = True) -> dict:
+    """final_loss is the run's last logged loss (log.jsonl and loss.png end on it): the mean
+    training loss over the last final_loss_steps steps (an exponential average seeded with the
+    first step's loss, as this was before, stayed far above it in short runs). None when this
+    call trained no step."""
+    final_loss, final_steps = last_logged if last_logged is not None else (None, 0)
     summary = {"steps": step, "steps_this_run": steps_this_run,
-               "kimg": step * run.cfg.batch / 1000, "final_loss": smooth,
+               "kimg": step * run.cfg.batch / 1000, "final_loss": final_loss,
+               "final_loss_steps": final_steps,
                "nonfinite_total": nonfinite_total, "ranks_in_sync": in_sync,
                "world_size": run.world,
                "checkpoint": str(latest_checkpoint(run.out)) if run.main else None}

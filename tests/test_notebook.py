@@ -24,14 +24,17 @@ pytest.importorskip("ipykernel")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "edm_vs_ddpm.ipynb"
 
 
-def _run_notebook(monkeypatch, out: Path, **env) -> list[str]:
-    """Execute the notebook with EDM_NOTEBOOK_<KEY> variables; returns each code cell's text."""
-    monkeypatch.setenv("EDM_NOTEBOOK_OUT", str(out))
+# Jupyter's own inline backend (what ipykernel picks when MPLBACKEND is unset), also where the
+# machine running the tests sets MPLBACKEND=Agg: plt.show() must put a PNG into the cell's output
+INLINE = "module://matplotlib_inline.backend_inline"
+LOSS_CURVE_CELL = "4dedcca7"  # the cell that plots both runs' log.jsonl after training
+
+
+def _execute(monkeypatch, nb) -> list:
+    """Run a notebook (nbformat node) in a python3 kernel with the inline matplotlib backend;
+    returns its code cells, outputs filled in, after checking that none raised."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    for key, value in env.items():
-        monkeypatch.setenv(f"EDM_NOTEBOOK_{key.upper()}", str(value))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    monkeypatch.setenv("MPLBACKEND", INLINE)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute()  # raises CellExecutionError naming the failing cell
@@ -39,15 +42,59 @@ def _run_notebook(monkeypatch, out: Path, **env) -> list[str]:
     errors = [out for cell in code for out in cell.get("outputs", [])
               if out.get("output_type") == "error"]
     assert not errors
+    return code
+
+
+def _has_png(cell) -> bool:
+    return any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+
+
+def _run_notebook(monkeypatch, out: Path, **env) -> list[str]:
+    """Execute the notebook with EDM_NOTEBOOK_<KEY> variables; returns each code cell's text."""
+    monkeypatch.setenv("EDM_NOTEBOOK_OUT", str(out))
+    for key, value in env.items():
+        monkeypatch.setenv(f"EDM_NOTEBOOK_{key.upper()}", str(value))
+    code = _execute(monkeypatch, nbformat.read(NOTEBOOK, as_version=4))
+    loss_curve = [cell for cell in code if cell.get("id") == LOSS_CURVE_CELL]
+    assert len(loss_curve) == 1 and "log.jsonl" in loss_curve[0].source
+    # train() wrote loss.png before this cell: the plot still shows in the notebook
+    assert _has_png(loss_curve[0]), loss_curve[0].get("outputs")
     return ["".join(out.get("text", "")) for cell in code for out in cell.get("outputs", [])
             if out.get("output_type") == "stream"]
 
 
 def test_notebook_runs(tmp_path, monkeypatch):
-    _run_notebook(monkeypatch, tmp_path / "out",
-                  scale=os.environ.get("EDM_NOTEBOOK_SCALE", "0.25"))
+    texts = _run_notebook(monkeypatch, tmp_path / "out",
+                          scale=os.environ.get("EDM_NOTEBOOK_SCALE", "0.25"))
     assert (tmp_path / "out" / "trajectories.gif").exists()
     assert (tmp_path / "out" / "quality.png").exists()  # the digits comparison ran
+    for loss in ("edm", "ddpm"):  # the training cell's closing loss is the last one logged
+        lines = (tmp_path / "out" / f"train-{loss}" / "log.jsonl").read_text().splitlines()
+        last = [json.loads(line) for line in lines if '"loss"' in line][-1]["loss"]
+        assert any(f"{loss}: " in t and f"final loss {last:.4f} (mean of the last" in t
+                   for t in texts), texts
+
+
+def test_library_plots_leave_the_notebook_backend_alone(tmp_path, monkeypatch):
+    """The library writes its .png plots (the loss curve of a training run, a toy scatter)
+    without switching matplotlib's backend: a later plt.show() in the kernel still shows."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "kimg": s / 10, "loss": 1 / s}) + "\n"
+                           for s in range(1, 6)))
+    cells = [
+        "import matplotlib.pyplot as plt\nplt.plot([0, 1]); plt.show()",
+        ("from pathlib import Path\nimport torch\nfrom edm_fast.images import plot_toy\n"
+         "from edm_fast.train import _plot_losses\n"
+         f"_plot_losses(Path({str(tmp_path)!r}))\n"
+         f"plot_toy(torch.randn(50, 2), Path({str(tmp_path / 'toy.png')!r}))"),
+        "import matplotlib\nprint(matplotlib.get_backend())\nplt.plot([1, 0]); plt.show()",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    first, library, last = _execute(monkeypatch, nb)
+    assert (tmp_path / "loss.png").stat().st_size and (tmp_path / "toy.png").stat().st_size
+    assert _has_png(first)
+    assert _has_png(last), last.get("outputs")
+    assert not _has_png(library)  # files only, no figure left open to show
 
 
 def _trained_on(run: Path) -> tuple[list[int], int, str]:

@@ -48,3 +48,28 @@ def test_cli_toy_plot_without_matplotlib_fails_before_sampling(monkeypatch, tmp_
     assert not (tmp_path / "toy.png").exists()
     assert main([*args, "--out", str(tmp_path / "toy.npz")]) == 0
     assert (tmp_path / "toy.npz").stat().st_size > 0
+
+
+def test_figures_leave_the_backend_alone(monkeypatch, tmp_path):
+    """The library's .png plots are drawn on figures of their own: they never switch
+    matplotlib's backend (which blanked every later plt.show() in a notebook) and are not
+    registered with pyplot (nothing left open for plt.show())."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import torch
+
+    from edm_fast.images import plot_toy, save_figure
+    from edm_fast.optional import figures
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backend was switched")
+
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    monkeypatch.setattr(plt, "switch_backend", refuse)
+    open_before = plt.get_fignums()
+    fig, axes = figures("a test").subplots(1, 2, figsize=(4, 2), dpi=50, squeeze=False)
+    assert axes.shape == (1, 2)
+    axes[0, 0].plot([0, 1])
+    assert save_figure(fig, tmp_path / "fig.png").stat().st_size > 0
+    assert plot_toy(torch.randn(20, 2), tmp_path / "toy.png").stat().st_size > 0
+    assert plt.get_fignums() == open_before

@@ -521,3 +521,16 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     tensors, _ = read_checkpoint(latest_checkpoint(out))
     assert "rng.rank1.cpu" in tensors and not torch.equal(tensors["rng.rank0.cpu"],
                                                           tensors["rng.rank1.cpu"])
+
+
+def test_final_loss_is_the_last_logged_loss(tmp_path):
+    """summary['final_loss'] (the closing line of `edm-fast train`) is the last log record's
+    loss, the mean over its last final_loss_steps steps, and the summary record says the same."""
+    summary = train(_toy(tmp_path, 10, log_every=4))
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [4, 8, 10]
+    assert summary["final_loss"] == logged[-1]["loss"] and summary["final_loss_steps"] == 2
+    assert records[-1]["summary"]["final_loss"] == logged[-1]["loss"]
+    again = train(_toy(tmp_path, 10), resume=True)  # nothing left to train
+    assert again["final_loss"] is None and again["final_loss_steps"] == 0
