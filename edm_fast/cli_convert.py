@@ -52,15 +52,19 @@ def cmd_convert(args) -> int:
     out = check_out_file(args.out, (".safetensors",), "convert writes")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise ValueError(f"--out {out} is SRC itself; write the converted checkpoint elsewhere")
+    # both check SRC completely (config, network size, weights: keys, shapes, dtypes, finite)
+    # before writing anything, and write atomically
     if src.suffix in OFFICIAL_SUFFIXES:
         path = convert_official(src, args.out, dtype=dtype)
     else:
         path = export_inference_checkpoint(src, args.out, dtype=dtype)
     tensors, meta = read_checkpoint(path, prefixes=("ema.",))
     count = sum(t.numel() for t in tensors.values())
+    precond = meta["precond"] if isinstance(meta["precond"], str) else meta["precond"]["name"]
+    shape = meta.get("sample_shape")
     print(f"{src} -> {path}: {meta['net']['arch']} network ({len(tensors)} tensors, {count:,} "
-          f"values), {meta['precond']['name']} preconditioning, samples "
-          f"{tuple(meta['sample_shape'])}")
+          f"values), {precond} preconditioning, samples "
+          f"{tuple(shape) if shape else '(shape not recorded)'}")
     return 0
 
 

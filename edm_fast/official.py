@@ -27,10 +27,12 @@ its recorded constructor kwargs and loaded with ``strict=True``.
 from __future__ import annotations
 
 import collections
+import contextvars
 import hashlib
 import io
 import math
 import pickle
+import typing
 import zipfile
 import zlib
 from pathlib import Path
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import CheckpointError
+from .errors import BadFileError
 
 __all__ = [
     "read_official", "load_official", "convert_official", "denoiser_state_dict",
@@ -45,7 +48,7 @@ __all__ = [
 ]
 
 
-class UnsafePickleError(pickle.UnpicklingError, ValueError):
+class UnsafePickleError(pickle.UnpicklingError, BadFileError):
     """The file asks for a global (function or class) outside the allowlist."""
 
 
@@ -59,6 +62,77 @@ class OfficialFormatError(CheckpointError):
 _PARSE_ERRORS = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, ValueError,
                  TypeError, KeyError, IndexError, AttributeError, OverflowError, RuntimeError,
                  NotImplementedError)
+
+
+# ------------------------------------------------------------------------------------------
+# Cost bounds: what one file may make us allocate.
+
+MAX_OBJECTS = 1_000_000  # objects in the unpickled tree, shared references counted each time
+MAX_DEPTH = 100          # nesting of containers
+
+
+class _Budget:
+    """Bytes a read may allocate: storages and tensors each at most the file's size (a tensor is
+    a view of its storage, so a legitimate file never needs more)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = {"storage": 0, "tensor": 0}
+
+    def charge(self, kind: str, nbytes: int, what: str) -> None:
+        if nbytes < 0:
+            raise OfficialFormatError(f"{what} has a negative size")
+        self.used[kind] += nbytes
+        if self.used[kind] > self.limit:
+            raise OfficialFormatError(f"{what} would bring the {kind} data to "
+                                      f"{self.used[kind]:,} bytes, more than the file's "
+                                      f"{self.limit:,} bytes (a hostile or corrupt file)")
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("edm_fast_budget",
+                                                                           default=None)
+
+
+def _charge(kind: str, nbytes: int, what: str) -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.charge(kind, nbytes, what)
+
+
+def _check_expansion(root) -> None:
+    """Refuse object graphs that expand to more than MAX_OBJECTS objects (shared references,
+    a "billion laughs", counted once per reference without expanding them), nest deeper than
+    MAX_DEPTH, or contain cycles: everything downstream walks the tree."""
+    sizes: dict[int, int | None] = {}
+
+    def size(obj, depth):
+        if isinstance(obj, ModuleRecord):
+            parts = (obj.init_kwargs, obj.parameters, obj.buffers, obj.children, obj.attrs)
+        elif isinstance(obj, dict):
+            parts = [*obj.keys(), *obj.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            parts = obj
+        else:
+            return 1
+        if depth > MAX_DEPTH:
+            raise OfficialFormatError(f"objects nested more than {MAX_DEPTH} deep")
+        known = sizes.get(id(obj), 0)
+        if known is None:
+            raise OfficialFormatError("an object contains itself (a reference cycle)")
+        if known:
+            return known
+        sizes[id(obj)] = None
+        total = 1
+        for part in parts:
+            total += size(part, depth + 1)
+            if total > MAX_OBJECTS:
+                raise OfficialFormatError(f"shared references expand to more than "
+                                          f"{MAX_OBJECTS:,} objects (a \"billion laughs\" "
+                                          "pickle?)")
+        sizes[id(obj)] = total
+        return total
+
+    size(root, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -89,7 +163,8 @@ class ModuleRecord:
         self.attrs = {k: v for k, v in state.items() if not k.startswith("_")}
 
     def __setstate__(self, state):
-        raise UnsafePickleError(f"unexpected BUILD on the persistent record {self.class_name}")
+        raise UnsafePickleError(f"unexpected BUILD on the persistent record "
+                                f"{_short(self.class_name)}")
 
     def __repr__(self):
         return f"ModuleRecord({self.class_name}, children={list(self.children)})"
@@ -188,8 +263,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
     if not isinstance(storage, torch.Tensor) or storage.ndim != 1:
         raise OfficialFormatError("tensor storage is not a storage")
     if metadata:
-        raise OfficialFormatError(f"unsupported tensor metadata {sorted(metadata)}")
-    return storage.as_strided(tuple(size), tuple(stride), int(storage_offset))
+        raise OfficialFormatError(f"unsupported tensor metadata {sorted(metadata)!r:.80}")
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    if len(size) != len(stride) or len(size) > 16 or min((*size, *stride, 0)) < 0:
+        raise OfficialFormatError(f"bad tensor size {size!r:.80} or stride {stride!r:.80}")
+    _charge("tensor", math.prod(size) * storage.element_size(), f"a tensor of shape {size!r:.80}")
+    return storage.as_strided(size, stride, int(storage_offset))
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -248,28 +327,37 @@ def _read_legacy_rest(f):
     sys_info = _unpickle(f)
     if not (isinstance(sys_info, dict) and sys_info.get("little_endian", True)):
         raise OfficialFormatError("big-endian torch.save streams are not supported")
-    storages, limit = {}, _stream_size(f)
+    storages, limit = {}, _stream_size(f) - f.tell()
 
     def load(pid):
         if isinstance(pid, tuple) and pid[:1] == ("module",) and pid[1] in _CONTAINERS.values():
             return pid[1]  # legacy files name nn.Module container classes this way
         dtype, key, numel = _storage_pid(pid)
         if numel * _element_size(dtype) > limit:
-            raise OfficialFormatError(f"storage {key} is larger than the file")
-        return storages.setdefault(key, torch.empty(numel, dtype=dtype))
+            raise OfficialFormatError(f"storage {key!r:.40} is larger than the file")
+        if key not in storages:
+            _charge("storage", numel * _element_size(dtype), f"storage {key!r:.40}")
+            storages[key] = torch.empty(numel, dtype=dtype)
+        return storages[key]
 
     root = _unpickle(f, load)
     for key in _unpickle(f):
         flat = storages.get(str(key))
         if flat is None:
             raise OfficialFormatError(f"storage {key} has data but no tensor")
-        count = int.from_bytes(f.read(8), "little")
+        count = int.from_bytes(_read_exactly(f, 8), "little")
         if count != flat.numel():
             raise OfficialFormatError(f"storage {key}: {count} elements, expected {flat.numel()}")
         if count:
-            raw = f.read(count * flat.element_size())
+            raw = _read_exactly(f, count * flat.element_size())
             flat.view(torch.uint8).copy_(_flat(raw, torch.uint8, len(raw)))
     return root
+
+
+def _read_exactly(f, n: int) -> bytes:
+    if n > _stream_size(f) - f.tell():
+        raise pickle.UnpicklingError(f"the file ends before the {n:,} bytes it announces")
+    return f.read(n)
 
 
 def _storage_from_legacy_bytes(data) -> torch.Tensor:
@@ -288,38 +376,66 @@ def _storage_from_legacy_bytes(data) -> torch.Tensor:
 
 def _read_zip(path: Path):
     """A torch zip archive (``torch.save`` since 1.6): ``<dir>/data.pkl`` plus one record
-    ``<dir>/data/<key>`` of raw little-endian bytes per storage."""
+    ``<dir>/data/<key>`` of raw little-endian bytes per storage. torch stores the records
+    uncompressed; the sizes in the zip directory are checked before any record is read, and
+    all records read together may not exceed the archive's size (no zip bombs)."""
+    limit, used = path.stat().st_size, 0
     with zipfile.ZipFile(path) as zf:
-        pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        names = zf.namelist()
+        if len(names) > 1_000_000:
+            raise OfficialFormatError(f"zip archive lists {len(names):,} records")
+
+        def read(name, expected=None):
+            nonlocal used
+            info = zf.getinfo(name)
+            if expected is not None and info.file_size != expected:
+                raise OfficialFormatError(f"record {name!r:.80} holds {info.file_size:,} bytes, "
+                                          f"expected {expected:,} (truncated or corrupt?)")
+            used += info.file_size
+            if used > limit:
+                raise OfficialFormatError(f"record {name!r:.80} would decompress to "
+                                          f"{info.file_size:,} bytes, more than the archive's "
+                                          f"{limit:,} bytes (a zip bomb?)")
+            return zf.read(info)
+
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise OfficialFormatError(f"{path} is a zip archive but not a torch.save archive")
         prefix = pickles[0][: -len("data.pkl")]
-        if f"{prefix}byteorder" in zf.namelist() and zf.read(f"{prefix}byteorder") != b"little":
+        if f"{prefix}byteorder" in names and read(f"{prefix}byteorder") != b"little":
             raise OfficialFormatError("big-endian torch archives are not supported")
         storages = {}
 
         def load(pid):
             dtype, key, numel = _storage_pid(pid)
             if key not in storages:
-                try:
-                    raw = zf.read(f"{prefix}data/{key}")
-                except KeyError:
-                    raise OfficialFormatError(f"{path} lacks the record of storage {key}") from None
-                storages[key] = _flat(raw, dtype, numel)
+                name = f"{prefix}data/{key}"
+                if name not in names:
+                    raise OfficialFormatError(f"{path} lacks the record of storage {key!r:.40}")
+                nbytes = numel * _element_size(dtype)
+                _charge("storage", nbytes, f"storage {key!r:.40}")
+                storages[key] = _flat(read(name, nbytes), dtype, numel)
             return storages[key]
 
-        return _unpickle(io.BytesIO(zf.read(pickles[0])), load)
+        return _unpickle(io.BytesIO(read(pickles[0])), load)
 
 
 def _read_file(path: Path):
-    """The root object of a zip archive, a legacy torch.save file or a plain pickle."""
-    if zipfile.is_zipfile(path):
-        return _read_zip(path)
-    with open(path, "rb") as f:
-        root = _unpickle(f)
-        if isinstance(root, int) and root == _LEGACY_MAGIC:
-            return _read_legacy_rest(f)
-        return root
+    """The root object of a zip archive, a legacy torch.save file or a plain pickle, read
+    within the file's budget (storages and tensors at most its size, MAX_OBJECTS objects)."""
+    token = _BUDGET.set(_Budget(path.stat().st_size))
+    try:
+        if zipfile.is_zipfile(path):
+            root = _read_zip(path)
+        else:
+            with open(path, "rb") as f:
+                root = _unpickle(f)
+                if isinstance(root, int) and root == _LEGACY_MAGIC:
+                    root = _read_legacy_rest(f)
+    finally:
+        _BUDGET.reset(token)
+    _check_expansion(root)
+    return root
 
 
 # ------------------------------------------------------------------------------------------
@@ -344,15 +460,61 @@ _SAFE_GLOBALS = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only ``_SAFE_GLOBALS`` (plus numpy.dtype, torch dtypes
-    and torch ``*Storage`` type names) and hands persistent ids to ``storage_loader``."""
+def _short(text, limit: int = 80) -> str:
+    """A name from the file, fit for a one-line message: as is when printable, else its repr;
+    cut to ``limit`` characters."""
+    if not (isinstance(text, str) and text.isprintable()):
+        text = repr(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _BoundedFile:
+    """A binary file whose reads may not ask for more bytes than remain: a length field that
+    announces more (a 14-byte pickle claiming a 2**62-byte string) is refused before anything
+    is allocated."""
+
+    def __init__(self, f):
+        self._f = f
+        self._end = _stream_size(f)
+
+    def _check(self, n: int) -> None:
+        left = self._end - self._f.tell()
+        if n > left:
+            raise pickle.UnpicklingError(f"a length field announces {n:,} bytes, but only "
+                                         f"{left:,} remain")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is not None and n >= 0:
+            self._check(n)
+        return self._f.read(n)
+
+    def readinto(self, buffer) -> int:
+        self._check(len(buffer))
+        return self._f.readinto(buffer)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._f.readline(size)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """A pickle reader that resolves only ``_SAFE_GLOBALS`` (plus numpy.dtype, torch dtypes
+    and torch ``*Storage`` type names) and hands persistent ids to ``storage_loader``.
+
+    It is Python's own pure-Python unpickler with three opcodes guarded: every length field is
+    checked against the bytes left in the file before anything is allocated, BUILD (``obj.
+    __setstate__(state)``) is allowed only on the inert container records and numpy dtypes (a
+    BUILD on a tensor would call ``Tensor.__setstate__`` -> ``set_()``, which can grow a view
+    past its storage), and protocol-5 out-of-band buffers are refused."""
+
+    dispatch: typing.ClassVar[dict] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, *, storage_loader=None):
-        super().__init__(file)
+        super().__init__(_BoundedFile(file))
         self._storage_loader = storage_loader
 
     def find_class(self, module, name):
+        if not (isinstance(module, str) and isinstance(name, str)):
+            raise UnsafePickleError("a global is named by a non-string")
         found = _SAFE_GLOBALS.get((module, name))
         if found is not None:
             return found
@@ -362,14 +524,33 @@ class RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) == ("numpy", "dtype"):
             return _numpy().dtype
-        raise UnsafePickleError(f"refusing to load global {module}.{name}: it is not on the "
-                                "allowlist of edm_fast.official (tensors, plain containers, "
-                                "numpy scalars and EDM's persistent objects)")
+        raise UnsafePickleError(f"refusing to load global {_short(module)}.{_short(name)}: it "
+                                "is not on the allowlist of edm_fast.official (tensors, plain "
+                                "containers, numpy scalars and EDM's persistent objects)")
 
     def persistent_load(self, pid):
         if self._storage_loader is None:
             raise UnsafePickleError(f"unexpected persistent id {pid!r:.80} in a plain pickle")
         return self._storage_loader(pid)
+
+    def _load_build(self):
+        inst = self.stack[-2] if len(self.stack) > 1 else None  # below the state
+        numpy = __import__("sys").modules.get("numpy")
+        if not (isinstance(inst, _ContainerRecord)
+                or (numpy is not None and isinstance(inst, numpy.dtype))):
+            raise UnsafePickleError(f"refusing to set the state of a {type(inst).__name__} "
+                                    "(BUILD opcode): only torch containers and numpy dtypes "
+                                    "take one")
+        pickle._Unpickler.load_build(self)
+
+    def _refuse_buffers(self):
+        raise UnsafePickleError("refusing protocol-5 out-of-band buffers (BYTEARRAY8, "
+                                "NEXT_BUFFER, READONLY_BUFFER)")
+
+    dispatch[pickle.BUILD[0]] = _load_build
+    for _op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        dispatch[_op[0]] = _refuse_buffers
+    del _op
 
 
 def _unpickle(f, storage_loader=None):
@@ -445,8 +626,8 @@ def _select_network(root) -> tuple[ModuleRecord, str]:
 def _precond_config(wrapper: ModuleRecord) -> dict:
     """edm-fast precond config from an official EDM/VP/VE/iDDPMPrecond (EDM Table 1)."""
     if wrapper.class_name not in _PRECONDS:
-        raise OfficialFormatError(f"unsupported network class {wrapper.class_name!r}; expected "
-                                  f"one of {sorted(_PRECONDS)}")
+        raise OfficialFormatError(f"unsupported network class {_short(wrapper.class_name)}; "
+                                  f"expected one of {', '.join(sorted(_PRECONDS))}")
     name, defaults = _PRECONDS[wrapper.class_name]
     config = {k: float(_arg(wrapper, k, d)) for k, d in defaults.items()}
     if "M" in config:
@@ -455,13 +636,15 @@ def _precond_config(wrapper: ModuleRecord) -> dict:
 
 
 def _model_record(wrapper: ModuleRecord) -> ModuleRecord:
+    _precond_config(wrapper)  # a supported wrapper class, before anything else is looked up
     model = wrapper.children.get("model")
     if not isinstance(model, ModuleRecord):
         raise OfficialFormatError(f"{wrapper.class_name} has no inner network 'model'")
     expected = _arg(wrapper, "model_type", _DEFAULT_MODEL[wrapper.class_name])
     if model.class_name != expected or model.class_name not in _MODEL_ARGS:
-        raise OfficialFormatError(f"unsupported inner network {model.class_name!r} (model_type "
-                                  f"{expected!r}); supported: {sorted(_MODEL_ARGS)}")
+        raise OfficialFormatError(f"unsupported inner network {_short(model.class_name)} "
+                                  f"(model_type {_short(expected)}); supported: "
+                                  f"{', '.join(sorted(_MODEL_ARGS))}")
     return model
 
 
@@ -549,24 +732,35 @@ def read_official(path) -> tuple[dict[str, torch.Tensor], dict]:
         root = _read_file(path)
         stage = "rebuild"
         wrapper, source = _select_network(root)
+        state = wrapper.state_dict()
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        if total > path.stat().st_size:
+            raise OfficialFormatError(f"its tensors hold {total:,} bytes, more than the file's "
+                                      f"{path.stat().st_size:,} (shared or overlapping views)")
         model = _model_record(wrapper)
         config = _config(wrapper, model, root, path, source)
-        state = wrapper.state_dict()
         if config["precond"]["name"] == "iddpm":
             _check_u(state, config["precond"])
     except (UnsafePickleError, OfficialFormatError) as exc:
-        if str(path) in str(exc):
-            raise
-        raise type(exc)(f"{path}: {exc}") from exc  # name the file
-    except _PARSE_ERRORS as exc:
+        raise type(exc)(_one_line_message(exc, path)) from exc  # name the file, one line
+    except (*_PARSE_ERRORS, MemoryError, RecursionError) as exc:
         if stage == "read":
             raise CheckpointError(f"{path} is not a valid NVlabs EDM snapshot (.pkl) or "
                                   "training state (.pt): not a readable pickle snapshot "
-                                  f"(truncated or corrupt?): {_one_line(exc)}") from exc
+                                  f"(truncated or corrupt?): {_cut(_one_line(exc))}") from exc
         # a look-alike file: e.g. a constructor argument of the wrong type
         raise OfficialFormatError(f"{path} is not a valid NVlabs EDM snapshot: "
-                                  f"{_one_line(exc)}") from exc
+                                  f"{_cut(_one_line(exc))}") from exc
     return state, config
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _one_line_message(exc: Exception, path: Path) -> str:
+    text = _cut(str(exc).replace("\r", "\\r").replace("\n", "\\n"), 400)
+    return text if str(path) in text else f"{path}: {text}"
 
 
 def _one_line(exc: Exception) -> str:
@@ -591,21 +785,38 @@ def denoiser_state_dict(state: dict, config: dict) -> dict[str, torch.Tensor]:
     return net
 
 
-def load_official(path, *, device="cpu", use_fp16: bool | None = None):
+def _checked(path, max_params: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """(edm-fast network state dict, config) of an official file, checked as
+    ``checkpoints.read_inference_weights`` checks an edm-fast file before anything is built:
+    the config (size of the network, sample shape), the key set, shapes, floating dtypes and
+    finite values of the weights."""
+    from .checkpoints import check_config, check_finite, check_weights
+
+    state, config = read_official(path)
+    net = denoiser_state_dict(state, config)
+    meta_net = check_config(config, path, max_params=max_params)
+    check_weights(meta_net, net, path)
+    check_finite(net, path)
+    return net, config
+
+
+def load_official(path, *, device="cpu", use_fp16: bool | None = None,
+                  max_params: int | None = None):
     """The official snapshot as an edm-fast ``Denoiser`` in eval mode on ``device``.
 
     use_fp16=None follows the snapshot: the official wrappers run F in float16 on CUDA when
-    their ``use_fp16`` is set, and in float32 otherwise (always on CPU).
+    their ``use_fp16`` is set, and in float32 otherwise (always on CPU). ``max_params`` bounds
+    the network's size (default ``checkpoints.DEFAULT_MAX_PARAMS``).
     """
-    from .checkpoints import build_denoiser
+    from .checkpoints import DEFAULT_MAX_PARAMS, build_denoiser
 
-    state, config = read_official(path)
+    net, config = _checked(path, DEFAULT_MAX_PARAMS if max_params is None else max_params)
     denoiser = build_denoiser(config)
     try:
-        denoiser.model.load_state_dict(denoiser_state_dict(state, config), strict=True)
+        denoiser.model.load_state_dict(net, strict=True)
     except RuntimeError as exc:
         raise OfficialFormatError(f"{path}: weights do not match the rebuilt network: "
-                                  f"{exc}") from exc
+                                  f"{_cut(_one_line(exc))}") from exc
     device = torch.device(device)
     fp16 = config["official"]["use_fp16"] if use_fp16 is None else use_fp16
     denoiser.net_dtype = torch.float16 if fp16 and device.type == "cuda" else None
@@ -614,13 +825,14 @@ def load_official(path, *, device="cpu", use_fp16: bool | None = None):
     return denoiser.to(device).eval().requires_grad_(False)
 
 
-def convert_official(src, dst, *, dtype: torch.dtype | None = None) -> Path:
+def convert_official(src, dst, *, dtype: torch.dtype | None = None,
+                     max_params: int | None = None) -> Path:
     """Write an official snapshot as an edm-fast inference checkpoint: ``ema.*`` weights (cast
-    to ``dtype`` when given) and the ``read_official`` config as metadata."""
-    from .checkpoints import save_checkpoint
+    to ``dtype`` when given) and the ``read_official`` config as metadata. The snapshot is
+    checked as ``load_official`` checks it; nothing is written unless it passes."""
+    from .checkpoints import DEFAULT_MAX_PARAMS, save_checkpoint
 
-    state, config = read_official(src)
-    net = denoiser_state_dict(state, config)
+    net, config = _checked(src, DEFAULT_MAX_PARAMS if max_params is None else max_params)
     tensors = {f"ema.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                .contiguous().clone() for k, v in net.items()}
     config = {**config, "converted_from": Path(src).name}

@@ -274,8 +274,8 @@ def test_class_by_folder_name_and_guidance_warning(tmp_path, capsys):
 
 
 def test_nan_options_and_a_nan_checkpoint_are_one_line_errors(tmp_path):
-    """--S-churn nan is refused with the options (exit 2); a checkpoint with a NaN weight stops
-    with one 'error:' line naming NaN/Inf (exit 1), not a NonFiniteError traceback."""
+    """--S-churn nan is refused with the options (exit 2); a checkpoint with a NaN weight is
+    refused when it loads, with one 'error:' line naming NaN/Inf (exit 2), not a traceback."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -293,7 +293,7 @@ def test_nan_options_and_a_nan_checkpoint_are_one_line_errors(tmp_path):
     save_file(tensors, tmp_path / "nan.safetensors", metadata=meta)
     res = _run(["sample", "--ckpt", str(tmp_path / "nan.safetensors"), "--steps", "4",
                 "--seeds", "0-1", "--out", str(tmp_path / "b.png")])
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "error: " in res.stderr and "NaN/Inf" in res.stderr
     assert not (tmp_path / "b.png").exists()
 
