@@ -40,9 +40,13 @@ from .plan import SamplingPlan
 from .precond import Denoiser, EDMPrecond
 from .sampler import Sampler, _model_shape, plan_for_model
 
-__all__ = ["bench_model", "bench_model_names", "benchmark_case", "check_bench_model",
-           "format_table", "load_k_diffusion_sampling", "measure_sampler",
+__all__ = ["COLUMNS", "bench_model", "bench_model_names", "benchmark_case", "check_bench_model",
+           "format_header", "format_row", "format_table", "legend", "load_k_diffusion_sampling",
+           "measure_sampler", "missing_outside_samplers", "not_installed_row",
            "nvlabs_style_sampler", "peak_flops", "time_call", "time_pair"]
+
+COLUMNS = ["model", "batch", "sampler", "warm-up s", "total ms", "ms/NFE", "img/s", "t_F ms",
+           "overhead %", "host %", "GFLOP/s", "% peak"]
 
 BENCH_ALIASES = {"mlp": "toy-mlp", "bundled": "default"}  # short names of a preset / model
 
@@ -342,50 +346,94 @@ def measure_sampler(model_name: str, batch: int, sampler: str, *, device, steps:
     return {"total": total, "t_f": t_f, "warmup": warmup, "host": host}
 
 
-def _measure_isolated(model_name, batch, sampler, device, steps, repeats) -> dict:
+def _die_with_parent(parent: int) -> None:
+    """In a child, before exec (Linux): get SIGTERM when the parent dies, however it dies (even
+    SIGKILL), so no measurement outlives an interrupted ``edm-fast bench``."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 15)  # PR_SET_PDEATHSIG = 1, SIGTERM = 15
+    except (OSError, AttributeError):  # no prctl: the parent's kill on interrupt remains
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _measure_isolated(model_name, batch, sampler, device, steps, repeats,
+                      threads: int | None = None) -> dict:
     """``measure_sampler`` in a fresh Python process: backends measured one after another in
     one process disturb each other (Inductor's OpenMP threads slowed ONNX Runtime's loop up to
-    2x on 2 cores; TorchDynamo stops compiling after 8 recompilations of one forward)."""
+    2x on 2 cores; TorchDynamo stops compiling after 8 recompilations of one forward). The
+    child ends with this process: it is killed when this one is interrupted (any exception,
+    KeyboardInterrupt included) and, on Linux, gets SIGTERM when this one dies."""
     import json
     import subprocess
 
-    args = json.dumps({"model_name": model_name, "batch": batch, "sampler": sampler,
-                       "device": str(device), "steps": steps, "repeats": repeats})
-    res = subprocess.run([sys.executable, "-m", "edm_fast.benchmark", args], check=False,
-                         capture_output=True, text=True)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+    spec = {"model_name": model_name, "batch": batch, "sampler": sampler,
+            "device": str(device), "steps": steps, "repeats": repeats}
+    if threads:
+        spec["threads"] = threads
+    parent = os.getpid()
+    preexec = (lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None
+    with subprocess.Popen([sys.executable, "-m", "edm_fast.benchmark", json.dumps(spec)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=preexec) as proc:  # noqa: PLW1509 (no threads here)
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (err.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(tail)
     return json.loads(lines[-1])
 
 
 def benchmark_case(model_name: str, batch: int, *, device, steps: int = 18, repeats: int = 5,
                    rounds: int = 1, backends=None, outside: bool = True, isolate: bool = True,
-                   log=print) -> list[dict]:
+                   log=print, on_row=None, on_start=None,
+                   threads: int | None = None) -> list[dict]:
     """Rows for one (model, batch): ours per backend, then nvlabs-eager and k-diffusion.
 
-    Each sampler is measured in its own process unless ``isolate=False``. With ``rounds`` > 1
-    the samplers are measured in turn that many times (round 1: every sampler, round 2: every
-    sampler, ...) and each keeps its fastest round: the host's speed drifts between processes,
-    and the minimum over rounds is the estimate least disturbed by it.
+    Each sampler is measured in its own process unless ``isolate=False`` (with ``threads``
+    torch threads, when given). With ``rounds`` > 1 the samplers are measured in turn that
+    many times (round 1: every sampler, round 2: every sampler, ...) and each keeps its fastest
+    round: the host's speed drifts between processes, and the minimum over rounds is the
+    estimate least disturbed by it. ``on_row(row)`` is called with each row as soon as it is
+    final (after its measurement with one round; after the last round otherwise), and
+    ``on_start(name)`` before each sampler's measurement starts.
     """
     den, _, latents, sigma, _, one_hot = _case_inputs(model_name, batch, device)
     plan = sampler_plan(den, steps)
-    flops = count_flops(den, latents, sigma, one_hot)
-    peak = peak_flops(device)
     names = [f"ours/{name}" for name, reason in available_backends().items()
              if reason is None and (backends is None or name in backends)]
     if outside:
         names.append("nvlabs-eager")
         if load_k_diffusion_sampling() is not None:
             names.append("k-diffusion")
+    rounds = max(1, rounds)
     best: dict[str, dict] = {}
-    for _ in range(max(1, rounds)):
+    rates: dict[str, float] = {}  # measured once the first sampler is: its process starts sooner
+
+    def row(name):
+        if not rates:
+            rates.update(flops=count_flops(den, latents, sigma, one_hot), peak=peak_flops(device))
+        flops, peak = rates["flops"], rates["peak"]
+        m = best[name]
+        return _row(model_name, batch, name, m["total"], plan.num_evals, m["t_f"], flops, peak,
+                    m["warmup"], m.get("host"))
+
+    for _ in range(rounds):
         for name in names:
+            if on_start is not None:
+                on_start(name)
             try:
                 if isolate:
-                    m = _measure_isolated(model_name, batch, name, device, steps, repeats)
+                    m = _measure_isolated(model_name, batch, name, device, steps, repeats,
+                                          threads)
                 else:
                     m = measure_sampler(model_name, batch, name, device=device, steps=steps,
                                         repeats=repeats)
@@ -394,19 +442,70 @@ def benchmark_case(model_name: str, batch: int, *, device, steps: int = 18, repe
                 continue
             if name not in best or m["total"] < best[name]["total"]:
                 best[name] = m
-    return [_row(model_name, batch, name, best[name]["total"], plan.num_evals, best[name]["t_f"],
-                 flops, peak, best[name]["warmup"], best[name].get("host"))
-            for name in names if name in best]
+            if on_row is not None and rounds == 1:
+                on_row(row(name))
+    rows = [row(name) for name in names if name in best]
+    if on_row is not None and rounds > 1:
+        for r in rows:
+            on_row(r)
+    return rows
+
+
+def missing_outside_samplers() -> dict[str, str]:
+    """The outside samplers the benchmark promises that cannot run here, with the reason."""
+    if load_k_diffusion_sampling() is None:
+        return {"k-diffusion": "not installed (pip install k-diffusion)"}
+    return {}
+
+
+def not_installed_row(sampler: str, reason: str, model: str = "*", batch="*") -> dict:
+    """A table row that says a sampler was not measured, and why (instead of no row)."""
+    row = dict.fromkeys(COLUMNS, "-")
+    row.update({"model": model, "batch": batch, "sampler": sampler, "warm-up s": reason})
+    return row
+
+
+def format_header(columns=COLUMNS) -> str:
+    """The Markdown table's header and rule lines (the bench rows' columns by default)."""
+    return "| " + " | ".join(columns) + " |\n" + "|" + "---|" * len(columns)
+
+
+def format_row(row: dict, columns=COLUMNS) -> str:
+    """One row as a Markdown table line."""
+    return "| " + " | ".join(str(row.get(c, "")) for c in columns) + " |"
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows as a Markdown table."""
+    """Rows as a Markdown table (the columns of the first row)."""
     if not rows:
         return "(no rows)"
     cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join([format_header(cols), *(format_row(r, cols) for r in rows)])
+
+
+def legend(threads: int, device="cpu", steps: int = 18, repeats: int = 3) -> str:
+    """What each column of the table means, printed under it."""
+    nfe = 2 * steps - 1
+    return f"""\
+Columns (every sampler in its own process, {threads} torch thread(s) each, on {device};
+median of {repeats} timed turns):
+  NFE        network evaluations per image: {steps} Heun steps = {nfe} NFE (2N-1)
+  warm-up s  set-up before the first call (compile, export, capture); not in the times
+  total ms   one sampling call for the whole batch
+  ms/NFE     one batch call's time / NFE (the batch's images share each evaluation)
+  img/s      batch / total
+  t_F ms     one denoiser forward on the batch, in the same execution mode (eager,
+             compiled, or the exported model the C++ loop runs)
+  overhead % (total - NFE x t_F) / total: the sampler's cost beyond its network calls. A
+             difference of two separate timings, so it carries the host's timing noise and
+             can be negative: a forward inside the loop ran faster than the isolated t_F
+             (warm caches, no dispatch between calls) or the host sped up between turns
+  host %     one call with a network that costs nothing (identity D / a session that runs
+             nothing), as % of total: the sampler's own work measured directly; n/a where
+             the network cannot be swapped out (inside the C++ loop, a CUDA graph)
+  GFLOP/s    FLOPs of the forward passes (torch.utils.flop_counter) per second of total
+  % peak     GFLOP/s against the best float32 matmul / 3x3 conv rate measured here
+Rows with '-' were not measured; their warm-up column says why."""
 
 
 if __name__ == "__main__":  # one isolated measurement (see _measure_isolated)
@@ -414,6 +513,9 @@ if __name__ == "__main__":  # one isolated measurement (see _measure_isolated)
 
     _spec = json.loads(sys.argv[1])
     _device = torch.device(_spec.pop("device"))
+    if _spec.get("threads"):
+        torch.set_num_threads(int(_spec["threads"]))
+    _spec.pop("threads", None)
     if _device.type == "cuda":
         torch.cuda.set_device(_device)
     print(json.dumps(measure_sampler(_spec.pop("model_name"), _spec.pop("batch"),

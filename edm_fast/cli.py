@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot. "
                    "Under torchrun every rank writes its own seeds: into the shared folder, or "
                    "to NAME.rank<R>.png / .npz")
-    add_sampling_options(p)
+    add_sampling_options(p, threads=True)
     p.set_defaults(func=cmd_sample)
 
     from . import cli_commands
@@ -118,19 +118,28 @@ def cmd_sample(args) -> int:
 
         twice = sorted(s for s, n in Counter(seeds).items() if n > 1)[:5]
         raise ValueError(f"--seeds lists seed(s) {', '.join(map(str, twice))} more than once")
-    from .device import resolve_device
+    from .device import busy_cpu_note, resolve_device, set_threads, setup_note
     from .distributed import rank_device, shard_seeds
 
     device = rank_device(resolve_device(args.device))  # torchrun on CUDA: cuda:LOCAL_RANK
+    set_threads(args.threads)
     seeds, rank, world = shard_seeds(seeds)
     if not seeds:  # more ranks than seeds: this one has nothing to do
         return 0
+    note = None if args.threads or rank else busy_cpu_note(device)  # --threads: user's choice
+    if note:
+        print(f"edm-fast sample: {note}", file=sys.stderr)
     out = args.out if world == 1 else _rank_path(args.out, rank)
     check_output(out)  # before loading the model: the file kinds and a writable folder
     sampler = Sampler(args.ckpt, batch_size=min(args.batch, len(seeds)),
                       **sampling_options(args), guidance=args.guidance,
                       dtype=getattr(torch, args.dtype), device=device, backend=args.backend,
-                      expected_images=len(seeds))
+                      expected_images=len(seeds),
+                      backend_options={"threads": args.threads} if args.threads
+                      and args.backend == "onnx" else None)
+    note = setup_note(sampler.warmup_seconds, sampler.backend_name, sampler.device)
+    if note and rank == 0:
+        print(f"edm-fast sample: {note}", file=sys.stderr)
     check_output(out, toy=len(sampler.shape) == 1)  # toy vectors: a .png plot or an .npz only
     labels = _labels_for(args, seeds, sampler)
     # a folder gets each batch's files as soon as it is sampled: an interrupted run keeps them

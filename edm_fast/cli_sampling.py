@@ -26,10 +26,12 @@ def _sigma_list(text: str) -> list[float]:
                                          f"{text!r}") from None
 
 
-def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True) -> None:
+def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True,
+                         threads: bool = False) -> None:
     """The options of ``edm_fast.plan.SamplingOptions`` (generated from its fields; guidance is
     left to each command, whose help differs), shared by sample, serve and plan; with
-    ``execution`` also --backend, --device, --dtype and --batch."""
+    ``execution`` also --backend, --device, --dtype and --batch, and with ``threads`` (a
+    command that applies it: ``edm_fast.device.set_threads``) --threads."""
     from dataclasses import MISSING, fields
 
     from .plan import SamplingOptions
@@ -63,6 +65,11 @@ def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True) -> 
     r.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="dtype of the sampler state (float64 = golden reference)")
     r.add_argument("--batch", type=int, default=64, metavar="B", help="images per batch")
+    if threads:
+        r.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads (torch, and ONNX Runtime for --backend onnx); default: "
+                       "torch's (one per core). On a loaded or shared CPU, 1 can be several "
+                       "times faster")
 
 
 def sampling_options(args) -> dict:

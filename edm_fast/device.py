@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["resolve_device", "synchronize"]
+__all__ = ["busy_cpu_note", "resolve_device", "set_threads", "setup_note", "synchronize"]
 
 
 def resolve_device(spec=None) -> torch.device:
@@ -43,3 +45,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply a ``--threads N`` option (torch's intra-op CPU threads; ONNX Runtime sessions
+    default to the same count); None keeps torch's default. Returns the count in effect."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def busy_cpu_note(device=None) -> str | None:
+    """A one-line note when the machine is loaded (1-minute load average >= its core count)
+    and this process would run on several CPU threads, which then wait on each other: on a
+    shared CPU, 1 thread has been 5-6x faster than 2. None otherwise (or off the CPU)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    cores = os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    if load < cores or threads <= 1:
+        return None
+    return (f"note: this machine is loaded (load average {load:.1f} on {cores} cores); with "
+            f"{threads} threads, --threads 1 can be several times faster")
+
+
+_SETUP_WHAT = {"compiled": "compile", "onnx": "export", "cpp": "export and compile"}
+
+
+def setup_note(seconds: float, backend: str, device, limit: float = 10.0) -> str | None:
+    """A one-line note when a CPU backend's set-up (export, compile) took over ``limit`` s."""
+    if seconds <= limit or torch.device(device).type != "cpu" or backend not in _SETUP_WHAT:
+        return None
+    return (f"note: set-up took {seconds:.0f} s ({_SETUP_WHAT[backend]}); for small jobs "
+            f"--backend reference needs none")
