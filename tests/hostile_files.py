@@ -58,11 +58,11 @@ def _fake_global(module: str, name: str):
             raise RuntimeError("never called")
 
         stub.__module__, stub.__qualname__, stub.__name__ = module, name, name
-        parts = module.split(".")
-        for i in range(1, len(parts) + 1):
-            sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-        setattr(sys.modules[module], name, stub)
         _STUBS[module, name] = stub
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):  # registered while pickling only (see _stub_modules)
+        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    setattr(sys.modules[module], name, _STUBS[module, name])
     return _STUBS[module, name]
 
 
@@ -145,7 +145,19 @@ def _safetensors(path: Path, tensors: dict, meta: dict | None) -> None:
 
 
 def make_corpus(folder) -> dict[str, Path]:
-    """Write every hostile file into ``folder``; {case name: path}."""
+    """Write every hostile file into ``folder``; {case name: path}. The stand-in modules that
+    pickling needs (torch_utils.*) are removed from sys.modules afterwards, so the process is
+    left as it was (other tests check that loading never imports torch_utils)."""
+    before = set(sys.modules)
+    try:
+        return _make_corpus(folder)
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith("torch_utils"):
+                del sys.modules[name]
+
+
+def _make_corpus(folder) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
