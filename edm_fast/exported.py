@@ -8,6 +8,9 @@ executor can evaluate (and whose file the cpp backend loads without exporting ag
 The file's ``edm_fast.*`` metadata gives what the contract needs: label_dim, the sample shape
 (img_channels, img_resolution), the sigma range and, for a discrete-time preconditioning (DDPM,
 iDDPM), the rounding of sigma to its trained levels (``round_sigma``).
+
+Such a file is a program (compiled code, or TorchScript): loading it runs it. Load only files
+you exported or trust as you would any program (docs/OFFICIAL.md).
 """
 
 from __future__ import annotations
