@@ -715,6 +715,9 @@ def load_dataset(spec: str, *, resolution: int | None = None, channels: int | No
                          "'mnist:DIR', 'toy:NAME' or an image folder DIR")
     if pad_to is not None:
         raise ValueError("pad_to applies to digits and MNIST only")
+    if path.is_dir() and any(path.glob("*-idx[13]-ubyte*")):
+        raise ValueError(f"{spec!r} holds MNIST IDX files, not an image folder "
+                         f"(label/file.jpg): use --data mnist:{spec}")
     return ImageFolderDataset(path, resolution=resolution or 64, channels=channels or 3,
                               cache=cache, progress=progress, max_pixels=max_pixels)
 

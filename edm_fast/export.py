@@ -115,9 +115,12 @@ class ExportableDenoiser(nn.Module):
             self.model = denoiser
             self.precond = None
             self.net_dtype = None
+        from .models import class_names
+
+        self.class_names = class_names(denoiser)  # the checkpoint's, e.g. its folder names
 
     def metadata(self) -> dict[str, str]:
-        """The preconditioning's entries of the exported metadata."""
+        """The preconditioning's entries of the exported metadata, and the class names."""
         if self.precond is None:
             name = f"nvlabs.{type(self.model).__name__}"
             config = {"class": type(self.model).__name__}
@@ -127,8 +130,11 @@ class ExportableDenoiser(nn.Module):
             name, config = self.precond.name, self.precond.config()
             lo, hi = float(self.precond.sigma_min), float(self.precond.sigma_max)
         # The sigma range the preconditioning supports (VP, VE: finite), which samplers clip to.
-        return {"edm_fast.precond": name, "edm_fast.precond_config": json.dumps(config),
+        meta = {"edm_fast.precond": name, "edm_fast.precond_config": json.dumps(config),
                 "edm_fast.sigma_min": repr(lo), "edm_fast.sigma_max": repr(hi)}
+        if self.class_names:  # label i of class_labels is class_names[i]
+            meta["edm_fast.class_names"] = json.dumps(self.class_names)
+        return meta
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:

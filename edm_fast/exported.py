@@ -56,6 +56,9 @@ class ExportedDenoiser(nn.Module):
         self.export_device = torch.device(meta.get("edm_fast.device", "cpu"))
         dynamic = meta.get("edm_fast.dynamic_batch", "1") == "1"
         self.static_batch = None if dynamic else int(meta.get("edm_fast.batch", "0"))
+        names = json.loads(meta.get("edm_fast.class_names", "[]"))
+        # what models.class_names reads, as on a loaded checkpoint
+        self.checkpoint_meta = {"data": {"class_names": [str(n) for n in names]}}
         precond = meta.get("edm_fast.precond", "")
         self._precond = (make_precond(json.loads(meta["edm_fast.precond_config"]))
                          if precond in ("ddpm", "iddpm") else None)

@@ -406,3 +406,11 @@ def test_resume_with_workers_is_bit_exact():
         xr, yr = next(resumed)
         assert torch.equal(x, xr) and torch.equal(y, yr)
         assert torch.equal(noise, torch.randn(3))  # the loader's start did not shift the noise
+
+
+def test_an_idx_folder_given_as_an_image_folder_gets_the_mnist_hint(tmp_path):
+    """--data DIR where DIR holds MNIST IDX files: the error says to use mnist:DIR (it said the
+    folder held no images)."""
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03")
+    with pytest.raises(ValueError, match=f"use --data mnist:{tmp_path}"):
+        data.load_dataset(str(tmp_path))

@@ -7,6 +7,7 @@ input only when label_dim > 0).
 
 from __future__ import annotations
 
+import json
 import os
 from math import inf
 
@@ -347,3 +348,22 @@ def test_exported_torchscript_keeps_the_discrete_levels(tmp_path):
     (tmp_path / "plain.ts").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
     with pytest.raises(ValueError, match="no edm_fast metadata"):
         ExportedDenoiser(tmp_path / "plain.ts")
+
+
+def test_exports_carry_the_class_names(tmp_path):
+    """The checkpoint's class names travel in the exported metadata (label i is name i), so a
+    loaded export samples a class by name like the checkpoint; ONNX files carry them too."""
+    from edm_fast.models import load_denoiser
+    from edm_fast.onnx_export import export_onnx, read_onnx_metadata
+    from edm_fast.sampler import Sampler
+
+    den = load_denoiser("default")
+    names = [str(k) for k in range(10)]
+    path = export_torchscript(den, (2, 1, 16, 16), path=tmp_path / "digits.ts")
+    assert json.loads(read_metadata(path)["edm_fast.class_names"]) == names
+    sampler = Sampler(load_denoiser(path), backend="reference", device="cpu", num_steps=4)
+    assert sampler.class_names == names
+    assert torch.equal(sampler(seeds=[3], class_labels="7"), sampler(seeds=[3], class_labels=7))
+    export_onnx(den, tmp_path / "digits.onnx", sample_shape=(1, 16, 16), check=False)
+    assert json.loads(read_onnx_metadata(tmp_path / "digits.onnx")["edm_fast.class_names"]) \
+        == names
