@@ -9,7 +9,6 @@ shows (the flash-attention rule: no worse than twice the reference's own error i
 """
 
 import copy
-import math
 import os
 import warnings
 
