@@ -25,7 +25,7 @@ import torch
 from .errors import BadFileError
 
 __all__ = [
-    "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint",
+    "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint", "class_names",
     "list_checkpoints", "remove_stale_temporaries", "UnreadableCheckpointError",
     "build_denoiser", "load_denoiser_checkpoint", "net_spec", "load_official",
     "export_inference_checkpoint", "check_config", "check_weights", "read_inference_weights",
@@ -377,6 +377,13 @@ def read_inference_weights(path, *, ema: bool = True, max_params: int = DEFAULT_
                                         f"{_cut(str(exc), 300)}") from exc
     check_finite(state, path)
     return state, meta
+
+
+def class_names(denoiser) -> list[str]:
+    """The class names a checkpoint stores (its data's folder names; '0'..'9' for the digits),
+    index i naming label i; [] when it stores none."""
+    meta = getattr(denoiser, "checkpoint_meta", None) or {}
+    return [str(name) for name in meta.get("data", {}).get("class_names", [])]
 
 
 def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True,

@@ -115,7 +115,7 @@ class ExportableDenoiser(nn.Module):
             self.model = denoiser
             self.precond = None
             self.net_dtype = None
-        from .models import class_names
+        from .checkpoints import class_names
 
         self.class_names = class_names(denoiser)  # the checkpoint's, e.g. its folder names
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
+from .checkpoints import class_names
 from .toy import MIXTURES
 
 __all__ = ["load_denoiser", "MODEL_NAMES", "ASSETS", "bundled_path", "model_mixture",
@@ -43,13 +44,6 @@ def exported_format(path) -> str | None:
     """'ONNX', 'AOTInductor' or 'TorchScript' for a file an export wrote (by its suffix), else
     None: such a file is for deployment, not a checkpoint to sample, convert or re-export."""
     return EXPORT_SUFFIXES.get(Path(path).suffix.lower())
-
-
-def class_names(denoiser) -> list[str]:
-    """The class names a checkpoint stores (its data's folder names; '0'..'9' for the digits),
-    index i naming label i; [] when it stores none."""
-    meta = getattr(denoiser, "checkpoint_meta", None) or {}
-    return [str(name) for name in meta.get("data", {}).get("class_names", [])]
 
 
 def load_denoiser(spec, *, device="cpu", ema: bool = True):

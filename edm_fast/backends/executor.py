@@ -16,7 +16,8 @@ from ..guidance import Guidance
 from ..program import EVAL, LATENTS, Program
 from ..samplers import NonFiniteError
 
-__all__ = ["execute", "run_program", "lincomb_torch", "SigmaVectors", "unwrap_guided"]
+__all__ = ["execute", "run_program", "lincomb_torch", "SigmaVectors", "SigmaVectorCache",
+           "unwrap_guided"]
 
 
 def lincomb_torch(srcs: list[torch.Tensor], coefs: tuple[float, ...]) -> torch.Tensor:
@@ -38,6 +39,20 @@ class SigmaVectors:
 
     def __getitem__(self, sigma: float) -> torch.Tensor:
         return self.by_value[sigma]
+
+
+class SigmaVectorCache:
+    """``SigmaVectors`` of one program per batch size, made on a backend's first call of that
+    size and reused by the next ones."""
+
+    def __init__(self, program: Program, dtype, device):
+        self.program, self.dtype, self.device = program, dtype, device
+        self._by_batch: dict[int, SigmaVectors] = {}
+
+    def __call__(self, n: int) -> SigmaVectors:
+        if n not in self._by_batch:
+            self._by_batch[n] = SigmaVectors(self.program, n, self.dtype, self.device)
+        return self._by_batch[n]
 
 
 def execute(program: Program, evaluate, latents: torch.Tensor, noise: torch.Tensor | None,

@@ -28,7 +28,7 @@ import torch
 from ..guidance import Guidance, one_hot_labels
 from ..onnx_export import OUTPUT_NAME, _net_dtype, export_onnx, make_session, read_onnx_metadata
 from ..plan import SamplingPlan
-from .executor import run_program, unwrap_guided
+from .executor import SigmaVectorCache, run_program, unwrap_guided
 
 __all__ = ["OnnxBackend"]
 
@@ -178,6 +178,7 @@ class OnnxBackend:
         self.evaluate = OrtEvaluator(self.session, self.device, self.batch_shape[1:],
                                      self.label_dim)
         self.guidance = Guidance(self.plan.guidance)
+        self.sigmas = SigmaVectorCache(self.plan.program, dtype, self.device)
         self._warmup()
         self.warmup_seconds = time.perf_counter() - start
 
@@ -243,6 +244,6 @@ class OnnxBackend:
         noise = None if noise is None else noise.to(self.device, self.dtype)
         labels = self._labels(class_labels, latents.shape[0])
         return run_program(self.plan.program, self.evaluate, latents, noise, labels,
-                           guidance=self.guidance)
+                           guidance=self.guidance, sigmas=self.sigmas(latents.shape[0]))
 
     __call__ = run

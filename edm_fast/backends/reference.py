@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..guidance import Guidance
 from ..plan import SamplingPlan
-from .executor import run_program, unwrap_guided
+from .executor import SigmaVectorCache, run_program, unwrap_guided
 
 __all__ = ["ReferenceBackend"]
 
@@ -19,6 +19,7 @@ class ReferenceBackend:
         self.denoiser, self.plan = unwrap_guided(denoiser, plan)
         self.dtype, self.device = dtype, device
         self.guidance = Guidance(self.plan.guidance)
+        self.sigmas = SigmaVectorCache(self.plan.program, dtype, device)
         self.warmup_seconds = 0.0
 
     def run(self, latents, noise=None, class_labels=None):
@@ -28,4 +29,4 @@ class ReferenceBackend:
         noise = None if noise is None else noise.to(self.device, self.dtype)
         labels = None if class_labels is None else class_labels.to(self.device)
         return run_program(self.plan.program, self.denoiser, latents, noise, labels,
-                           guidance=self.guidance)
+                           guidance=self.guidance, sigmas=self.sigmas(latents.shape[0]))
