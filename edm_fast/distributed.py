@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import datetime
+import gc
 import os
 
 import torch
@@ -50,6 +52,17 @@ def close_distributed() -> None:
     a finished process with "terminate called without an active exception" (its worker threads
     outlive Python), which turns a successful run's exit status into SIGABRT."""
     if dist.is_available() and dist.is_initialized():
+        # A DDP wrapper kept alive by a reference cycle would otherwise be freed during the
+        # interpreter's finalisation, with gloo work still holding its tensors: collect it now.
+        gc.collect()
+        if dist.get_backend() == "gloo":
+            # Every rank first finishes its collectives and I/O: a rank that tears down its gloo
+            # connections while a peer still uses the group can abort that peer at exit. The
+            # wait is bounded, so a rank whose peer crashed or was interrupted still leaves.
+            try:
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            except RuntimeError:
+                pass
         dist.destroy_process_group()
 
 
