@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (
-    CheckpointError, build_denoiser, latest_checkpoint, list_checkpoints, net_spec,
-    UnreadableCheckpointError, read_checkpoint, remove_stale_temporaries, save_checkpoint,
+    CheckpointError, build_denoiser, check_finite, check_weights, latest_checkpoint,
+    list_checkpoints, net_spec, UnreadableCheckpointError, read_checkpoint, remove_stale_temporaries, save_checkpoint,
 )
 from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main, rank_device
@@ -305,7 +305,8 @@ def _check_same_model(saved: dict, new: dict, path: Path) -> None:
                ] if plain(saved["sample_shape"]) != plain(new["sample_shape"]) else []
     if old_net.get("arch") != new_net.get("arch"):
         changed.append(f"arch {old_net.get('arch')} -> {new_net.get('arch')}")
-    old_kw, new_kw = old_net.get("kwargs", {}), new_net.get("kwargs", {})
+    old_kw, new_kw = (n.get("kwargs") if isinstance(n.get("kwargs"), dict) else {}
+                      for n in (old_net, new_net))
     changed += [f"{k} {old_kw.get(k)!r} -> {new_kw.get(k)!r}"
                 for k in sorted(set(old_kw) | set(new_kw)) if old_kw.get(k) != new_kw.get(k)]
     if changed:
@@ -358,10 +359,14 @@ def _resume_or_start(run: _Run, resume: bool):
                                   "optimizer state or training weights; an inference file "
                                   "written by convert/export?)")
         saved = meta["train"]
+        if not isinstance(saved, dict) or not isinstance(meta.get("net"), dict) \
+                or "sample_shape" not in meta:
+            raise CheckpointError(f"--resume: {latest} has damaged metadata (its training "
+                                  "options, network or sample shape are missing)")
         for key in ("data", "preset", "loss", "cond", "batch", "augment", "seed"):
-            if getattr(cfg, key) != saved[key]:
+            if getattr(cfg, key) != saved.get(key):
                 raise ValueError(f"--resume: {key}={getattr(cfg, key)!r} differs from the run's "
-                                 f"{saved[key]!r}")
+                                 f"{saved.get(key)!r}")
     torch.manual_seed(cfg.seed * 1000 + run.rank)
     dataset = _load_data(cfg)
     denoiser, new_meta, pipe = _build(cfg, dataset, run.device)
@@ -385,21 +390,44 @@ def _resume_or_start(run: _Run, resume: bool):
                          pin_memory=run.device.type == "cuda")
     step, nonfinite_total = 0, 0
     if tensors is not None:
-        model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        step, nonfinite_total = _restore_training_state(latest, tensors, meta, run, denoiser,
+                                                        ema, opt, stream)
+    return dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total
+
+
+def _restore_training_state(path: Path, tensors, meta, run: _Run, denoiser, ema, opt,
+                            stream) -> tuple[int, int]:
+    """Load a checkpoint's training state into the freshly built run; (step, nonfinite_total).
+
+    The file is checked before anything is loaded: the weights and EMA weights match the
+    network built from the options (keys, shapes, floating dtypes) and are finite, the step
+    counters are non-negative integers. A file that still fails to restore (optimizer, data
+    order or RNG state of another shape) is refused as a damaged file, in one line."""
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    for weights in (model_sd, ema_sd):
+        check_weights(denoiser.model, weights, path)
+        check_finite(weights, path)
+    step, nonfinite_total = meta.get("step"), meta.get("nonfinite_total", 0)
+    for name, value in (("step", step), ("nonfinite_total", nonfinite_total)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"--resume: {path}: {name} is {value!r}, not a count")
+    rng = {k.split(".")[2]: v for k, v in tensors.items() if k.startswith(f"rng.rank{run.rank}.")}
+    if not rng:
+        raise CheckpointError(f"{path}: no RNG state for rank {run.rank} (was the run "
+                              "started with a different number of processes?)")
+    try:
         denoiser.model.load_state_dict(model_sd)
         ema.model.load_state_dict(ema_sd)
         _restore_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")},
                            meta["optimizer"])
         stream.load_state_dict(meta["stream"])
-        rng = {k.split(".")[2]: v for k, v in tensors.items()
-               if k.startswith(f"rng.rank{run.rank}.")}
-        if not rng:
-            raise CheckpointError(f"{latest}: no RNG state for rank {run.rank} (was the run "
-                                  "started with a different number of processes?)")
         _set_rng_state(rng, run.device)
-        step, nonfinite_total = meta["step"], meta.get("nonfinite_total", 0)
-    return dataset, denoiser, meta, pipe, ema, opt, stream, step, nonfinite_total
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        what = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        raise CheckpointError(f"--resume: {path} holds a damaged training state ({what})") \
+            from exc
+    return step, nonfinite_total
 
 
 def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total,

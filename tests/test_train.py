@@ -14,6 +14,7 @@ from data_fixtures import make_image_folder
 
 from edm_fast.checkpoints import (
     CheckpointError, latest_checkpoint, load_denoiser_checkpoint, read_checkpoint,
+    save_checkpoint,
 )
 from edm_fast.losses import EDMLoss
 from edm_fast.train import EMA, TrainConfig, TrainingDiverged, train
@@ -534,3 +535,70 @@ def test_final_loss_is_the_last_logged_loss(tmp_path):
     assert records[-1]["summary"]["final_loss"] == logged[-1]["loss"]
     again = train(_toy(tmp_path, 10), resume=True)  # nothing left to train
     assert again["final_loss"] is None and again["final_loss_steps"] == 0
+
+
+def _damage(ckpt, change):
+    """Rewrite a training checkpoint with ``change(tensors, meta)`` applied."""
+    tensors, meta = read_checkpoint(ckpt)
+    change(tensors, meta)
+    meta.pop("format_version", None)
+    save_checkpoint(ckpt, tensors, meta)
+
+
+def _first_key(tensors, prefix):
+    return next(k for k in tensors if k.startswith(prefix) and tensors[k].ndim == 2)
+
+
+RESUME_DAMAGE = {
+    "nan model weight": (lambda t, m: t[_first_key(t, "model.")].fill_(float("nan")),
+                         "NaN/Inf"),
+    "wrong ema shape": (lambda t, m: t.update({_first_key(t, "ema."): torch.zeros(3, 3)}),
+                        "shape"),
+    "int weights": (lambda t, m: t.update({(k := _first_key(t, "model.")):
+                                           t[k].to(torch.int32)}), "int32"),
+    "missing weight": (lambda t, m: t.pop(_first_key(t, "model.")), "missing"),
+    "step not a count": (lambda t, m: m.update(step="12"), "not a count"),
+    "no training options": (lambda t, m: m.update(train=[1]), "damaged metadata"),
+    "stream state": (lambda t, m: m.update(stream={"seed": 0}), "damaged training state"),
+    "optimizer state": (lambda t, m: m.update(optimizer={"scalars": 3}),
+                        "damaged training state"),
+    "rng state": (lambda t, m: t.update({"rng.rank0.cpu": torch.zeros(5, dtype=torch.uint8)}),
+                  "damaged training state"),
+}
+
+
+@pytest.fixture(scope="module")
+def _short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("short")
+    train(_toy(out, 2))
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_DAMAGE))
+def test_resume_refuses_a_damaged_training_state(_short_run, tmp_path, case):
+    """--resume checks the checkpoint before loading it (weights against the rebuilt network,
+    finite values, counters, then optimizer / data order / RNG state): a damaged or hostile file
+    is one CheckpointError naming it, never a traceback from deep inside torch."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(_short_run, out)
+    change, expected = RESUME_DAMAGE[case]
+    _damage(latest_checkpoint(out), change)
+    with pytest.raises(CheckpointError, match=expected) as info:
+        train(_toy(out, 4), resume=True)
+    assert "\n" not in str(info.value) and str(latest_checkpoint(out).name) in str(info.value)
+
+
+def test_cli_resume_of_a_damaged_checkpoint_is_one_line(_short_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(_short_run, out)
+    _damage(latest_checkpoint(out), RESUME_DAMAGE["nan model weight"][0])
+    res = subprocess.run([sys.executable, "-m", "edm_fast", "train", "--resume", "--data",
+                          "toy:gmm2d", "--preset", "toy-mlp", "--batch", "64", "--lr", "1e-3",
+                          "--kimg", "0.256", "--out", str(out), "--no-progress",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "NaN/Inf" in res.stderr
