@@ -1,4 +1,4 @@
-"""edm-fast command line: sample, train, export, convert, bench, compare, serve.
+"""edm-fast command line: sample, train, export, convert, bench, compare, serve, phema.
 
 Examples:
     edm-fast sample --steps 18 --out samples.png                 # bundled digits model
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_commands
 
     cli_commands.add_commands(sub, _Formatter, add_sampling_options)
+    from .cli_phema import add_phema_command
+
+    add_phema_command(sub, _Formatter)
     return parser
 
 
@@ -219,6 +222,7 @@ def _name_options(message: str, parser: argparse.ArgumentParser, command: str) -
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the user typed
     plain_format = warnings.formatwarning
     # warnings reach a CLI user as one line each, not as a source location and a code line;
     # the deprecation notices of libraries (torch.export, torch.jit) are for developers

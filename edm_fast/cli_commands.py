@@ -185,10 +185,18 @@ def _add_train(sub, formatter) -> None:
     g.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     g.add_argument("--augment", type=float, default=d.augment, metavar="P",
                    help="non-leaking augmentation probability (EDM App. F.2); 0 = off")
+    g.add_argument("--xflip", action="store_true",
+                   help="mirror each training image left-right with probability 1/2 (as "
+                   "NVlabs' --xflip: mirrored images count as real data, so the model also "
+                   "generates mirrored ones; for photos, not for digits or text). Applied "
+                   "before --augment, whose own flips are undone by its conditioning")
     o = p.add_argument_group("optimisation")
     o.add_argument("--kimg", type=float, default=d.kimg,
                    help="training length in thousands of images")
     o.add_argument("--batch", type=int, default=d.batch, help="global batch size")
+    o.add_argument("--batch-gpu", type=int, default=None, metavar="N",
+                   help="at most N images per forward pass on each device; the rest of the "
+                   "batch accumulates gradients (same result as the full batch, less memory)")
     o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     o.add_argument("--lr-rampup-kimg", type=float, default=d.lr_rampup_kimg,
                    help="learning-rate ramp-up length in thousands of images")
@@ -203,9 +211,10 @@ def _add_train(sub, formatter) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--out", default=d.out, help="run folder")
     r.add_argument("--resume", action="store_true",
-                   help="continue from the latest readable checkpoint in --out; the data, loss, "
-                   "batch, seed and network options (dropout and resolution included) must be "
-                   "the run's own; lr, EMA and lengths may change")
+                   help="continue from the latest readable checkpoint in --out with the run's "
+                   "saved options; options given on the command line override them where the "
+                   "run allows (lr, EMA, lengths, checkpoint periods); a different data, loss, "
+                   "batch, seed or network option is refused by name")
     r.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
     r.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     r.add_argument("--ckpt-every", type=float, default=d.ckpt_every_kimg,
@@ -214,16 +223,31 @@ def _add_train(sub, formatter) -> None:
                    dest="sample_every_kimg", help="sample-grid period in kimg (0: end only)")
     r.add_argument("--no-progress", action="store_false", dest="progress",
                    help="no progress bars (data loading, training)")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, parser=p)
+
+
+def _explicit_options(args) -> set[str]:
+    """The option names (dests) set on the command line: the train arguments are parsed again
+    into a namespace whose every name already holds a marker, which argparse leaves in place
+    for an option that was not given (it fills only missing names with defaults)."""
+    import argparse
+
+    marker = object()
+    namespace = argparse.Namespace(**{k: marker for k in vars(args)})
+    argv = args.argv[args.argv.index(args.command) + 1:]
+    args.parser.parse_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not marker}
 
 
 def _cmd_train(args) -> int:
     import dataclasses
 
-    from .train import TrainConfig, train
+    from .train import TrainConfig, resumed_config, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.resume:
+        cfg = resumed_config(cfg, _explicit_options(args))
     summary = train(cfg, resume=args.resume)
     if not summary.get("checkpoint"):
         return 0  # not the main process of a torchrun job

@@ -12,6 +12,7 @@ or SIGTERM (single-process runs), and multi-process data parallelism under torch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -33,7 +34,7 @@ from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main, rank_device
 from .losses import make_loss
 
-__all__ = ["TrainConfig", "train", "TrainingDiverged", "LOSS_PRECOND"]
+__all__ = ["TrainConfig", "train", "TrainingDiverged", "LOSS_PRECOND", "resumed_config"]
 
 LOSS_PRECOND = {"edm": "edm", "ddpm": "ddpm", "vp": "vp", "ve": "ve"}
 
@@ -87,6 +88,7 @@ class TrainConfig:
     cond: bool = False                   # class-conditional on the data's labels
     kimg: float = 200.0                  # training length in thousands of images
     batch: int = 128                     # global batch size (split over ranks)
+    batch_gpu: int | None = None         # max images per forward pass; the rest accumulates
     lr: float = 1e-3                     # Adam learning rate after the ramp-up
     lr_rampup_kimg: float = 10.0         # linear ramp-up length
     ema_halflife_kimg: float = 50.0      # EMA half-life in thousands of images
@@ -95,6 +97,7 @@ class TrainConfig:
     dropout: float | None = None         # override the preset's dropout
     label_dropout: float = 0.0           # label dropout for classifier-free guidance
     augment: float = 0.0                 # augmentation probability (EDM App. F.2); 0 = off
+    xflip: bool = False                  # mirror each training image with probability 1/2
     amp: str = "none"                    # none | bf16 | fp16 autocast
     resolution: int | None = None        # image size (default: the data's / preset's)
     channels: int | None = None          # 1 or 3 for image data (default: the data's)
@@ -133,6 +136,29 @@ class EMA:
             b_ema.copy_(b)
 
 
+# Options that describe this invocation, not the run: --resume never takes them from the run.
+NOT_RESUMED = ("out", "device", "workers", "progress", "max_steps")
+
+
+def resumed_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """``cfg`` with every option outside ``explicit`` (the ones the user set) taken from the
+    run's newest checkpoint in cfg.out, except NOT_RESUMED; ``cfg`` itself when there is no
+    readable checkpoint (train() then says why). An explicit option that differs from the
+    run's where the run fixes it (data, network, batch, seed, ...) is still refused by train()."""
+    latest = latest_checkpoint(cfg.out)
+    if latest is None:
+        return cfg
+    try:
+        _, meta = read_checkpoint(latest, prefixes=("\0",))  # the metadata only
+    except CheckpointError:
+        return cfg
+    saved = meta.get("train")
+    if not isinstance(saved, dict):
+        return cfg
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_RESUMED) - explicit
+    return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in names})
+
+
 def _check_config(cfg: TrainConfig) -> None:
     """Reject option values that cannot work, before anything is written."""
     if cfg.loss not in LOSS_PRECOND:
@@ -143,8 +169,8 @@ def _check_config(cfg: TrainConfig) -> None:
                 "ema_halflife_kimg": cfg.ema_halflife_kimg, "ckpt_every_kimg": cfg.ckpt_every_kimg,
                 "log_every": cfg.log_every, "max_nonfinite": cfg.max_nonfinite,
                 "keep_ckpts": cfg.keep_ckpts}
-    positive |= {k: v for k, v in (("max_steps", cfg.max_steps), ("grad_clip", cfg.grad_clip))
-                 if v is not None}
+    positive |= {k: v for k, v in (("max_steps", cfg.max_steps), ("grad_clip", cfg.grad_clip),
+                                   ("batch_gpu", cfg.batch_gpu)) if v is not None}
     for name, value in positive.items():
         if not 0 < value < math.inf:
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -192,6 +218,8 @@ def _build(cfg: TrainConfig, dataset, device):
     if cfg.label_dropout:
         overrides["label_dropout"] = cfg.label_dropout
     toy = dataset.resolution is None
+    if toy and cfg.xflip:
+        raise ValueError(f"--xflip mirrors images; {cfg.data!r} holds vectors")
     if toy != (get_preset(cfg.preset).arch == "mlp"):
         raise ValueError(f"preset {cfg.preset!r} is {'an image' if toy else 'a vector'} network, "
                          f"but {cfg.data!r} holds {'vectors' if toy else 'images'}; use "
@@ -596,6 +624,8 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
             break  # Ctrl-C also reached the data loader's workers: stop at the last whole step
         images = images.to(run.device, non_blocking=True)
         labels = labels.to(run.device) if denoiser.label_dim else None
+        if cfg.xflip:
+            images = _mirror_half(images, cfg.seed, step, run.rank)
         aug_labels = None
         if pipe is not None:
             images, aug_labels = pipe(images)
@@ -603,10 +633,9 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
         for group in opt.param_groups:  # learning-rate ramp-up (App. F.3)
             ramp = (step * cfg.batch) / max(cfg.lr_rampup_kimg * 1000, 1e-8)
             group["lr"] = cfg.lr * min(ramp, 1)
-        with torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(train_den, images, labels, aug_labels).float().mean()
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = _accumulate_gradients(loss_fn, train_den, images, labels, aug_labels, scaler,
+                                     cfg.batch_gpu, amp_dtype, run.device)
         scaler.unscale_(opt)
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.model.parameters(), max_norm)
@@ -652,6 +681,52 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
             _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total, scaler)
         raise TrainingInterrupted(step, latest_checkpoint(run.out), stop.signal)
     return step, last_logged, nonfinite_total
+
+
+def _mirror_half(images: torch.Tensor, seed: int, step: int, rank: int) -> torch.Tensor:
+    """--xflip: each image mirrored left-right with probability 1/2, drawn from a generator of
+    its own seeded by (seed, step, rank), so the global RNG (and resume) is unaffected. NVlabs'
+    --xflip doubles the data set with mirrored copies; a fair coin per image per step gives
+    each image and its mirror the same expected share of training."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    flip = torch.rand(images.shape[0], generator=gen) < 0.5
+    flip = flip.to(images.device).reshape(-1, *([1] * (images.ndim - 1)))
+    return torch.where(flip, images.flip(-1), images)
+
+
+def _accumulate_gradients(loss_fn, train_den, images, labels, aug_labels, scaler,
+                          batch_gpu: int | None, amp_dtype, device) -> torch.Tensor:
+    """Backpropagate the batch's mean loss; returns it (detached). With ``batch_gpu`` below the
+    batch, the random numbers of the loss (sigma, noise, DDPM's t) are drawn for the whole
+    batch first, then each slice of at most ``batch_gpu`` images adds its share
+    (slice size / batch) of the mean's gradient, so the result equals the full batch's to float
+    rounding while only one slice's activations are alive at a time. Under DDP the gradients
+    are all-reduced once, on the last slice."""
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    n = images.shape[0]
+    if batch_gpu is None or batch_gpu >= n:
+        with autocast:
+            loss = loss_fn(train_den, images, labels, aug_labels).float().mean()
+        scaler.scale(loss).backward()
+        return loss.detach()
+    drawn = loss_fn.draw(train_den, images)
+    ddp = train_den.model if hasattr(train_den.model, "no_sync") else None
+    total = torch.zeros((), device=device)
+    starts = range(0, n, batch_gpu)
+    for start in starts:
+        part = slice(start, min(start + batch_gpu, n))
+        last = start + batch_gpu >= n
+        sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+        with sync:
+            with autocast:
+                per_element = loss_fn.given(
+                    train_den, images[part], None if labels is None else labels[part],
+                    None if aug_labels is None else aug_labels[part],
+                    {k: v[part] for k, v in drawn.items()}).float()
+                share = per_element.mean() * (per_element.shape[0] / n)
+            scaler.scale(share).backward()
+        total += share.detach()
+    return total
 
 
 def _summary(run: _Run, step, steps_this_run, last_logged, nonfinite_total, in_sync,

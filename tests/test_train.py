@@ -602,3 +602,66 @@ def test_cli_resume_of_a_damaged_checkpoint_is_one_line(_short_run, tmp_path):
                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "NaN/Inf" in res.stderr
+
+
+@pytest.mark.parametrize("loss_name", ["edm", "ddpm"])
+def test_batch_gpu_accumulates_the_full_batch_gradient(loss_name):
+    """--batch-gpu: the loss's random numbers are drawn for the whole batch, then slices of at
+    most batch_gpu images accumulate their share; the gradient equals the full batch's to
+    float32 rounding (bound 1e-5 relative: only the summation order differs)."""
+    from edm_fast.checkpoints import build_denoiser, net_spec
+    from edm_fast.losses import make_loss
+    from edm_fast.train import _accumulate_gradients
+
+    torch.manual_seed(0)
+    spec = net_spec("tiny", img_resolution=8, img_channels=1, label_dim=3)
+    den = build_denoiser({"net": spec, "precond": {"name": loss_name}}).train()
+    loss_fn = make_loss(loss_name)
+    images, labels = torch.randn(10, 1, 8, 8), torch.nn.functional.one_hot(
+        torch.arange(10) % 3, 3).float()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    grads, losses = [], []
+    for batch_gpu in (None, 4):  # 10 = 4 + 4 + 2: unequal slices are weighted by their size
+        den.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        losses.append(_accumulate_gradients(loss_fn, den, images, labels, None, scaler,
+                                            batch_gpu, None, torch.device("cpu")))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in den.parameters()]))
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[0].norm()
+    assert grads[0].norm() > 0
+
+
+def test_xflip_mirrors_about_half_and_is_reproducible(tmp_path):
+    from edm_fast.train import _mirror_half
+
+    images = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 1, 6, 4).repeat(400, 1, 1, 1)
+    out = _mirror_half(images, seed=0, step=7, rank=0)
+    mirrored = (out == images.flip(-1)).flatten(1).all(1)
+    kept = (out == images).flatten(1).all(1)
+    assert bool((mirrored ^ kept).all())  # each image whole, one or the other
+    assert 150 < int(mirrored.sum()) < 250  # Binomial(400, 1/2): mean 200, sd 10
+    assert torch.equal(out, _mirror_half(images, seed=0, step=7, rank=0))
+    assert not torch.equal(out, _mirror_half(images, seed=0, step=8, rank=0))
+
+    with pytest.raises(ValueError, match="xflip mirrors images"):  # toy data are vectors
+        train(_toy(tmp_path, 1, xflip=True))
+
+
+def test_resume_takes_the_runs_saved_options(_short_run, tmp_path):
+    """`train --resume --out RUN` needs no other option: the run's own are read from its
+    checkpoint; an explicit option the run fixes (batch) is still refused by name."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(_short_run, out)
+    base = [sys.executable, "-m", "edm_fast", "train", "--resume", "--out", str(out),
+            "--no-progress", "--device", "cpu"]
+    res = subprocess.run(base + ["--kimg", "0.256"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _, meta = read_checkpoint(latest_checkpoint(out))
+    assert meta["step"] == 4 and meta["train"]["lr"] == TOY["lr"]
+    assert meta["train"]["data"] == "toy:gmm2d" and meta["train"]["kimg"] == 0.256
+    res = subprocess.run(base + ["--batch", "32"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "batch=32 differs from the run's 64" in res.stderr
