@@ -589,6 +589,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if step >= total_steps:  # a finished run resumed with the same length: nothing to do
         return _summary(run, step, 0, None, nonfinite_total, in_sync=True, log=False)
     start_step = step
+    cfg = dataclasses.replace(cfg, batch_gpu=_images_per_pass(run, cfg, meta, denoiser, pipe,
+                                                              loss_fn))
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.loss}", unit="step",
                disable=not (cfg.progress and run.main), dynamic_ncols=True)
@@ -602,6 +604,46 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         bar.close()
     in_sync = _ranks_in_sync(denoiser.model, run.world)
     return _summary(run, step, step - start_step, last_logged, nonfinite_total, in_sync)
+
+
+def _images_per_pass(run: _Run, cfg: TrainConfig, meta, denoiser, pipe, loss_fn) -> int | None:
+    """cfg.batch_gpu, or when it is unset and this rank's batch would not fit in the memory
+    available (train_memory), the largest micro-batch that does, with a one-line note. The
+    estimate runs the loss on random images under a forked RNG: training's random stream is
+    untouched."""
+    from .train_memory import available_bytes, estimate_step_memory, fitting_micro_batch
+
+    per_rank = cfg.batch // run.world
+    if cfg.batch_gpu is not None:
+        return cfg.batch_gpu
+    shape = tuple(meta["sample_shape"])
+
+    def loss_of_images(n):
+        images = torch.randn(n, *shape, device=run.device)
+        labels = (torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long),
+                                              denoiser.label_dim).float().to(run.device)
+                  if denoiser.label_dim else None)
+        aug = None
+        if pipe is not None:
+            images, aug = pipe(images)
+            aug = aug.to(run.device)
+        return loss_fn(denoiser, images, labels, aug).float().mean()
+
+    cuda = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        estimate = estimate_step_memory(denoiser.model, loss_of_images)
+    available = available_bytes(run.device)
+    try:
+        micro = fitting_micro_batch(estimate, per_rank, available)
+    except MemoryError as exc:
+        raise ValueError(f"{exc}") from None
+    if micro is not None and run.main:
+        warnings.warn(f"a batch of {per_rank} per device needs about "
+                      f"{estimate.step_bytes(per_rank) / 2**30:.1f} GB, "
+                      f"{available / 2**30:.1f} GB is available: training {micro} images per "
+                      "pass with gradient accumulation (--batch-gpu; the same result)",
+                      stacklevel=3)
+    return micro
 
 
 def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, loss_fn, bar,
