@@ -29,7 +29,7 @@ __all__ = [
     "list_checkpoints", "remove_stale_temporaries", "UnreadableCheckpointError",
     "build_denoiser", "load_denoiser_checkpoint", "net_spec", "load_official",
     "export_inference_checkpoint", "check_config", "check_weights", "read_inference_weights",
-    "FORMAT_VERSION", "DEFAULT_MAX_PARAMS", "MAX_SAMPLE_VALUES",
+    "FORMAT_VERSION", "DEFAULT_MAX_PARAMS", "MAX_SAMPLE_VALUES", "max_params_limit",
 ]
 
 FORMAT_VERSION = 1
@@ -162,7 +162,25 @@ def build_net_from_spec(spec: dict) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------
 # Checks before anything is allocated: a downloaded file's metadata decides what gets built.
 
-DEFAULT_MAX_PARAMS = 1_600_000_000  # parameters a network may have (raise with max_params=)
+DEFAULT_MAX_PARAMS = 1_600_000_000  # parameters a network may have (EDM2-XXL has ~1.5B)
+MAX_PARAMS_ENV = "EDM_FAST_MAX_PARAMS"  # raises (or lowers) the limit for every command
+
+
+def max_params_limit(max_params: int | None = None) -> int:
+    """The network-size limit: ``max_params`` when given, else $EDM_FAST_MAX_PARAMS, else
+    DEFAULT_MAX_PARAMS."""
+    if max_params is not None:
+        return int(max_params)
+    raw = os.environ.get(MAX_PARAMS_ENV)
+    if raw is None:
+        return DEFAULT_MAX_PARAMS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_PARAMS_ENV}={raw!r} is not a positive parameter count")
+    return value
 MAX_SAMPLE_VALUES = 1 << 24         # values in one sample (e.g. 4 x 2048 x 2048)
 _MAX_INT_KWARG = 1 << 16            # any integer network argument (channels, resolution ...)
 _MAX_BLOCKS = 64                    # num_blocks, and the length of any list argument
@@ -240,11 +258,11 @@ def _check_precond(path, precond) -> None:
         raise _bad(path, f"precond {_cut(precond)} is invalid: {exc}") from exc
 
 
-def check_config(meta, path, *, max_params: int = DEFAULT_MAX_PARAMS) -> torch.nn.Module:
+def check_config(meta, path, *, max_params: int | None = None) -> torch.nn.Module:
     """Check a checkpoint's metadata before anything is allocated and return its network built
     on the ``meta`` device (no memory for weights): a known arch with bounded plain kwargs, at
-    most ``max_params`` parameters, a known precond with finite values, a positive
-    ``sample_shape`` of at most MAX_SAMPLE_VALUES values. CheckpointError (a BadFileError)
+    most ``max_params`` parameters (default: max_params_limit()), a known precond with
+    finite values, a positive ``sample_shape`` of at most MAX_SAMPLE_VALUES values. CheckpointError (a BadFileError)
     naming ``path`` otherwise."""
     from .nets.presets import ARCHS
 
@@ -273,9 +291,10 @@ def check_config(meta, path, *, max_params: int = DEFAULT_MAX_PARAMS) -> torch.n
         raise _bad(path, f"its {spec['arch']} network config cannot be built: "
                    f"{type(exc).__name__}: {_cut(str(exc), 200)}") from exc
     count = sum(p.numel() for p in net.parameters())
-    if count > max_params:
+    limit = max_params_limit(max_params)
+    if count > limit:
         raise _bad(path, f"its network would have {count:,} parameters, more than the limit "
-                   f"of {max_params:,} (pass max_params= to allow more)")
+                   f"of {limit:,} (set {MAX_PARAMS_ENV}=N or pass max_params=N to allow more)")
     return net
 
 
@@ -340,7 +359,7 @@ def _parse_meta(raw, path) -> dict:
     return meta
 
 
-def read_inference_weights(path, *, ema: bool = True, max_params: int = DEFAULT_MAX_PARAMS):
+def read_inference_weights(path, *, ema: bool = True, max_params: int | None = None):
     """(state, meta): the network weights of a checkpoint (``ema.*``, else ``model.*``; the
     prefix stripped) and its metadata, all checked before the weights are read: the config by
     ``check_config``, the key set, shapes and dtypes from the safetensors header against the
@@ -387,7 +406,7 @@ def class_names(denoiser) -> list[str]:
 
 
 def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True,
-                             max_params: int = DEFAULT_MAX_PARAMS):
+                             max_params: int | None = None):
     """The Denoiser stored in a checkpoint file (or a run folder's latest), in eval mode.
 
     ema=True takes the EMA weights (what one samples with); falls back to the training weights
@@ -414,7 +433,7 @@ def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True,
 
 
 def export_inference_checkpoint(src, dst, *, dtype: torch.dtype | None = None,
-                                max_params: int = DEFAULT_MAX_PARAMS) -> Path:
+                                max_params: int | None = None) -> Path:
     """Write only the EMA weights (and the config) of a training checkpoint or run folder.
 
     The result is what ``edm-fast sample --ckpt`` loads and what the bundled models are; its

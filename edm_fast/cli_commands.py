@@ -177,6 +177,9 @@ def _add_train(sub, formatter) -> None:
     g.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="image channels (default: data's)")
     g.add_argument("--preset", default=d.preset, help="network preset (edm_fast.nets.PRESETS)")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="N",
+                   help="skip (with a note) image files whose header declares more than N "
+                   "pixels, before decoding them (a guard against decompression bombs)")
     g.add_argument("--loss", choices=["edm", "ddpm", "vp", "ve"], default=d.loss,
                    help="training objective; also selects the preconditioning")
     g.add_argument("--cond", action="store_true", help="class-conditional on the data's labels")

@@ -1,4 +1,4 @@
-"""Official NVlabs/edm snapshots, read without running their code.
+"""Official NVlabs/edm and NVlabs/edm2 snapshots, read without running their code.
 
 An official snapshot (``edm-cifar10-32x32-cond-vp.pkl``, ``network-snapshot-*.pkl``) is a pickle
 of ``{'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}``; a ``training-state-*.pt`` is a torch
@@ -18,7 +18,8 @@ constructor kwargs, parameters, buffers, children). ``module_src`` is only hashe
 The records then give the exact official state dict (``model.*`` keys) and a config: the
 precond class + kwargs select ``edm_fast.precond`` (EDM, VP, VE, iDDPM of EDM Table 1) and the
 inner network (``SongUNet`` -> 'ddpmpp' | 'ncsnpp', ``DhariwalUNet`` -> 'adm') is rebuilt from
-its recorded constructor kwargs and loaded with ``strict=True``.
+its recorded constructor kwargs and loaded with ``strict=True``. EDM2's ``Precond`` (its
+``unet`` and log-variance head) maps to the 'edm2' arch in edm_fast.official_edm2.
 
     read_official(path) -> (state_dict, config)     load_official(path) -> Denoiser
     convert_official(src, dst) -> edm-fast inference checkpoint (ema.* + config metadata)
@@ -297,6 +298,40 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype, count=1)[0].item()
 
 
+class _ArrayRecord:
+    """A numpy array of plain numbers (EDM2's encoder keeps its latent scale and bias as float32
+    arrays): ``numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')`` makes an empty record,
+    BUILD fills it from (version, shape, dtype, fortran order, raw bytes); object arrays and
+    byte counts that do not match the shape are refused. ``.array`` is the numpy array."""
+
+    def __init__(self):
+        self.array = None
+
+    def __setstate__(self, state):
+        np = _numpy()
+        if not (isinstance(state, tuple) and len(state) == 5 and self.array is None):
+            raise UnsafePickleError("refusing a numpy array state that is not plain data")
+        _, shape, dtype, fortran, raw = state
+        if isinstance(raw, str):  # protocol 0-2 pickles write the bytes as latin-1 text
+            raw = raw.encode("latin1")
+        if not (isinstance(dtype, np.dtype) and not dtype.hasobject and isinstance(raw, bytes)
+                and isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0
+                                                     for n in shape)):
+            raise UnsafePickleError("refusing a numpy array that is not plain numbers")
+        count = math.prod(shape)
+        if count * dtype.itemsize != len(raw):
+            raise UnsafePickleError(f"a numpy array of shape {shape} has {len(raw)} bytes")
+        _charge("storage", len(raw), "a numpy array")
+        self.array = np.frombuffer(raw, dtype=dtype, count=count).reshape(
+            shape, order="F" if fortran else "C").copy()
+
+
+def _reconstruct_ndarray(cls, shape=None, typecode=None):
+    if cls is not _numpy().ndarray:
+        raise UnsafePickleError("refusing numpy _reconstruct of anything but numpy.ndarray")
+    return _ArrayRecord()
+
+
 def _latin1_encode(text, encoding="latin1"):
     """``_codecs.encode`` as protocol-2 pickles use it for bytes (latin-1 only)."""
     if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
@@ -456,6 +491,8 @@ _SAFE_GLOBALS = {
     ("dnnlib.util", "EasyDict"): dict,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_ndarray,
     **_CONTAINERS,
 }
 
@@ -522,8 +559,8 @@ class RestrictedUnpickler(pickle._Unpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         if module == "torch" and name in _DTYPE_NAMES:
             return getattr(torch, name)
-        if (module, name) == ("numpy", "dtype"):
-            return _numpy().dtype
+        if (module, name) in (("numpy", "dtype"), ("numpy", "ndarray")):
+            return getattr(_numpy(), name)
         raise UnsafePickleError(f"refusing to load global {_short(module)}.{_short(name)}: it "
                                 "is not on the allowlist of edm_fast.official (tensors, plain "
                                 "containers, numpy scalars and EDM's persistent objects)")
@@ -536,7 +573,7 @@ class RestrictedUnpickler(pickle._Unpickler):
     def _load_build(self):
         inst = self.stack[-2] if len(self.stack) > 1 else None  # below the state
         numpy = __import__("sys").modules.get("numpy")
-        if not (isinstance(inst, _ContainerRecord)
+        if not (isinstance(inst, (_ContainerRecord, _ArrayRecord))
                 or (numpy is not None and isinstance(inst, numpy.dtype))):
             raise UnsafePickleError(f"refusing to set the state of a {type(inst).__name__} "
                                     "(BUILD opcode): only torch containers and numpy dtypes "
@@ -602,6 +639,8 @@ def _plain(value):
         return {str(k): _plain(v) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, _ArrayRecord) and value.array is not None:
+        return value.array.tolist()
     return repr(value)
 
 
@@ -737,6 +776,10 @@ def read_official(path) -> tuple[dict[str, torch.Tensor], dict]:
         if total > path.stat().st_size:
             raise OfficialFormatError(f"its tensors hold {total:,} bytes, more than the file's "
                                       f"{path.stat().st_size:,} (shared or overlapping views)")
+        if _is_edm2(wrapper):
+            from .official_edm2 import edm2_config
+
+            return state, edm2_config(wrapper, root, path, source)
         model = _model_record(wrapper)
         config = _config(wrapper, model, root, path, source)
         if config["precond"]["name"] == "iddpm":
@@ -752,6 +795,11 @@ def read_official(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise OfficialFormatError(f"{path} is not a valid NVlabs EDM snapshot: "
                                   f"{_cut(_one_line(exc))}") from exc
     return state, config
+
+
+def _is_edm2(wrapper: ModuleRecord) -> bool:
+    """NVlabs/edm2's ``Precond`` (its U-Net is the child ``unet``, not ``model``)."""
+    return wrapper.class_name == "Precond" and "unet" in wrapper.children
 
 
 def _cut(text: str, limit: int = 300) -> str:
@@ -772,7 +820,10 @@ def _one_line(exc: Exception) -> str:
 def denoiser_state_dict(state: dict, config: dict) -> dict[str, torch.Tensor]:
     """The state dict of edm-fast's network F: ``model.`` stripped; for iDDPM, the output rows
     of the learned-variance channels dropped (F[:, :C] is all the official D uses; each output
-    channel of the last conv depends only on its own weight rows, so this is exact)."""
+    channel of the last conv depends only on its own weight rows, so this is exact). EDM2's
+    keys are those of edm-fast's EDM2Net already (``unet.*``, ``logvar_*``)."""
+    if config["net"]["arch"] == "edm2":
+        return dict(state)
     net = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     extra = set(state) - {f"model.{k}" for k in net}
     if extra:
@@ -785,7 +836,7 @@ def denoiser_state_dict(state: dict, config: dict) -> dict[str, torch.Tensor]:
     return net
 
 
-def _checked(path, max_params: int) -> tuple[dict[str, torch.Tensor], dict]:
+def _checked(path, max_params: int | None) -> tuple[dict[str, torch.Tensor], dict]:
     """(edm-fast network state dict, config) of an official file, checked as
     ``checkpoints.read_inference_weights`` checks an edm-fast file before anything is built:
     the config (size of the network, sample shape), the key set, shapes, floating dtypes and
@@ -806,11 +857,11 @@ def load_official(path, *, device="cpu", use_fp16: bool | None = None,
 
     use_fp16=None follows the snapshot: the official wrappers run F in float16 on CUDA when
     their ``use_fp16`` is set, and in float32 otherwise (always on CPU). ``max_params`` bounds
-    the network's size (default ``checkpoints.DEFAULT_MAX_PARAMS``).
+    the network's size (default ``checkpoints.max_params_limit()``).
     """
-    from .checkpoints import DEFAULT_MAX_PARAMS, build_denoiser
+    from .checkpoints import build_denoiser
 
-    net, config = _checked(path, DEFAULT_MAX_PARAMS if max_params is None else max_params)
+    net, config = _checked(path, max_params)
     denoiser = build_denoiser(config)
     try:
         denoiser.model.load_state_dict(net, strict=True)
@@ -830,9 +881,9 @@ def convert_official(src, dst, *, dtype: torch.dtype | None = None,
     """Write an official snapshot as an edm-fast inference checkpoint: ``ema.*`` weights (cast
     to ``dtype`` when given) and the ``read_official`` config as metadata. The snapshot is
     checked as ``load_official`` checks it; nothing is written unless it passes."""
-    from .checkpoints import DEFAULT_MAX_PARAMS, save_checkpoint
+    from .checkpoints import save_checkpoint
 
-    net, config = _checked(src, DEFAULT_MAX_PARAMS if max_params is None else max_params)
+    net, config = _checked(src, max_params)
     tensors = {f"ema.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                .contiguous().clone() for k, v in net.items()}
     config = {**config, "converted_from": Path(src).name}

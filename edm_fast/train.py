@@ -101,6 +101,7 @@ class TrainConfig:
     amp: str = "none"                    # none | bf16 | fp16 autocast
     resolution: int | None = None        # image size (default: the data's / preset's)
     channels: int | None = None          # 1 or 3 for image data (default: the data's)
+    max_pixels: int = 100_000_000        # image files declaring more are skipped (data.py)
     seed: int = 0
     device: str = "auto"
     workers: int = 0                     # data loader worker processes
@@ -196,7 +197,7 @@ def _check_config(cfg: TrainConfig) -> None:
 def _load_data(cfg: TrainConfig):
     from .data import load_dataset
 
-    kwargs = {"progress": cfg.progress and is_main()}
+    kwargs = {"progress": cfg.progress and is_main(), "max_pixels": cfg.max_pixels}
     # only the options given: load_dataset refuses them for toy data (2-D points have no size)
     kwargs |= {name: value for name, value in (("resolution", cfg.resolution),
                                                ("channels", cfg.channels)) if value is not None}

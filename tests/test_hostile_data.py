@@ -277,3 +277,19 @@ def test_cli_train_refuses_hostile_mnist_in_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("edm-fast train: error: ") and "label 1000" in lines[0]
     assert "train-labels-idx1-ubyte" in lines[0]
+
+
+def test_train_max_pixels_option_reaches_the_folder_loader(tmp_path):
+    """`train --max-pixels N` is the folder loader's cap: below the images' 64 pixels every
+    file is skipped and the run stops with one line before writing anything."""
+    import subprocess
+    import sys
+
+    small_png(tmp_path / "data" / "a" / "ok.png")
+    small_png(tmp_path / "data" / "b" / "ok.png", level=200)
+    cmd = [sys.executable, "-m", "edm_fast", "train", "--data", str(tmp_path / "data"),
+           "--resolution", "8", "--max-steps", "1", "--batch", "2", "--no-progress",
+           "--sample-every", "0", "--out", str(tmp_path / "run"), "--max-pixels", "63"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "none of the 2 image files" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()

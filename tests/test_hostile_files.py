@@ -155,3 +155,28 @@ def test_refusals_are_bad_file_errors_and_the_parameter_limit_is_a_keyword(corpu
     with pytest.raises(BadFileError, match="parameters, more than the limit"):
         load_denoiser_checkpoint(corpus["huge-model-channels.safetensors"])
     assert load_denoiser_checkpoint(DIGITS, max_params=DEFAULT_MAX_PARAMS) is not None
+
+
+def test_the_parameter_limit_is_an_environment_setting_for_every_command(monkeypatch,
+                                                                         tmp_path):
+    """EDM_FAST_MAX_PARAMS lowers or raises the network-size limit where no max_params= is
+    passed (the CLI commands): a refusal names the variable; a bad value is one line."""
+    import subprocess
+    import sys
+
+    from edm_fast.checkpoints import load_denoiser_checkpoint
+    from edm_fast.errors import BadFileError
+    from hostile_files import DIGITS
+
+    monkeypatch.setenv("EDM_FAST_MAX_PARAMS", "10")
+    with pytest.raises(BadFileError, match="EDM_FAST_MAX_PARAMS=N"):
+        load_denoiser_checkpoint(DIGITS)
+    assert load_denoiser_checkpoint(DIGITS, max_params=10**9) is not None  # the keyword wins
+    res = subprocess.run([sys.executable, "-m", "edm_fast", "sample", "--ckpt", str(DIGITS),
+                          "--out", str(tmp_path / "x.png")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "more than the limit of 10 " in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "x.png").exists()
+    monkeypatch.setenv("EDM_FAST_MAX_PARAMS", "lots")
+    with pytest.raises(ValueError, match="not a positive parameter count"):
+        load_denoiser_checkpoint(DIGITS)
