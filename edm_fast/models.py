@@ -4,7 +4,8 @@
     toy-gmm1d            the exact denoiser of the 1-D bimodal mixture
     default              the bundled class-conditional EDM model trained on the digits
     default-ddpm         the bundled DDPM model (same net and data) for comparisons
-    PATH.safetensors     an edm-fast checkpoint (config in its metadata)
+    PATH.safetensors     an edm-fast checkpoint (config in its metadata); an EDM2 network's
+                         weight normalisation is applied once at load (inference only)
     PATH (folder)        a training run folder: its latest checkpoint
     PATH.pkl, PATH.pt    an official NVlabs EDM snapshot or training-state archive (loaded
                          without executing the code it embeds)
@@ -73,7 +74,14 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
     if path.suffix in (".pkl", ".pt"):  # official snapshot / training-state archive
         from .checkpoints import load_official
 
-        return load_official(path, device=device)
+        return _for_inference(load_official(path, device=device))
     from .checkpoints import load_denoiser_checkpoint
 
-    return load_denoiser_checkpoint(path, device=device, ema=ema)
+    return _for_inference(load_denoiser_checkpoint(path, device=device, ema=ema))
+
+
+def _for_inference(denoiser):
+    """An EDM2 network gets its weight normalisation applied once here (edm_fast.nets.edm2)."""
+    from .precond_edm2 import bake_for_inference
+
+    return bake_for_inference(denoiser)

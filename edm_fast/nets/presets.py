@@ -16,16 +16,25 @@ Parameter counts (label_dim=0, augment_dim=0 unless stated):
 | 64px-ddpmpp   | ddpmpp | 64×64×3  | 22,169,955                                  |
 | 64px-adm      | adm    | 64×64×3  | 24,120,579                                  |
 | toy-mlp       | mlp    | (2,)     | 233,090                                     |
+| edm2-img512-xs| edm2   | 64×64×4  | 124,713,765 with label_dim=1000 (EDM2 XS)    |
+| edm2-img64-s  | edm2   | 64×64×3  | 280,210,021 with label_dim=1000 (EDM2 S)     |
+| tiny-edm2     | edm2   | 16×16×1  | 300,512                                     |
+
+EDM2 (Karras et al. 2024, arXiv 2312.02696, Table 2 and NVlabs/edm2 train_edm2.py): img512
+xxs/xs/s/m/l/xl/xxl on 64×64×4 Stable Diffusion VAE latents and img64 xs/s/m/l/xl on pixels,
+model_channels 64/128/192/256/320/384/448, dropout 0.1 from m up.
 """
 
 import dataclasses
 import inspect
 
 from .dhariwal_unet import DhariwalUNet
+from .edm2 import EDM2Net
 from .mlp import MLP
 from .song_unet import SongUNet
 
-ARCHS = {'ddpmpp': SongUNet, 'ncsnpp': SongUNet, 'adm': DhariwalUNet, 'mlp': MLP}
+ARCHS = {'ddpmpp': SongUNet, 'ncsnpp': SongUNet, 'adm': DhariwalUNet, 'mlp': MLP,
+         'edm2': EDM2Net}
 
 # Arguments set by build_net() itself rather than by presets or overrides.
 _BUILD_ARGS = {'img_resolution', 'in_channels', 'dim', 'label_dim', 'augment_dim'}
@@ -48,7 +57,7 @@ class NetPreset:
     """A named network configuration; `kwargs` are the model constructor's keyword arguments."""
 
     name: str
-    arch: str                   # 'ddpmpp' | 'ncsnpp' | 'adm' | 'mlp'
+    arch: str                   # 'ddpmpp' | 'ncsnpp' | 'adm' | 'mlp' | 'edm2'
     img_resolution: int | None  # H = W of the images (None for the MLP).
     img_channels: int           # Image channels (data dimension for the MLP).
     kwargs: tuple = ()          # ((name, value), ...) from freeze_kwargs().
@@ -113,6 +122,32 @@ _PRESET_LIST = [
     NetPreset('toy-mlp', 'mlp', None, 2, freeze_kwargs(hidden=128, depth=4,
               embedding_type='positional', dropout=0.0, label_dropout=0.0),
               'Residual MLP for 2-D toy distributions.'),
+]
+
+# EDM2 sizes: (model_channels, dropout) of NVlabs/edm2's train_edm2.py presets.
+_EDM2_SIZES = {'xxs': (64, 0.0), 'xs': (128, 0.0), 's': (192, 0.0), 'm': (256, 0.1),
+               'l': (320, 0.1), 'xl': (384, 0.1), 'xxl': (448, 0.1)}
+_EDM2_IMG512 = ('xxs', 'xs', 's', 'm', 'l', 'xl', 'xxl')
+_EDM2_IMG64 = ('xs', 's', 'm', 'l', 'xl')
+
+
+def _edm2(name, res, ch, description, **kwargs):
+    return NetPreset(name, 'edm2', res, ch, freeze_kwargs(**kwargs), description)
+
+
+_PRESET_LIST += [
+    _edm2(f'edm2-img512-{size}', 64, 4, f'EDM2-{size.upper()} for ImageNet-512 (64x64x4 '
+          'latents of the Stable Diffusion VAE).', model_channels=_EDM2_SIZES[size][0],
+          dropout=_EDM2_SIZES[size][1])
+    for size in _EDM2_IMG512
+] + [
+    _edm2(f'edm2-img64-{size}', 64, 3, f'EDM2-{size.upper()} for ImageNet-64 (pixels).',
+          model_channels=_EDM2_SIZES[size][0], dropout=_EDM2_SIZES[size][1])
+    for size in _EDM2_IMG64
+] + [
+    _edm2('tiny-edm2', 16, 1, 'EDM2 magnitude-preserving U-Net for 16x16 grayscale digits; '
+          'CPU-sized twin of `tiny`.', model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
+          attn_resolutions=(8,), channels_per_head=16, logvar_channels=32),
 ]
 
 PRESETS = {preset.name: preset for preset in _PRESET_LIST}
