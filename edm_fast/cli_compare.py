@@ -1,4 +1,9 @@
-"""``edm-fast compare``: sample quality against NFE for an EDM and a DDPM model on the digits.
+"""``edm-fast compare``: sample quality against NFE for an EDM and a DDPM model of the same data.
+
+The digits by default; with ``--data`` any labelled data the models were trained on (an image
+folder label/file.jpg, mnist:DIR, ...): a small classifier is then trained on a stratified 80%
+of that data (its features give the Frechet distance, its predictions the accuracy of
+class-conditional samples) and the real-data floor is scored on the held-out 20%.
 
 A short, command-line version of bench/compare_edm_ddpm.py (which also covers the 2-D toy
 mixture and writes docs/COMPARISON.md's figures). Scores: feature-space Frechet distance with
@@ -24,6 +29,12 @@ def add_compare_command(sub, formatter) -> None:
                        description=__doc__)
     p.add_argument("--edm", default="default", help="EDM model (name or checkpoint)")
     p.add_argument("--ddpm", default="default-ddpm", help="DDPM model (name or checkpoint)")
+    p.add_argument("--data", default="digits",
+                   help="the labelled data both models learned: 'digits' (the bundled models' "
+                   "16x16 digits), an image folder label/file.jpg, mnist:DIR, ... (as train "
+                   "--data; loaded at the models' resolution and channels)")
+    p.add_argument("--classifier-steps", type=int, default=400, metavar="N",
+                   help="training steps of the scoring classifier for --data other than digits")
     p.add_argument("--samples", type=int, default=100, help="samples per seed set")
     p.add_argument("--repeats", type=int, default=2, help="seed sets per row (for the SE)")
     p.add_argument("--full", action="store_true", help="also DDPM at 1000 steps")
@@ -38,23 +49,69 @@ def _check_args(args) -> None:
 
     if args.samples < 2 or args.repeats < 1:
         raise ValueError("--samples must be >= 2 and --repeats >= 1")
-    check_report_folder(args.out, "digits")
-    check_reference_size(args.samples, args.repeats)
+    if args.classifier_steps < 1:
+        raise ValueError("--classifier-steps must be >= 1")
+    check_report_folder(args.out, _prefix(args))
+    if _digits(args):
+        check_reference_size(args.samples, args.repeats)
+
+
+def _digits(args) -> bool:
+    return args.data == "digits"
+
+
+def _prefix(args) -> str:
+    return "digits" if _digits(args) else "labelled"
 
 
 def _load_models(args) -> dict:
-    """The two denoisers, checked to be what the digits scorer can score."""
+    """The two denoisers, checked to be class-conditional models of one sample shape (for the
+    digits: 1x16x16 and 10 classes, what the digits scorer scores)."""
     from .models import load_denoiser
     from .sampler import _model_shape
 
     models = {"edm": load_denoiser(args.edm), "ddpm": load_denoiser(args.ddpm)}
-    for name, den in models.items():  # the scorer is a classifier of the 10 digits at 16x16
-        shape, classes = tuple(_model_shape(den)), getattr(den, "label_dim", 0)
-        if shape != (1, 16, 16) or classes != 10:
+    shapes = {name: (tuple(_model_shape(den)), getattr(den, "label_dim", 0))
+              for name, den in models.items()}
+    for name, (shape, classes) in shapes.items():
+        if _digits(args) and (shape != (1, 16, 16) or classes != 10):
             raise ValueError(f"compare scores class-conditional digits models (samples 1x16x16, "
-                             f"10 classes); --{name} {getattr(args, name)!r} has samples {shape} "
-                             f"and {classes} classes")
+                             f"10 classes) unless --data names their data; --{name} "
+                             f"{getattr(args, name)!r} has samples {shape} and {classes} classes")
+        if classes < 2:
+            raise ValueError(f"compare scores class-conditional models; --{name} "
+                             f"{getattr(args, name)!r} has no classes (train it with --cond)")
+    if shapes["edm"] != shapes["ddpm"]:
+        raise ValueError(f"the two models differ: --edm has samples {shapes['edm'][0]} and "
+                         f"{shapes['edm'][1]} classes, --ddpm {shapes['ddpm'][0]} and "
+                         f"{shapes['ddpm'][1]}; compare models of the same data")
     return models
+
+
+def _scorer(args, models):
+    """The digits scorer, or a classifier trained on --data at the models' sample shape."""
+    import torch
+
+    from .compare import DigitsScorer, LabelledDataScorer
+    from .data import load_dataset
+    from .sampler import _model_shape
+
+    if _digits(args):
+        return DigitsScorer()
+    channels, resolution = _model_shape(models["edm"])[0], _model_shape(models["edm"])[-1]
+    label_dim = models["edm"].label_dim
+    data = load_dataset(args.data, resolution=resolution, channels=channels, progress=False)
+    if data.num_classes != label_dim:
+        raise ValueError(f"--data {args.data!r} has {data.num_classes} classes, the models "
+                         f"{label_dim}: compare models with the data they were trained on")
+    items = [data[i] for i in range(len(data))]
+    images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
+    labels = torch.tensor([int(y) for _, y in items])
+    scorer = LabelledDataScorer(images, labels, label_dim, steps=args.classifier_steps)
+    print(f"[compare] scoring classifier trained on {len(images) - len(scorer.real)} images of "
+          f"{args.data}; accuracy on the {len(scorer.real)} held out: "
+          f"{scorer.holdout_accuracy:.3f}", flush=True)
+    return scorer
 
 
 def _bias_warning(scorer, args) -> str:
@@ -64,19 +121,20 @@ def _bias_warning(scorer, args) -> str:
 
 
 def _cmd_compare(args) -> int:
-    from .compare import DigitsScorer, compare, reference_row, runs_for, write_report
+    from .compare import compare, reference_row, runs_for, write_report
 
     _check_args(args)
     models = _load_models(args)
-    scorer = DigitsScorer()
+    scorer = _scorer(args, models)
     runs = []
     for model, sampler, nfes in ROWS:
         runs += runs_for(model, sampler, nfes + ([1000] if args.full and sampler == "ddpm" else []))
     rows = compare(models, runs, scorer, samples=args.samples, repeats=args.repeats,
                    log=lambda s: print("[compare]", s, flush=True))
     ref = reference_row(scorer, samples=args.samples, repeats=args.repeats)
-    paths = write_report(rows, scorer, args.out, "digits", reference=ref,
-                         title=f"{args.edm} (EDM) vs {args.ddpm} (DDPM) on the digits",
+    data = "the digits" if _digits(args) else args.data
+    paths = write_report(rows, scorer, args.out, _prefix(args), reference=ref,
+                         title=f"{args.edm} (EDM) vs {args.ddpm} (DDPM) on {data}",
                          notes=_bias_warning(scorer, args))
     print(paths["table"].read_text())
     print(f"plot: {paths['plot']}")

@@ -49,6 +49,7 @@ import torch
 from .images import existing_ancestor, save_figure
 from .metrics import (
     DigitsClassifier,
+    ImageClassifier,
     feature_stats,
     frechet_distance,
     mean_and_se,
@@ -62,7 +63,9 @@ from .schedules import ddpm_sigmas, edm_sigmas
 __all__ = [
     "CHURN",
     "SAMPLER_NAMES",
+    "ClassifierScorer",
     "DigitsScorer",
+    "LabelledDataScorer",
     "Row",
     "RunSpec",
     "Scorer",
@@ -233,29 +236,20 @@ class Scorer:
         return {}
 
 
-class DigitsScorer(Scorer):
-    """Feature-space FD (NOT Inception-FID) and classifier accuracy for 16x16 digits."""
+class ClassifierScorer(Scorer):
+    """Feature-space FD (NOT Inception-FID) and classifier accuracy with a classifier of the
+    data: ``classifier`` (features(), accuracy(), head), ``real_mu``/``real_cov`` the real
+    features the FD is taken against, and ``real``/``real_labels`` the real images that the
+    real-data floor (``reference``) draws from, class-balanced like the samples."""
 
-    name = "digits"
     metrics = ("fd", "acc")
     higher_is_better: ClassVar[dict[str, bool]] = {"fd": False, "acc": True}
-    titles: ClassVar[dict[str, str]] = {
-        "fd": "feature FD to real digits (not Inception-FID), lower is better",
-        "acc": "classifier accuracy on conditional samples, higher is better"}
     pooled_metrics = ("fd_pooled",)
     yscales: ClassVar[dict[str, str]] = {"fd": "log"}
-    num_classes = 10
 
     @property
     def feature_dim(self) -> int:
         return self.classifier.head.in_features
-
-    def __init__(self, classifier: DigitsClassifier | None = None, resolution: int = 16):
-        self.classifier = classifier or DigitsClassifier.fit(resolution)
-        self.shape = (1, self.classifier.resolution, self.classifier.resolution)
-        self.real = self.classifier.real_images
-        self.real_labels = self.classifier.real_labels
-        self.real_mu, self.real_cov = self._stats(self.real)
 
     @torch.no_grad()
     def _stats(self, images: torch.Tensor):
@@ -270,7 +264,7 @@ class DigitsScorer(Scorer):
         check_reference_size(samples, repeats, self.real_labels, self.num_classes)
 
     def fd(self, images: torch.Tensor) -> float:
-        """FD between DigitsClassifier features of ``images`` and of all real digits."""
+        """FD between the classifier's features of ``images`` and of the real data."""
         mu, cov = self._stats(images)
         return frechet_distance(mu, cov, self.real_mu, self.real_cov)
 
@@ -287,7 +281,7 @@ class DigitsScorer(Scorer):
             pool = (self.real_labels == c).nonzero().flatten()
             where = (labels == c).nonzero().flatten()
             if len(where) > len(pool):
-                raise ValueError(f"only {len(pool)} real digits of class {int(c)}")
+                raise ValueError(f"only {len(pool)} real images of class {int(c)}")
             out[where] = pool[torch.randperm(len(pool), generator=generator)[:len(where)]]
         return out
 
@@ -301,6 +295,91 @@ class DigitsScorer(Scorer):
 
     def reference_pooled(self, n):
         idx = self._stratified(self.labels(range(n)), torch.Generator().manual_seed(999))
+        return self.pooled(self.real[idx], None)
+
+
+class DigitsScorer(ClassifierScorer):
+    """The 16x16 digits: an MLP classifier of the real digits; FD against all of them, the
+    real-data floor drawn from all of them."""
+
+    name = "digits"
+    titles: ClassVar[dict[str, str]] = {
+        "fd": "feature FD to real digits (not Inception-FID), lower is better",
+        "acc": "classifier accuracy on conditional samples, higher is better"}
+    num_classes = 10
+
+    def __init__(self, classifier: DigitsClassifier | None = None, resolution: int = 16):
+        self.classifier = classifier or DigitsClassifier.fit(resolution)
+        self.shape = (1, self.classifier.resolution, self.classifier.resolution)
+        self.real = self.classifier.real_images
+        self.real_labels = self.classifier.real_labels
+        self.real_mu, self.real_cov = self._stats(self.real)
+
+
+class LabelledDataScorer(ClassifierScorer):
+    """Any labelled images (a folder label/file.jpg, MNIST, ...): a convolutional classifier
+    trained on a stratified ``1 - holdout`` share of them; the FD is taken against that share's
+    features, and the real-data floor is scored on the held-out part, which the classifier never
+    saw (its accuracy there is ``holdout_accuracy``)."""
+
+    name = "labelled"
+    titles: ClassVar[dict[str, str]] = {
+        "fd": "feature FD to the real images (a classifier of this data; not Inception-FID), "
+              "lower is better",
+        "acc": "classifier accuracy on conditional samples, higher is better"}
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                 holdout: float = 0.2, seed: int = 0, steps: int = 400,
+                 classifier: ImageClassifier | None = None):
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        counts = torch.bincount(labels, minlength=num_classes)
+        if len(images) != len(labels) or int(counts.min()) < 2:
+            raise ValueError(f"scoring needs at least 2 images of every class (one to train "
+                             f"the classifier, one held out); the counts are {counts.tolist()}")
+        g = torch.Generator().manual_seed(seed)
+        held = []
+        for c in range(num_classes):  # a stratified split: every class keeps >= 1 of each
+            pool = (labels == c).nonzero().flatten()
+            pool = pool[torch.randperm(len(pool), generator=g)]
+            held.append(pool[:min(max(1, round(holdout * len(pool))), len(pool) - 1)])
+        test = torch.cat(held)
+        train = torch.ones(len(labels), dtype=torch.bool)
+        train[test] = False
+        self.num_classes = num_classes
+        self.shape = tuple(images.shape[1:])
+        self.classifier = classifier or ImageClassifier.fit(images[train], labels[train],
+                                                            num_classes, steps=steps, seed=seed)
+        self.real, self.real_labels = images[test], labels[test]
+        self.holdout_accuracy = self.classifier.accuracy(self.real, self.real_labels)
+        self.real_mu, self.real_cov = self._stats(images[train])
+
+    def bias_note(self, samples: int, repeats: int) -> str:
+        note = super().bias_note(samples, repeats)
+        counts = torch.bincount(self.real_labels, minlength=self.num_classes)
+        total = samples * repeats
+        if total > self.num_classes * int(counts.min()):
+            note += ((" " if note else "") + f"The held-out real images ({len(self.real)}) are "
+                     f"fewer than the {total} samples scored, so the real-data row uses "
+                     "smaller seed sets: compare its FD with care.")
+        return note
+
+    def check_reference_sizes(self, samples, repeats):
+        pass  # reference() scores as many held-out images as there are
+
+    def _balanced(self, n: int, generator) -> torch.Tensor:
+        """Up to n held-out images, class-balanced as seeds 0..n-1 are (seed mod classes),
+        each at most once: a small held-out part gives a smaller real-data set."""
+        counts = torch.bincount(self.real_labels, minlength=self.num_classes)
+        per_class = min(-(-n // self.num_classes), int(counts.min()))
+        labels = torch.arange(self.num_classes).repeat(per_class)[:n]
+        return self._stratified(labels, generator)
+
+    def reference(self, n, repeat):
+        idx = self._balanced(n, torch.Generator().manual_seed(1000 + repeat))
+        return self(self.real[idx], self.real_labels[idx], repeat)
+
+    def reference_pooled(self, n):
+        idx = self._balanced(n, torch.Generator().manual_seed(999))
         return self.pooled(self.real[idx], None)
 
 
