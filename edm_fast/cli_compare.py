@@ -90,8 +90,6 @@ def _load_models(args) -> dict:
 
 def _scorer(args, models):
     """The digits scorer, or a classifier trained on --data at the models' sample shape."""
-    import torch
-
     from .compare import DigitsScorer, LabelledDataScorer
     from .data import load_dataset
     from .sampler import _model_shape
@@ -104,11 +102,8 @@ def _scorer(args, models):
     if data.num_classes != label_dim:
         raise ValueError(f"--data {args.data!r} has {data.num_classes} classes, the models "
                          f"{label_dim}: compare models with the data they were trained on")
-    items = [data[i] for i in range(len(data))]
-    images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
-    labels = torch.tensor([int(y) for _, y in items])
-    scorer = LabelledDataScorer(images, labels, label_dim, steps=args.classifier_steps)
-    print(f"[compare] scoring classifier trained on {len(images) - len(scorer.real)} images of "
+    scorer = LabelledDataScorer.for_dataset(data, steps=args.classifier_steps)
+    print(f"[compare] scoring classifier trained on {len(scorer.labels_seen)} images of "
           f"{args.data}; accuracy on the {len(scorer.real)} held out: "
           f"{scorer.holdout_accuracy:.3f}", flush=True)
     return scorer

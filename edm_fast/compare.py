@@ -333,12 +333,13 @@ class LabelledDataScorer(ClassifierScorer):
                  classifier: ImageClassifier | None = None):
         labels = torch.as_tensor(labels, dtype=torch.long)
         counts = torch.bincount(labels, minlength=num_classes)
-        if len(images) != len(labels) or int(counts.min()) < 2:
-            raise ValueError(f"scoring needs at least 2 images of every class (one to train "
-                             f"the classifier, one held out); the counts are {counts.tolist()}")
+        if len(images) != len(labels) or int(counts.min()) < 1 or int(counts.max()) < 2:
+            raise ValueError(f"scoring needs images of every class, and two of some class (one "
+                             f"to train the classifier, one held out); the counts are "
+                             f"{counts.tolist()}")
         g = torch.Generator().manual_seed(seed)
         held = []
-        for c in range(num_classes):  # a stratified split: every class keeps >= 1 of each
+        for c in range(num_classes):  # stratified: a class of >= 2 keeps >= 1 on each side
             pool = (labels == c).nonzero().flatten()
             pool = pool[torch.randperm(len(pool), generator=g)]
             held.append(pool[:min(max(1, round(holdout * len(pool))), len(pool) - 1)])
@@ -350,14 +351,25 @@ class LabelledDataScorer(ClassifierScorer):
         self.classifier = classifier or ImageClassifier.fit(images[train], labels[train],
                                                             num_classes, steps=steps, seed=seed)
         self.real, self.real_labels = images[test], labels[test]
+        self.labels_seen = labels[train]  # what the classifier was trained on
         self.holdout_accuracy = self.classifier.accuracy(self.real, self.real_labels)
         self.real_mu, self.real_cov = self._stats(images[train])
 
+    def _held_classes(self) -> tuple[torch.Tensor, int]:
+        """(the classes with held-out images, the fewest held-out images of one of them)."""
+        counts = torch.bincount(self.real_labels, minlength=self.num_classes)
+        classes = (counts > 0).nonzero().flatten()
+        return classes, int(counts[classes].min())
+
     def bias_note(self, samples: int, repeats: int) -> str:
         note = super().bias_note(samples, repeats)
-        counts = torch.bincount(self.real_labels, minlength=self.num_classes)
+        classes, fewest = self._held_classes()
         total = samples * repeats
-        if total > self.num_classes * int(counts.min()):
+        if len(classes) < self.num_classes:
+            note += ((" " if note else "") + f"{self.num_classes - len(classes)} classes have "
+                     "a single image, used to train the classifier: the real-data row leaves "
+                     "them out.")
+        if total > len(classes) * fewest:
             note += ((" " if note else "") + f"The held-out real images ({len(self.real)}) are "
                      f"fewer than the {total} samples scored, so the real-data row uses "
                      "smaller seed sets: compare its FD with care.")
@@ -367,12 +379,12 @@ class LabelledDataScorer(ClassifierScorer):
         pass  # reference() scores as many held-out images as there are
 
     def _balanced(self, n: int, generator) -> torch.Tensor:
-        """Up to n held-out images, class-balanced as seeds 0..n-1 are (seed mod classes),
-        each at most once: a small held-out part gives a smaller real-data set."""
-        counts = torch.bincount(self.real_labels, minlength=self.num_classes)
-        per_class = min(-(-n // self.num_classes), int(counts.min()))
-        labels = torch.arange(self.num_classes).repeat(per_class)[:n]
-        return self._stratified(labels, generator)
+        """Up to n held-out images, class-balanced as seeds 0..n-1 are (seed mod classes; the
+        classes with held-out images), each at most once: a small held-out part gives a
+        smaller real-data set."""
+        classes, fewest = self._held_classes()
+        per_class = min(-(-n // len(classes)), fewest)
+        return self._stratified(classes.repeat(per_class)[:n], generator)
 
     def reference(self, n, repeat):
         idx = self._balanced(n, torch.Generator().manual_seed(1000 + repeat))
@@ -381,6 +393,19 @@ class LabelledDataScorer(ClassifierScorer):
     def reference_pooled(self, n):
         idx = self._balanced(n, torch.Generator().manual_seed(999))
         return self.pooled(self.real[idx], None)
+
+    @classmethod
+    def for_dataset(cls, dataset, *, steps: int = 400, max_images: int = 5000,
+                    seed: int = 0) -> "LabelledDataScorer":
+        """The scorer of an ``edm_fast.data`` dataset (image folder, MNIST, digits), from at
+        most ``max_images`` of its images drawn at random (MNIST's 60000 at 64x64 would take
+        a gigabyte)."""
+        n = len(dataset)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images]
+        items = [dataset[int(i)] for i in pick.sort().values]
+        images = torch.stack([torch.as_tensor(x) for x, _ in items]).float()
+        labels = torch.tensor([int(y) for _, y in items])
+        return cls(images, labels, dataset.num_classes, steps=steps, seed=seed)
 
 
 def real_digit_labels() -> torch.Tensor:

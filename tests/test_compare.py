@@ -389,13 +389,17 @@ def test_labelled_data_scorer_tells_real_from_wrong_images(labelled_scorer):
     assert noise["fd"] > 10 * max(good["fd"], floor["fd"]) and noise["acc"] < 0.7
 
 
-def test_labelled_data_scorer_needs_two_images_per_class():
+def test_labelled_data_scorer_needs_images_of_every_class():
     from edm_fast.compare import LabelledDataScorer
 
     images, labels = _labelled_images(n_per_class=2)
     labels[0:2] = 1  # class 0 keeps no image
-    with pytest.raises(ValueError, match="at least 2 images of every class"):
+    with pytest.raises(ValueError, match="images of every class"):
         LabelledDataScorer(images, labels, 3, steps=1)
+    labels[0] = 0  # one image of class 0: it trains the classifier; the floor leaves it out
+    scorer = LabelledDataScorer(images, labels, 3, steps=1)
+    assert 0 not in scorer.real_labels.tolist() and len(scorer.reference(6, 0)) == 2
+    assert "a single image" in scorer.bias_note(3, 1)
 
 
 def test_compare_command_on_a_labelled_folder(tmp_path):

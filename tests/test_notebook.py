@@ -107,7 +107,8 @@ def _trained_on(run: Path) -> tuple[list[int], int, str]:
 def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch, source):
     """DATA set to an image folder (mixed formats, a stray text file, fewer images than one
     batch) or to MNIST files: the data cell shows it, both nets train class-conditionally on it
-    at RESOLUTION and sample from it; the digits-only comparison says it is skipped. The folder
+    at RESOLUTION and sample from it; the comparison scores them with a classifier trained on
+    the same data (LabelledDataScorer). The folder
     run leaves PRESET at "auto": the small `tiny` net on a CPU, `64px-ddpmpp` on a GPU."""
     if source == "folder":
         make_image_folder(tmp_path / "pets")
@@ -127,8 +128,8 @@ def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch, source):
         run = out / f"train-{loss}"
         assert _trained_on(run) == (shape, classes, net)
         assert len(list(run.glob("ckpt-*.safetensors"))) == 1
-    assert any("no digit classifier for this data" in text for text in texts)
-    assert not (out / "quality.png").exists()
+    assert any("scoring classifier: accuracy" in text for text in texts)
+    assert (out / "quality.png").exists()  # scored by a classifier of this data
     assert (out / "grid.png").exists()  # the sampling cell drew from the fresh nets
 
 
