@@ -12,7 +12,8 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["edm_fast", "edm_fast.nets", "edm_fast.backends", "edm_fast.kernels"]
+PACKAGES = ["edm_fast", "edm_fast.nets", "edm_fast.backends", "edm_fast.kernels",
+            "edm_fast.serve"]
 PACKAGE_DIR = {"edm_fast.kernels": "kernels"}
 
 

@@ -1,19 +1,21 @@
-"""Load test of ``edm-fast serve``: batching on (max_batch=64) against off (max_batch=1).
+"""Load test of ``edm-fast serve``: throughput and latency at 8 / 32 / 128 clients, batching on
+vs off, against the previous http.server-based server (from git) in the same run, RSS, and the
+latency of a small request while a maximal one runs (fairness).
 
-    OMP_NUM_THREADS=1 python bench/bench_serve.py                       # CPU, modest size
-    python bench/bench_serve.py --clients 64 --requests 2048 --steps 18 --device cuda
+    OMP_NUM_THREADS=1 python bench/bench_serve.py                   # CPU, bounded (~5 min)
+    OMP_NUM_THREADS=1 python bench/bench_serve.py --ray             # also 2 Ray Serve replicas
 
-Both servers run in this process on 127.0.0.1 (ephemeral ports) and nothing else is contacted.
-Each run: ``--clients`` threads, each on its own keep-alive connection, send one-seed PNG
-requests (seed k, class k mod the number of classes) until ``--requests`` have been sent or
-``--time-limit`` seconds have passed, whichever is first; a request also gives up at the time
-limit. A warm-up round of ``--clients`` requests (not counted) makes the samplers first. Every
-response is decoded and compared with seed k's image from one ``Sampler(..., batch_size=64)``
-over all the seeds (noise is per seed; only float rounding depends on the batch, ~1e-5, so a
-pixel may differ by one level); a difference of more than one level counts as a mismatch.
-Columns: img/s and req/s over the run's wall time, latency percentiles per request (client
-side), mean batch (images per sampler call, from /metrics), speed-up against batching off.
-The table is appended to bench/RESULTS.md; the exit status is 1 if anything failed.
+Each server runs in a subprocess on 127.0.0.1 (an ephemeral port; nothing else is contacted);
+its RSS is read from /proc before and after its runs. Each run: ``clients`` threads, each on
+its own keep-alive connection, send one-seed PNG requests (seed k, class k mod 10) until
+``--requests`` have been sent or ``--time-limit`` seconds have passed. A warm-up round of one
+request per client is not counted. Every response is compared with seed k's image from a
+reference Sampler; more than one level off counts as a mismatch. The previous server
+(``--baseline-rev``, default: the parent of the commit that deleted edm_fast/serve.py) is
+loaded from git into the subprocess as it was. Fairness: the latency of a one-seed request
+alone (median of 5) and while a request of max_cost ({"seeds": "0-63", "steps": 256}) runs,
+against the target "solo + one batch" (the batch time from the server's /metrics).
+The tables are appended to bench/RESULTS.md; the exit status is 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -23,206 +25,271 @@ import http.client
 import io
 import itertools
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import append_results, command_line  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from results import append_results, command_line
 
-from edm_fast.images import to_uint8  # noqa: E402
-from edm_fast.sampler import Sampler  # noqa: E402
-from edm_fast.serve import InferenceServer, make_sampler_factory  # noqa: E402
+LEGACY = """
+import signal, sys, importlib.util, threading, edm_fast
+spec = importlib.util.spec_from_file_location("edm_fast._legacy_serve", sys.argv[1])
+legacy = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(legacy)
+factory = legacy.make_sampler_factory("default", device="cpu", backend="auto")
+server = legacy.InferenceServer(factory, max_batch=int(sys.argv[2]), max_wait_ms=10,
+                                default_steps=int(sys.argv[3]), request_timeout_s=120)
+server.start()
+print(f"edm-fast serve: legacy on {server.url}", flush=True)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop.wait()
+server.shutdown()
+"""
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="an image model name or checkpoint")
     p.add_argument("--steps", type=int, default=8, help="Heun steps per image (2N-1 NFE)")
-    p.add_argument("--clients", type=int, default=32, help="concurrent client threads")
+    p.add_argument("--clients", default="8,32,128", help="client counts of the batching runs")
     p.add_argument("--requests", type=int, default=256, help="requests per run (one seed each)")
-    p.add_argument("--time-limit", type=float, default=90.0, help="hard limit per run, seconds")
-    p.add_argument("--max-batch", type=int, default=64, help="max_batch of the batching run")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="server batching window")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--backend", default="auto", help="sampler backend")
+    p.add_argument("--time-limit", type=float, default=60.0, help="hard limit per run, seconds")
+    p.add_argument("--baseline-rev", default=None, help="git revision of the previous server")
+    p.add_argument("--ray", action="store_true", help="also run 2 Ray Serve replicas")
     p.add_argument("--no-append", action="store_true", help="do not write bench/RESULTS.md")
     return p.parse_args(argv)
 
 
-def seed_class(seed: int, label_dim: int) -> int | None:
-    """The class every image of a seed is asked for: cycling through the classes, or None for
-    an unconditional model."""
-    return seed % label_dim if label_dim else None
+class Server:
+    """A server subprocess; ``port`` from its first output line."""
 
-
-def reference_images(args, seeds) -> tuple[dict[int, np.ndarray], int]:
-    """(seed -> (H, W, C) uint8 reference image, from a batch-64 Sampler over ``seeds``; the
-    model's label_dim)."""
-    sampler = Sampler(args.model, num_steps=args.steps, batch_size=64, device=args.device,
-                      backend="reference")
-    out = {}
-    for lo in range(0, len(seeds), 64):
-        part = seeds[lo:lo + 64]
-        labels = [seed_class(s, sampler.label_dim) for s in part] if sampler.label_dim else None
-        out.update(zip(part, to_uint8(sampler(seeds=part, class_labels=labels))))
-    return out, sampler.label_dim
-
-
-def client_loop(url, next_index, deadline, seed_base, label_dim, record) -> None:
-    """Send requests on one keep-alive connection until the indices or the time run out."""
-    from urllib.parse import urlsplit
-
-    host, port = urlsplit(url).hostname, urlsplit(url).port
-    conn = None
-    while True:
-        k = next_index()
-        if k is None or time.monotonic() >= deadline:
-            break
-        seed = seed_base + k
-        body = json.dumps({"seeds": [seed], "class": seed_class(seed, label_dim)}).encode()
+    def __init__(self, argv, env=None):
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               **(env or {})}
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=env, cwd=ROOT)
         start = time.perf_counter()
-        try:
-            if conn is None:
-                conn = http.client.HTTPConnection(host, port, timeout=max(
-                    0.1, deadline - time.monotonic()))
-            conn.request("POST", "/generate", body=body)
-            resp = conn.getresponse()
-            status, data = resp.status, resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            status, data = None, repr(exc).encode()
-            conn = None
-        record(seed, status, data, time.perf_counter() - start)
-    if conn is not None:
-        conn.close()
+        line = ""
+        while "edm-fast serve:" not in line:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the server {argv} exited before serving")
+        self.startup = time.perf_counter() - start
+        url = next(w for w in line.split() if w.startswith("http://"))
+        self.port = int(url.rsplit(":", 1)[1])
+        self.rss_start = self.rss()
+
+    def rss(self) -> float:
+        """RSS in MiB of the server and its children (Ray: the driver only)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    def stop(self):
+        self.rss_end = self.rss()
+        self.proc.terminate()
+        self.proc.wait(timeout=120)
 
 
-def load(url, *, clients, requests, time_limit, seed_base, label_dim) -> tuple[list, float]:
-    """Run the clients; (records (seed, status, body, seconds), wall seconds)."""
+def new_server(max_batch, steps, ray=False):
+    argv = [sys.executable, "-m", "edm_fast", "serve", "--port", "0", "--device", "cpu",
+            "--steps", str(steps), "--max-batch", str(max_batch), "--timeout", "120"]
+    if ray:
+        argv += ["--ray", "--replicas", "2", "--replica-cpus", "0.5", "--port", "8765"]
+    return Server(argv)
+
+
+def legacy_server(rev, max_batch, steps):
+    text = subprocess.run(["git", "show", f"{rev}:edm_fast/serve.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "serve.py"
+    path.write_text(text)
+    return Server([sys.executable, "-c", LEGACY, str(path), str(max_batch), str(steps)])
+
+
+def post(conn, body):
+    conn.request("POST", "/generate", body=json.dumps(body).encode())
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def load(port, clients, requests, time_limit, seed_base):
+    """(records (seed, status, body, seconds), wall seconds)."""
     counter, lock, records = itertools.count(), threading.Lock(), []
-
-    def next_index():
-        with lock:
-            k = next(counter)
-        return k if k < requests else None
-
-    def record(*row):
-        with lock:
-            records.append(row)
-
     deadline = time.monotonic() + time_limit
-    threads = [threading.Thread(target=client_loop,
-                                args=(url, next_index, deadline, seed_base, label_dim,
-                                      record))
-               for _ in range(clients)]
+
+    def client():
+        conn = None
+        while (k := next(counter)) < requests and time.monotonic() < deadline:
+            seed = seed_base + k
+            start = time.perf_counter()
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=time_limit)
+                status, data = post(conn, {"seeds": [seed], "class": seed % 10})
+            except (OSError, http.client.HTTPException) as exc:
+                status, data, conn = None, repr(exc).encode(), None
+            with lock:
+                records.append((seed, status, data, time.perf_counter() - start))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=time_limit + 10)
+        t.join(timeout=time_limit + 30)
     return records, time.perf_counter() - start
 
 
-def check(records, refs) -> dict:
-    """Failures, exact matches and mismatches (> 1 level) against the reference images."""
+def reference_images(seeds, steps):
+    import torch
+
+    from edm_fast.images import to_uint8
+    from edm_fast.sampler import Sampler
+
+    torch.set_grad_enabled(False)
+    sampler = Sampler("default", num_steps=steps, batch_size=64, device="cpu",
+                      backend="reference")
+    out = {}
+    for lo in range(0, len(seeds), 64):
+        part = seeds[lo:lo + 64]
+        out.update(zip(part, to_uint8(sampler(seeds=part, class_labels=[s % 10 for s in part]))))
+    return out
+
+
+def run(name, server, clients, args, refs, seed_base):
     from PIL import Image
 
-    failed, exact, mismatch, max_diff = 0, 0, 0, 0
-    for seed, status, data, _ in records:
-        if status != 200:
-            failed += 1
-            continue
-        got = np.asarray(Image.open(io.BytesIO(data)))  # (H, W) greyscale or (H, W, 3) RGB
-        want = refs[seed][..., 0] if refs[seed].shape[-1] == 1 else refs[seed]
-        diff = int(np.abs(got.astype(int) - want.astype(int)).max())
-        max_diff = max(max_diff, diff)
-        exact += diff == 0
-        mismatch += diff > 1
-    return {"failed": failed, "exact": exact, "mismatch": mismatch, "max_diff": max_diff}
-
-
-def run_config(args, max_batch, refs, label_dim, seed_base) -> dict:
-    """Start a server, warm it up, load it, check the responses, shut it down."""
-    factory = make_sampler_factory(args.model, device=args.device, backend=args.backend)
-    server = InferenceServer(factory, max_batch=max_batch, max_wait_ms=args.max_wait_ms,
-                             default_steps=args.steps, request_timeout_s=args.time_limit)
-    server.start()
-    try:
-        load(server.url, clients=args.clients, requests=args.clients, time_limit=args.time_limit,
-             seed_base=0, label_dim=label_dim)  # warm-up: makes the samplers; not counted
-        before = _metrics(server.url)
-        records, wall = load(server.url, clients=args.clients, requests=args.requests,
-                             time_limit=args.time_limit, seed_base=seed_base,
-                             label_dim=label_dim)
-        after = _metrics(server.url)
-    finally:
-        server.shutdown()
+    load(server.port, clients, clients, args.time_limit, 0)  # warm-up, not counted
+    records, wall = load(server.port, clients, args.requests, args.time_limit, seed_base)
     ok = [r for r in records if r[1] == 200]
-    lat = np.array([r[3] for r in records]) * 1e3 if records else np.zeros(1)
-    batches = after["batches"] - before["batches"]
-    images = after["images"] - before["images"]
-    return {"max_batch": max_batch, "sent": len(records), "ok": len(ok), "wall": wall,
-            "img_s": len(ok) / wall, "req_s": len(ok) / wall,
-            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "mean_batch": images / batches if batches else 0.0, **check(records, refs)}
+    mismatch = 0
+    for seed, _, data, _ in ok:
+        got = np.asarray(Image.open(io.BytesIO(data))).astype(int)
+        mismatch += int(np.abs(got - refs[seed][..., 0].astype(int)).max() > 1)
+    lat = np.array([r[3] for r in records] or [0.0]) * 1e3
+    row = {"server": name, "clients": clients, "ok": len(ok), "sent": len(records),
+           "failed": len(records) - len(ok), "mismatch": mismatch, "img_s": len(ok) / wall,
+           "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+    print(row, flush=True)
+    return row
 
 
-def _metrics(url) -> dict:
-    from urllib.parse import urlsplit
+def batch_seconds(port) -> tuple[float, float]:
+    """(sum, count) of the server's edm_fast_batch_seconds histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return values["edm_fast_batch_seconds_sum"], values["edm_fast_batch_seconds_count"]
 
 
-def format_table(rows, args) -> str:
-    base = next((r for r in rows if r["max_batch"] == 1), rows[-1])
-    head = ("| batching | max_batch | clients | ok / sent | failed | img/s | req/s | p50 ms | "
-            "p99 ms | mean batch | exact | >1 level off | speed-up |\n" + "|---" * 13 + "|")
-    lines = [head]
-    for r in rows:
-        lines.append(
-            f"| {'on' if r['max_batch'] > 1 else 'off'} | {r['max_batch']} | {args.clients} | "
-            f"{r['ok']} / {r['sent']} | {r['failed']} | {r['img_s']:.1f} | {r['req_s']:.1f} | "
-            f"{r['p50']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} | {r['exact']} | "
-            f"{r['mismatch']} | {r['img_s'] / base['img_s']:.2f}x |")
-    note = (f"\n\nModel '{args.model}' on {args.device}, {args.steps} Heun steps, one seed per "
-            f"PNG request, max_wait_ms={args.max_wait_ms:g}, {args.requests} requests per run "
-            f"(time limit {args.time_limit:g} s). 'exact': PNG responses bit-identical to the "
-            "seed's image from a batch-64 Sampler call; '>1 level off': differing by more than "
-            "one level (0 = every response is its seed's image up to float rounding).")
-    return "\n".join(lines) + note
+def fairness(server, steps):
+    """Latency of a one-seed request alone (median of 5) and while a request of max_cost runs
+    (5 in a row), and the mean time of the large request's batches that ran meanwhile."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+
+    def small():
+        start = time.perf_counter()
+        status, _ = post(conn, {"seeds": [7], "class": 7})
+        assert status == 200
+        return (time.perf_counter() - start) * 1e3
+
+    start = batch_seconds(server.port)
+    solo = float(np.median([small() for _ in range(5)]))
+    end = batch_seconds(server.port)
+    small_batch = (end[0] - start[0]) / max(1.0, end[1] - start[1])
+    hostile_conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+
+    def hostile():
+        try:
+            post(hostile_conn, {"seeds": "0-63", "steps": 256, "class": 1, "format": "npy"})
+        except (OSError, http.client.HTTPException):
+            pass  # closed below: its queued seeds are dropped
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    time.sleep(1.0)
+    before = batch_seconds(server.port)
+    during = [small() for _ in range(5)]
+    after = batch_seconds(server.port)
+    hostile_conn.sock.shutdown(2)  # measured: the client leaves
+    thread.join(timeout=60)
+    # the large request's batches: the window's batches less the 5 small ones
+    batch = (after[0] - before[0] - 5 * small_batch) / max(1.0, after[1] - before[1] - 5)
+    return {"solo": solo, "during_p50": float(np.median(during)), "during_max": max(during),
+            "batch_s": batch}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",")]
+    rev = args.baseline_rev or subprocess.run(
+        ["git", "log", "-1", "--format=%H^", "--diff-filter=D", "--", "edm_fast/serve.py"],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    rev = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
     seed_base = 10_000
-    t0 = time.perf_counter()
-    refs, label_dim = reference_images(args, list(range(seed_base, seed_base + args.requests)))
-    print(f"reference images: {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = []
-    for max_batch in (args.max_batch, 1):
-        rows.append(run_config(args, max_batch, refs, label_dim, seed_base))
-        print(rows[-1], flush=True)
-    table = format_table(rows, args)
+    refs = reference_images(list(range(seed_base, seed_base + args.requests)), args.steps)
+    rows, rss, startup, fair = [], [], [], None
+    for name, make, counts in [
+            ("new, batching on", lambda: new_server(64, args.steps), clients),
+            ("new, batching off", lambda: new_server(1, args.steps), [32]),
+            ("previous, batching on", lambda: legacy_server(rev, 64, args.steps), [32]),
+            *([("new, 2 Ray replicas", lambda: new_server(64, args.steps, ray=True), [32])]
+              if args.ray else [])]:
+        server = make()
+        startup.append((name, server.startup))
+        try:
+            rows += [run(name, server, c, args, refs, seed_base) for c in counts]
+            if name == "new, batching on":
+                fair = fairness(server, args.steps)
+        finally:
+            server.stop()
+        rss.append((name, server.rss_start, server.rss_end))
+    base = next(r["img_s"] for r in rows if r["server"] == "previous, batching on")
+    lines = [("| server | clients | ok / sent | failed | >1 level off | img/s | p50 ms | p99 ms "
+              "| vs previous (32 clients) |"), "|---" * 9 + "|"]
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['clients']} | {r['ok']} / {r['sent']} | "
+                     f"{r['failed']} | {r['mismatch']} | {r['img_s']:.1f} | {r['p50']:.0f} | "
+                     f"{r['p99']:.0f} | {r['img_s'] / base:.2f}x |")
+    lines += ["", ("| server | start-up s (load + warm-up) | RSS before MiB | RSS after MiB | "
+                   "growth |"), "|---|---|---|---|---|"]
+    for (name, before, after), (_, up) in zip(rss, startup):
+        lines.append(f"| {name} | {up:.1f} | {before:.0f} | {after:.0f} | "
+                     f"{(after - before) / before * 100:+.1f}% |")
+    lines += ["", ("Fairness (new server, batching on): a one-seed request alone "
+              f"{fair['solo']:.0f} ms (median of 5); while {{\"seeds\": \"0-63\", \"steps\": "
+              f"256}} (cost 32,704 <= max_cost) runs: median {fair['during_p50']:.0f} ms, max "
+              f"{fair['during_max']:.0f} ms, against the target solo + one batch = "
+              f"{fair['solo'] + fair['batch_s'] * 1e3:.0f} ms (one batch of the large request: "
+              f"{fair['batch_s']:.2f} s, --max-batch-cost default). Its client "
+              "then left; its queued seeds were dropped."),
+              "", (f"Model 'default' (digits UNet) on the CPU, {args.steps} Heun steps, one seed "
+              f"per PNG request, max_wait_ms=10, {args.requests} requests per run (time limit "
+              f"{args.time_limit:g} s). Previous server: edm_fast/serve.py at {rev[:12]} "
+              "(http.server, the reference loop). '>1 level off': responses differing from the "
+              "seed's reference image by more than one level.")]
+    table = "\n".join(lines)
     print(table)
     if not args.no_append:
         cmd = command_line("python bench/bench_serve.py " + " ".join(argv or sys.argv[1:]),
                            ("OMP_NUM_THREADS",))
-        append_results("Inference server: batching on vs off (bench/bench_serve.py)", table,
-                       cmd.strip())
-    bad = any(r["failed"] or r["mismatch"] or r["ok"] < args.requests for r in rows)
+        append_results("Inference server on FastAPI/uvicorn: clients, batching, previous "
+                       "server, RSS, fairness (bench/bench_serve.py)", table, cmd.strip())
+    bad = any(r["failed"] or r["mismatch"] for r in rows)
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

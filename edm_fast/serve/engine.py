@@ -1,0 +1,251 @@
+"""The server's sampling engine: one denoiser, one evaluator of D shared by every plan.
+
+A request names a plan (solver, steps, guidance); plans are host-side float64 arithmetic
+(``plan.SamplingPlan``), cheap to build and cached. Every plan runs through the Python executor
+(``backends.executor``) over the same evaluator D(x; sigma, labels), which is built once and
+warmed at start-up for every batch bucket (and twice the bucket for classifier-free guidance,
+which evaluates N conditional and N unconditional rows at once). So no request waits for a
+compile, an export or a graph capture, whatever plan it asks for.
+
+Evaluators (``--backend``; 'auto' takes the first that builds, in SERVER_ORDER):
+    onnx      ONNX Runtime session of D (exported once, dynamic batch; I/O bound per row count)
+    compiled  torch.compile(D) with static shapes; on CUDA each evaluation of a row count is one
+              captured CUDA graph (not a whole-loop graph per plan: every plan shares them)
+    reference the eager module (exact; also the only choice for an analytic toy denoiser)
+Unlike ``Sampler(backend='auto')``, no small-job rule applies: a server amortises any warm-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+import warnings
+
+import torch
+
+from ..backends import auto_candidates, load_backend
+from ..backends.executor import SigmaVectorCache, run_program
+from ..guidance import Guidance
+from ..noise import SeedNoise
+from ..program import EVAL
+from ..sampler import Sampler, plan_for_model
+
+__all__ = ["SERVER_ORDER", "Engine", "ServedPlan", "pow2_sizes"]
+
+log = logging.getLogger("edm_fast.serve")
+SERVER_ORDER = {"cuda": ["compiled", "onnx", "reference"], "cpu": ["onnx", "compiled", "reference"]}
+EVALUATORS = ("auto", "onnx", "compiled", "reference")
+
+
+def pow2_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to max_batch, and max_batch itself."""
+    return sorted({1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch}
+                  | {max_batch})
+
+
+class GraphedEvaluator:
+    """``fn(x, sigma, labels)`` replayed as one CUDA graph per (row count, labelled), captured
+    on first use (the engine's warm-up); on other devices ``fn`` itself. Not thread-safe: the
+    engine runs one batch at a time."""
+
+    def __init__(self, fn, device: torch.device):
+        self.fn, self.device, self.graphs = fn, device, {}
+
+    def __call__(self, x, sigma, labels=None):
+        if self.device.type != "cuda":
+            return self.fn(x, sigma, labels)
+        key = (tuple(x.shape), labels is not None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, sigma, labels)
+        graph, inputs, out = self.graphs[key]
+        for static, value in zip(inputs, (x, sigma, labels)):
+            if static is not None:
+                static.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x, sigma, labels):
+        inputs = [t.clone() if t is not None else None for t in (x, sigma, labels)]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # compile and autotune outside the capture
+            for _ in range(2):
+                self.fn(*inputs)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(*inputs)
+        return graph, inputs, out
+
+
+class ServedPlan:
+    """A plan, its sigma vectors per batch size, and ``cost``: the denoiser rows one seed costs
+    (its evaluations, doubled where guidance applies)."""
+
+    def __init__(self, plan, sigmas: SigmaVectorCache):
+        self.plan, self.sigmas = plan, sigmas
+        guided = plan.guidance is not None
+        self.cost = sum(1 + (guided and op.guided) for op in plan.program.ops if op.kind == EVAL)
+
+
+class Engine:
+    """Load a model once, build and warm its evaluator, run batches of any plan.
+
+    Args:
+        model: a model name or checkpoint path (``models.load_denoiser``), or a denoiser module.
+        device: 'auto', 'cpu', 'cuda', 'cuda:1', ...
+        backend: one of EVALUATORS ('auto': the first of SERVER_ORDER that builds).
+        batch_sizes: the row counts (buckets) a batch is padded to; each is warmed at start-up.
+        options: server-wide SamplingPlan options (schedule, sigma_min, S_churn, ...) used by
+            every plan; a request gives only solver, steps and guidance.
+    """
+
+    def __init__(self, model="default", *, device="auto", backend: str = "auto",
+                 batch_sizes=(1, 2, 4, 8, 16, 32, 64), dtype=torch.float32, net_dtype=None,
+                 **options):
+        if net_dtype is not None:
+            raise ValueError("edm-fast serve runs the network as loaded; --net-dtype is not "
+                             "supported by the server yet")
+        if backend not in EVALUATORS:
+            raise ValueError(f"the server's backend must be one of {', '.join(EVALUATORS)}, "
+                             f"got {backend!r}")
+        start = time.perf_counter()
+        probe = Sampler(model, batch_size=1, num_steps=1, device=device, backend="reference",
+                        dtype=dtype)  # loads and checks the model, its shape and labels
+        self.denoiser, self.device, self.dtype = probe.denoiser, probe.device, probe.dtype
+        self.shape, self.label_dim = tuple(probe.shape), probe.label_dim
+        self.class_names = probe.class_names
+        self.options = options
+        self.batch_sizes = sorted({int(b) for b in batch_sizes})
+        if not self.batch_sizes or self.batch_sizes[0] < 1:
+            raise ValueError(f"batch sizes must be integers >= 1, got {batch_sizes!r}")
+        self.backend_name, self.evaluate = self._build(backend)
+        self.eval_seconds = self._warm_up()
+        self.warmup_seconds = time.perf_counter() - start
+        log.info("backend %s warmed for %s rows in %.1f s", self.backend_name,
+                 sorted(self.eval_seconds), self.warmup_seconds)
+
+    # -- evaluators -----------------------------------------------------------------------------
+    def _build(self, requested: str):
+        forced = os.environ.get("EDM_FAST_BACKEND")
+        names = [forced or requested] if (forced or requested) != "auto" else self._auto()
+        skipped = []
+        for name in names:
+            try:
+                return name, self._evaluator(name)
+            except Exception as exc:
+                if len(names) == 1 or name == "reference":
+                    raise
+                skipped.append(f"{name}: {type(exc).__name__}: {exc}")
+        raise RuntimeError("no evaluator could be built: " + "; ".join(skipped))
+
+    def _auto(self) -> list[str]:
+        from ..precond import Denoiser
+
+        if not isinstance(self.denoiser, Denoiser):  # an analytic toy: nothing to compile
+            return ["reference"]
+        loadable, skipped = auto_candidates(self.device, None, self.dtype)
+        names = {cls.name for cls in loadable}
+        order = [n for n in SERVER_ORDER.get(self.device.type, ["compiled", "reference"])
+                 if n in names or n == "reference"]
+        if order[0] != SERVER_ORDER.get(self.device.type, ["compiled"])[0]:
+            warnings.warn("edm-fast serve: using the '" + order[0] + "' evaluator; "
+                          + "; ".join(why for _, why in skipped), RuntimeWarning, stacklevel=4)
+        return order
+
+    def _evaluator(self, name: str):
+        if name == "reference":
+            return self.denoiser
+        if name == "onnx":  # the onnx backend's session, exported once with a dynamic batch
+            cls = load_backend("onnx")
+            self._onnx = cls(self.denoiser, plan_for_model(self.denoiser, num_steps=1),
+                             (self.batch_sizes[-1], *self.shape), dtype=self.dtype,
+                             device=self.device, label_dim=self.label_dim)
+            return self._onnx.evaluate
+        if name == "compiled":
+            load_backend("compiled")
+            import torch._dynamo.config as dynamo_config
+
+            for limit in ("recompile_limit", "cache_size_limit"):  # a graph per row count
+                if hasattr(dynamo_config, limit):
+                    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+                    break
+            return GraphedEvaluator(torch.compile(self.denoiser, dynamic=False), self.device)
+        raise ValueError(f"unknown evaluator {name!r}")
+
+    @torch.no_grad()
+    def _warm_up(self) -> dict[int, float]:
+        """Evaluate every row count once (compile, export, graph capture happen here) and time
+        a second evaluation: rows -> seconds."""
+        seconds = {}
+        for rows in sorted({b * k for b in self.batch_sizes for k in (1, 2 if self.label_dim
+                                                                        else 1)}):
+            x = torch.zeros((rows, *self.shape), dtype=self.dtype, device=self.device)
+            sigma = torch.ones(rows, dtype=self.dtype, device=self.device)
+            labels = (torch.zeros(rows, self.label_dim, dtype=self.dtype, device=self.device)
+                      if self.label_dim else None)
+            self.evaluate(x, sigma, labels)
+            self._sync()
+            t0 = time.perf_counter()
+            self.evaluate(x, sigma, labels)
+            self._sync()
+            seconds[rows] = time.perf_counter() - t0
+        return seconds
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- plans ----------------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (bounded; the engine lives as long)
+    def plan(self, solver: str, steps: int, guidance: float | None) -> ServedPlan:
+        """The plan of (solver, steps, guidance) with the server-wide options; ValueError for a
+        combination the planner refuses (an option the solver does not read, ...)."""
+        if guidance is not None and self.label_dim == 0:
+            raise ValueError("guidance needs a class-conditional model")
+        options = dict(self.options)
+        if guidance is None:  # a server-wide interval applies to guided requests only
+            options.pop("guidance_interval", None)
+        plan = plan_for_model(self.denoiser, solver=solver, num_steps=steps, guidance=guidance,
+                              **options)
+        return ServedPlan(plan, SigmaVectorCache(plan.program, self.dtype, self.device))
+
+    def bucket(self, n: int) -> int:
+        return next((b for b in self.batch_sizes if b >= n), n)
+
+    def longest_batch_seconds(self, batch_cost: int, max_evals: int) -> float:
+        """An upper estimate of one batch's time: r rows (bucket b) of a batch of at most
+        ``batch_cost`` rows x evaluations run at most min(max_evals, batch_cost // r)
+        evaluations of b rows (2b guided); a single row may exceed the cost."""
+        worst, lo = 0.0, 1
+        for b in self.batch_sizes:
+            rows = 2 * b if self.label_dim else b
+            evals = max_evals if lo == 1 else min(max_evals, batch_cost // lo)
+            worst = max(worst, evals * self.eval_seconds[rows])
+            lo = b + 1
+        return worst
+
+    # -- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, served: ServedPlan, seeds: list[int],
+               labels: list[int | None]) -> torch.Tensor:
+        """(N, *shape) float32 CPU rows for ``seeds`` under the plan, padded to a bucket; per-seed
+        noise (noise.SeedNoise), so a row does not depend on the rest of its batch."""
+        plan, n = served.plan, len(seeds)
+        size = self.bucket(n)
+        stream = SeedNoise(seeds + seeds[:1] * (size - n), self.shape, device=self.device,
+                           dtype=self.dtype)
+        latents, draws = stream.draw(), stream.draw_many(plan.num_noise)
+        onehot = None
+        if self.label_dim:
+            onehot = torch.zeros(size, self.label_dim, dtype=self.dtype)
+            for row, c in enumerate(labels):
+                if c is not None:
+                    onehot[row, c] = 1
+            onehot = onehot.to(self.device)
+        out = run_program(plan.program, self.evaluate, latents, draws if plan.num_noise else None,
+                          onehot, guidance=Guidance(plan.guidance),
+                          sigmas=served.sigmas(size))
+        return out[:n].float().cpu()

@@ -1,0 +1,92 @@
+"""The same app as a Ray Serve deployment, for more than one machine or device.
+
+Each replica builds and warms its own Engine and serves the same FastAPI app (``create_app``)
+with its own batcher, so max_cost, the batching and the fairness policy hold behind Ray's proxy,
+which spreads requests over the replicas.
+
+    edm-fast serve --ray --replicas 2                        # a local Ray instance
+    edm-fast serve --ray --ray-address auto --replicas 8 --replica-gpus 1   # a running cluster
+    serve run edm_fast.serve.ray_app:build model=default replicas=2 max_batch=32
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from ray import serve
+
+from .app import ServeSettings, create_app
+from .engine import Engine
+
+__all__ = ["EdmFastDeployment", "build", "deployment", "run_ray"]
+
+
+@serve.deployment(max_ongoing_requests=1024)  # the batcher needs the concurrent requests
+@serve.ingress()
+class EdmFastDeployment:
+    def __init__(self, engine: dict, settings: dict):
+        self.engine, self.settings = Engine(**engine), ServeSettings(**settings)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.engine, self.settings)
+
+
+def deployment(engine: dict, settings: ServeSettings, *, replicas: int | None = 1,
+               autoscaling: dict | None = None, cpus: float = 1.0, gpus: float = 0.0):
+    """The bound application: ``replicas`` copies, or ``autoscaling`` (Ray Serve's
+    autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 8}) instead."""
+    import dataclasses
+
+    scale = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    return EdmFastDeployment.options(
+        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+        max_ongoing_requests=settings.max_queue, **scale,
+    ).bind(engine, dataclasses.asdict(settings))
+
+
+def build(args: dict):
+    """Application builder for ``serve run edm_fast.serve.ray_app:build key=value ...``: keys
+    model, device, backend, replicas, cpus, gpus, and any ServeSettings field."""
+    import dataclasses
+
+    names = {f.name: f.type for f in dataclasses.fields(ServeSettings)}
+    settings = ServeSettings(**{k: _number(v) for k, v in args.items() if k in names})
+    engine = {"model": args.get("model", "default"), "device": args.get("device", "auto"),
+              "backend": args.get("backend", "auto")}
+    return deployment(engine, settings, replicas=int(args.get("replicas", 1)),
+                      cpus=float(args.get("cpus", 1)), gpus=float(args.get("gpus", 0)))
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def run_ray(config: dict, *, host: str, port: int, replicas: int, address: str | None,
+            cpus: float, gpus: float) -> None:
+    """Start (or join) Ray, deploy, print the URL, serve until SIGINT/SIGTERM, shut down."""
+    import ray
+
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(config["engine"], config["settings"], replicas=replicas,
+                             cpus=cpus, gpus=gpus), name="edm-fast", route_prefix="/")
+        print(f"edm-fast serve: {config['engine']['model']} on http://{host}:{port} (Ray Serve, "
+              f"{replicas} replicas); Ctrl-C stops", flush=True)
+        stop = threading.Event()
+        previous = {s: signal.signal(s, lambda *_: stop.set())
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            stop.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        serve.shutdown()
+    finally:
+        ray.shutdown()

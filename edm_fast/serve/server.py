@@ -1,0 +1,80 @@
+"""Running the app with uvicorn, with bounded resources per connection.
+
+uvicorn's h11 protocol is used (its header limit is configurable): a request head still arriving
+past ``max_header_bytes`` gets 400 and its connection is closed, so an unfinished head holds at
+most that much memory; a complete head over ``max_headers`` headers or ``max_header_bytes``
+bytes gets 431 (the app). ``limit_concurrency`` caps connections and requests in flight (then
+503). SIGINT/SIGTERM stop accepting and wait ``graceful_timeout_s`` for requests in flight: by
+default the request deadline plus the longest batch the limits allow (estimated at warm-up), so
+every request in flight is answered (200, or 504 at its deadline) and the running batch ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import socket
+
+__all__ = ["UvicornLimits", "bind", "make_server", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UvicornLimits:
+    limit_concurrency: int = 512
+    keep_alive_s: float = 5.0
+    graceful_timeout_s: float | None = None  # None: request deadline + longest batch + 5 s
+
+    def __post_init__(self):
+        if not 1 <= self.limit_concurrency <= 10**6:
+            raise ValueError(f"limit_concurrency must be in [1, 1000000], got "
+                             f"{self.limit_concurrency}")
+        for name in ("keep_alive_s", "graceful_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 < value <= 86_400):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: any free port); ValueError saying why it cannot."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535 (0: any free port), got {port}")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as exc:  # in use, not permitted, unknown host (socket.gaierror)
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(app, limits: UvicornLimits = UvicornLimits(), log_level: str = "warning"):
+    """A uvicorn.Server for ``app`` (``create_app``) under ``limits``."""
+    import uvicorn
+
+    s = app.state.settings
+    graceful = limits.graceful_timeout_s
+    if graceful is None:
+        graceful = s.request_timeout_s + app.state.longest_batch_s + 5
+    config = uvicorn.Config(
+        app, http="h11", lifespan="on", log_level=log_level, access_log=False,
+        limit_concurrency=limits.limit_concurrency, timeout_keep_alive=limits.keep_alive_s,
+        timeout_graceful_shutdown=math.ceil(graceful),
+        h11_max_incomplete_event_size=s.max_header_bytes)
+    return uvicorn.Server(config)
+
+
+def run(app, sock: socket.socket, limits: UvicornLimits = UvicornLimits(),
+        log_level: str = "warning") -> None:
+    """Serve ``app`` on ``sock`` (``bind``) until SIGINT/SIGTERM, then shut down gracefully and
+    return (uvicorn re-raises the signal it caught: absorbed here, so the exit status is 0)."""
+    import signal
+
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        make_server(app, limits, log_level).run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
