@@ -5,14 +5,20 @@ Examples:
     edm-fast export --ckpt run/ --format onnx --dtype float16 --out d16.onnx
     edm-fast export --format aoti --batch 16 --out digits.pt2         # static batch of 16
     edm-fast export --format torchscript --out digits.ts
+    edm-fast export --format aoti --dtype bf16 --out digits-bf16.pt2  # network in bfloat16
+    edm-fast export --format openvino --out ir/digits.xml              # + ir/digits.bin
     edm-fast export --ckpt run/ --format safetensors --dtype float16 --out digits.safetensors
 
 onnx, aoti and torchscript export the preconditioned denoiser D(x; sigma, class_labels) (EDM
-Eq. 7) with float32 inputs and outputs; ``--dtype float16`` runs the network inside in half
-precision. safetensors writes the EMA weights and config
+Eq. 7) with float32 inputs and outputs; ``--dtype float16`` (onnx, aoti, torchscript) or
+``bfloat16`` (aoti, torchscript) runs the network inside in that precision. openvino writes an
+IR (.xml and the .bin of its weights beside it) converted from the ONNX export, in float32: the
+precision it runs in is chosen when it is loaded (``--net-dtype``, docs/PRECISION.md).
+safetensors writes the EMA weights and config
 (``checkpoints.export_inference_checkpoint``) with the weights in ``--dtype``.
 
---out must end in the suffix of --format (none is added): .onnx, .pt2 (aoti), .ts or
+--out must end in the suffix of --format (none is added): .onnx, .xml (openvino), .pt2 (aoti),
+.ts or
 .torchscript (torchscript: the suffixes `edm-fast sample` knows as TorchScript; a .pt file is
 read as an NVlabs training state), .safetensors. Missing parent folders are created; an existing
 folder or an unwritable location is refused before the model is loaded.
@@ -27,10 +33,11 @@ from pathlib import Path
 
 __all__ = ["SUFFIXES", "add_export_command", "check_out_file"]
 
-FORMATS = ("onnx", "aoti", "torchscript", "safetensors")
+FORMATS = ("onnx", "openvino", "aoti", "torchscript", "safetensors")
 # The suffixes --out may end in, per format: those the loaders tell the formats apart by
 # (models.EXPORT_SUFFIXES, the C++ loader's '.pt2' -> AOTInductor). The first one is suggested.
-SUFFIXES = {"onnx": (".onnx",), "aoti": (".pt2",), "torchscript": (".ts", ".torchscript"),
+SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml",), "aoti": (".pt2",),
+            "torchscript": (".ts", ".torchscript"),
             "safetensors": (".safetensors",)}
 
 
@@ -44,11 +51,14 @@ def add_export_command(sub, formatter) -> None:
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file, ending in the suffix of --format (not added for you): "
-                   ".onnx, .pt2 (aoti), .ts or .torchscript (torchscript), .safetensors; "
+                   ".onnx, .xml (openvino), .pt2 (aoti), .ts or .torchscript (torchscript), "
+                   ".safetensors; "
                    "missing parent folders are created")
     p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (onnx only)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="dtype of the network's weights and activations")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], type=_dtype_name,
+                   default="float32", help="dtype of the network's weights and activations "
+                   "(also fp32, fp16, bf16; bfloat16: aoti, torchscript, safetensors; openvino: "
+                   "float32, its precision is chosen at load time)")
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="static batch size (None: dynamic batch; not for safetensors)")
     p.add_argument("--device", default="cpu",
@@ -58,6 +68,17 @@ def add_export_command(sub, formatter) -> None:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare ONNX Runtime with PyTorch after the export (onnx only)")
     p.set_defaults(func=_cmd_export)
+
+
+def _dtype_name(text: str) -> str:
+    """--dtype in its long name ('bf16' -> 'bfloat16'), as edm_fast.precision reads it."""
+    from .precision import parse_net_dtype
+
+    try:
+        parsed = parse_net_dtype(text)
+    except ValueError:
+        return text  # argparse then names the choices
+    return text if parsed in (None, "auto") else str(parsed).removeprefix("torch.")
 
 
 def check_out_file(out, suffixes, writer: str) -> Path:
@@ -96,12 +117,16 @@ def _check_format_options(args) -> None:
     """Refuse an option that the chosen --format would silently ignore."""
     from .device import resolve_device
 
-    if args.format != "onnx":
+    if args.format not in ("onnx", "openvino"):  # openvino converts the ONNX export
         for flag, given in (("--opset", args.opset != 17), ("--exporter", args.exporter != "auto"),
                             ("--no-check", not args.check)):
             if given:
-                raise ValueError(f"{flag} applies to --format onnx only, not {args.format}")
-    if args.format in ("onnx", "safetensors") and args.device != "cpu":
+                raise ValueError(f"{flag} applies to --format onnx only (and openvino, which "
+                                 f"converts the ONNX export), not {args.format}")
+    if args.format == "openvino" and args.dtype != "float32":
+        raise ValueError(f"--dtype {args.dtype}: an OpenVINO IR is written in float32; the "
+                         "precision it runs in is chosen when it is loaded (--net-dtype)")
+    if args.format in ("onnx", "openvino", "safetensors") and args.device != "cpu":
         raise ValueError(f"--device {args.device}: --format {args.format} is written on the "
                          "CPU; --device applies to aoti and torchscript")
     args.device = str(resolve_device(args.device))  # a clear error for a missing device
@@ -156,9 +181,10 @@ def _export_torch(args, denoiser, shape) -> str:
     import torch
 
     from .export import export_aoti, export_torchscript
-    from .onnx_export import NET_DTYPES, _net_in_dtype
+    from .onnx_export import _net_in_dtype
+    from .precision import parse_net_dtype
 
-    denoiser = _net_in_dtype(denoiser, NET_DTYPES[args.dtype])
+    denoiser = _net_in_dtype(denoiser, parse_net_dtype(args.dtype))
     example = (args.batch or 2, *shape)
     if args.format == "aoti":
         return export_aoti(denoiser, example, device=args.device, dtype=torch.float32,
@@ -172,7 +198,7 @@ def _export_torch(args, denoiser, shape) -> str:
 def _export_safetensors(args) -> str:
     from .checkpoints import export_inference_checkpoint
     from .models import BUNDLED, TOYS, bundled_path, exported_format
-    from .onnx_export import NET_DTYPES
+    from .precision import parse_net_dtype
 
     if args.batch is not None:
         raise ValueError("--batch does not apply to --format safetensors")
@@ -185,7 +211,25 @@ def _export_safetensors(args) -> str:
         raise ValueError(f"{args.ckpt} is an NVlabs snapshot: `edm-fast convert {args.ckpt} "
                          "--out FILE.safetensors` converts it")
     src = bundled_path(args.ckpt) if args.ckpt in BUNDLED else args.ckpt
-    return str(export_inference_checkpoint(src, args.out, dtype=NET_DTYPES[args.dtype]))
+    return str(export_inference_checkpoint(src, args.out, dtype=parse_net_dtype(args.dtype)))
 
 
-_EXPORTERS = {"onnx": _export_onnx, "aoti": _export_torch, "torchscript": _export_torch}
+def _export_openvino(args, denoiser, shape) -> str:
+    from .onnx_export import OnnxCheckError
+    from .openvino_export import export_openvino
+    from .optional import require
+
+    require("openvino", "--format openvino")
+    try:
+        report = export_openvino(denoiser, args.out, sample_shape=shape, opset=args.opset,
+                                 dynamic_batch=args.batch is None, batch=args.batch or 2,
+                                 check=args.check, exporter=args.exporter)
+    except OnnxCheckError as exc:
+        raise ValueError(str(exc)) from exc
+    batch = "dynamic" if report.dynamic_batch else str(args.batch)
+    print(f"inputs {', '.join(report.input_names)} (batch {batch}); converted from the ONNX "
+          f"export (opset {report.opset}); weights in {os.path.splitext(report.path)[0]}.bin")
+    return report.path
+
+
+_EXPORTERS = {"onnx": _export_onnx, "openvino": _export_openvino, "aoti": _export_torch, "torchscript": _export_torch}

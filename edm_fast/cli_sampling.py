@@ -1,6 +1,6 @@
 """The sampling options of the CLI (sample, plan, bench, serve): the solver, its schedule and
 options, as ``edm_fast.plan.SamplingPlan.build`` takes and checks them, and the execution
-options (backend, device, dtype, batch)."""
+options (backend, device, dtype, net-dtype, batch)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True,
                          threads: bool = False) -> None:
     """The options of ``edm_fast.plan.SamplingOptions`` (generated from its fields; guidance is
     left to each command, whose help differs), shared by sample, serve and plan; with
-    ``execution`` also --backend, --device, --dtype and --batch, and with ``threads`` (a
+    ``execution`` also --backend, --device, --dtype, --net-dtype and --batch, and with
+    ``threads`` (a
     command that applies it: ``edm_fast.device.set_threads``) --threads."""
     from dataclasses import MISSING, fields
 
@@ -57,13 +58,24 @@ def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True,
     if not execution:
         return
     r = p.add_argument_group("execution")
-    r.add_argument("--backend", choices=["auto", "reference", "compiled", "cpp", "onnx"],
+    from .backends import BACKENDS
+    from .precision import NET_DTYPE_CHOICES
+
+    r.add_argument("--backend", choices=["auto", *BACKENDS],
                    default="auto", help="sampling backend; auto: the fastest that loads here "
                    "(on the CPU, a job under 4096 images keeps 'reference', which needs no "
                    "compile or export to amortise)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     r.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="dtype of the sampler state (float64 = golden reference)")
+    r.add_argument("--net-dtype", dest="net_dtype", choices=list(NET_DTYPE_CHOICES),
+                   type=_net_dtype_name, default=None,
+                   help="precision of the network only (the sampler state stays in --dtype): "
+                   "fp32, bf16, fp16, or auto (bf16 where measured faster at fp32 quality: CPUs "
+                   "with AMX-BF16 or AVX512-BF16 for networks >= 1 GFLOP/image, CUDA sm >= 80; "
+                   "says what it chose). Default: the network as loaded (fp32 for edm-fast "
+                   "checkpoints). A precision the device cannot run is refused; see "
+                   "docs/PRECISION.md")
     r.add_argument("--batch", type=int, default=64, metavar="B", help="images per batch")
     if threads:
         r.add_argument("--threads", type=int, default=None, metavar="N",
@@ -72,11 +84,32 @@ def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True,
                        "times faster")
 
 
+def _net_dtype_name(text: str) -> str:
+    """--net-dtype's value in its short name: 'bfloat16' is read as 'bf16', as Sampler reads
+    it (edm_fast.precision), so the choices are checked on one spelling."""
+    from .precision import parse_net_dtype, short_name
+
+    try:
+        parsed = parse_net_dtype(text)
+    except ValueError:
+        return text  # argparse then names the choices
+    return parsed if parsed == "auto" else short_name(parsed)
+
+
+# The execution options that Sampler takes under the same name, passed on as they are.
+SAMPLER_EXECUTION_OPTIONS = ("net_dtype",)
+
+
 def sampling_options(args) -> dict:
     """The Sampler keyword arguments of the options ``add_sampling_options`` added (every field
-    of SamplingOptions but guidance, which each command reads itself)."""
+    of SamplingOptions but guidance, which each command reads itself, and with ``execution``
+    the options of SAMPLER_EXECUTION_OPTIONS)."""
     from dataclasses import fields
 
     from .plan import SamplingOptions
 
-    return {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if f.name != "guidance"}
+    options = {f.name: getattr(args, f.name) for f in fields(SamplingOptions)
+               if f.name != "guidance"}
+    options.update({name: getattr(args, name) for name in SAMPLER_EXECUTION_OPTIONS
+                    if hasattr(args, name)})
+    return options

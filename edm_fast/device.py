@@ -6,7 +6,8 @@ import os
 
 import torch
 
-__all__ = ["busy_cpu_note", "resolve_device", "set_threads", "setup_note", "synchronize"]
+__all__ = ["busy_cpu_note", "cpu_flags", "cpu_model", "resolve_device", "set_threads", "setup_note",
+           "synchronize"]
 
 
 def resolve_device(spec=None) -> torch.device:
@@ -37,6 +38,34 @@ def resolve_device(spec=None) -> torch.device:
         if mps is None or not mps.is_available():
             raise ValueError("device 'mps' asked for, but MPS is not available here")
     return device
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them in /proc/cpuinfo (``amx_bf16``,
+    ``avx512_bf16``, ``avx512_fp16``, ...); empty where there is no /proc/cpuinfo (macOS,
+    Windows): nothing is assumed there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:

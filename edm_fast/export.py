@@ -44,8 +44,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .errors import BadFileError
 from .images import atomic_save
 from .precond import Denoiser, NotADenoiserError
+from .trusted_exports import record_export
 
 __all__ = [
     "ExportableDenoiser", "export_aoti", "export_torchscript", "read_metadata", "METADATA_FILE",
@@ -54,6 +56,7 @@ __all__ = [
 
 METADATA_FILE = "edm_fast_metadata.txt"  # TorchScript extra file (csrc/denoiser_runner.h)
 METADATA_FORMAT = "1"
+MAX_METADATA_BYTES = 1 << 20  # read_metadata refuses a larger metadata entry
 
 
 # ------------------------------------------------------------------------------------------
@@ -215,6 +218,7 @@ def _metadata(module: ExportableDenoiser, sample_shape, label_dim: int, dtype, d
         "edm_fast.dtype": str(dtype).removeprefix("torch."),
         "edm_fast.device": torch.device(device).type,
         **module.metadata(),
+        "edm_fast.net_dtype": str(module.net_dtype or dtype).removeprefix("torch."),
         "edm_fast.dynamic_batch": "1" if dynamic_batch else "0",
         "edm_fast.batch": str(batch),
     }
@@ -266,6 +270,7 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
                 program, package_path=str(tmp), inductor_configs=configs), path)
     finally:
         restore()
+    record_export(path)  # a program edm-fast wrote: loaders may run it (trusted_exports)
     return path
 
 
@@ -296,19 +301,29 @@ def export_torchscript(denoiser, example_shape: Sequence[int], *, label_dim: int
                                                    _extra_files={METADATA_FILE: text}), path)
     finally:
         restore()
+    record_export(path)
     return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata stored in an exported file (AOTI package or TorchScript zip archive)."""
+    """The metadata stored in an exported file (AOTI package or TorchScript zip archive). An
+    entry declaring more than MAX_METADATA_BYTES (uncompressed, from the zip directory) is
+    refused before it is read."""
+    def read(archive, name):
+        if archive.getinfo(name).file_size > MAX_METADATA_BYTES:
+            raise BadFileError(f"{path}: its metadata entry {name} declares "
+                               f"{archive.getinfo(name).file_size} bytes, over "
+                               f"{MAX_METADATA_BYTES}")
+        return archive.read(name)
+
     with zipfile.ZipFile(os.fspath(path)) as archive:
         for name in archive.namelist():
             if name.endswith("/extra/" + METADATA_FILE):
-                lines = archive.read(name).decode().splitlines()
+                lines = read(archive, name).decode().splitlines()
                 return dict(line.split("=", 1) for line in lines if "=" in line)
         for name in archive.namelist():
             if name.endswith("metadata.json") and "/aotinductor/" in name:
-                data = json.loads(archive.read(name))
+                data = json.loads(read(archive, name))
                 if "AOTI_DEVICE_KEY" in data:
                     return data
     return {}

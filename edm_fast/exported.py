@@ -24,6 +24,7 @@ from torch import nn
 
 from .export import read_metadata
 from .precond import make_precond
+from .trusted_exports import check_trusted
 
 __all__ = ["ExportedDenoiser", "LOADABLE_SUFFIXES"]
 
@@ -34,7 +35,7 @@ class ExportedDenoiser(nn.Module):
     """D(x; sigma, class_labels) of an exported file; inputs are moved to the export's device
     and dtype, the output back to x's."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, trusted: bool = False):
         super().__init__()
         self.path = str(path)
         suffix = Path(self.path).suffix.lower()
@@ -42,6 +43,8 @@ class ExportedDenoiser(nn.Module):
             raise ValueError(f"{self.path}: an exported denoiser ends in "
                              f"{', '.join(LOADABLE_SUFFIXES)}")
         self.kind = LOADABLE_SUFFIXES[suffix]
+        # the file is a program: only one edm-fast wrote here, or one the caller trusts
+        check_trusted(self.path, trusted=trusted)
         meta = read_metadata(self.path)
         if "edm_fast.sample_shape" not in meta:
             raise ValueError(f"{self.path} has no edm_fast metadata; export it with "

@@ -38,7 +38,7 @@ def model_mixture(spec: str):
 
 
 EXPORT_SUFFIXES = {".onnx": "ONNX", ".pt2": "AOTInductor", ".ts": "TorchScript",
-                   ".torchscript": "TorchScript"}
+                   ".torchscript": "TorchScript", ".xml": "OpenVINO"}
 
 
 def exported_format(path) -> str | None:
@@ -68,7 +68,8 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
         if path.suffix.lower() in LOADABLE_SUFFIXES:  # AOTInductor / TorchScript: D itself
             return ExportedDenoiser(path)
         raise ValueError(f"{path} is an exported model ({exported_format(path)}), "
-                         "for deployment (ONNX Runtime, the C++ tool edm_fast_sample); sample "
+                         "for deployment (ONNX Runtime, OpenVINO, the C++ tool "
+                         "edm_fast_sample); sample "
                          "with the .safetensors checkpoint it was exported from, or an "
                          "AOTInductor (.pt2) or TorchScript (.ts) export")
     if path.suffix in (".pkl", ".pt"):  # official snapshot / training-state archive

@@ -48,7 +48,6 @@ for float32, 1e-2 for float16; measured on the tiny test nets: <= 1.2e-6 and <= 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -125,6 +124,9 @@ def make_session(path, *, providers=None, threads: int | None = None):
     """
     import onnxruntime as ort
 
+    from .onnx_check import check_onnx_file
+
+    check_onnx_file(path)  # external data stay inside the model's folder and files
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
@@ -279,19 +281,21 @@ def _net_in_dtype(denoiser, dtype: torch.dtype):
             raise ValueError("a float16 network inside the graph needs an edm_fast Denoiser "
                              "(F and its preconditioning apart); export this module in float32")
         return denoiser
-    param = next(denoiser.model.parameters(), None)
-    current = denoiser.net_dtype or (param.dtype if param is not None else torch.float32)
-    if current == dtype:
-        return denoiser
-    model = copy.deepcopy(denoiser.model).to("cpu", dtype)
-    return Denoiser(model, denoiser.precond, label_dim=denoiser.label_dim, net_dtype=dtype)
+    return denoiser.with_net_dtype(dtype)
 
 
 def _net_dtype(dtype) -> torch.dtype:
-    dtype = NET_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in TOLERANCE:
-        raise ValueError(f"dtype must be float32 or float16, got {dtype}")
-    return dtype
+    """The graph's network dtype from any ``net_dtype`` spelling (edm_fast.precision): float32
+    or float16; bfloat16 is refused (ONNX Runtime has no bfloat16 convolutions: the openvino
+    backend runs a float32 graph in bf16)."""
+    from .precision import parse_net_dtype
+
+    parsed = parse_net_dtype(dtype)
+    if parsed not in TOLERANCE:
+        raise ValueError(f"an ONNX graph's network runs in fp32 or fp16, got {dtype!r}"
+                         + (" (ONNX Runtime has no bf16 convolutions; the openvino backend "
+                            "runs bf16)" if parsed == torch.bfloat16 else ""))
+    return parsed
 
 
 def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int],

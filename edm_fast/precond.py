@@ -19,6 +19,7 @@ into D(x; sigma, class_labels).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -289,6 +290,22 @@ class Denoiser(nn.Module):
 
     def round_sigma(self, sigma):
         return self.precond.round_sigma(sigma)
+
+    def with_net_dtype(self, dtype: torch.dtype) -> "Denoiser":
+        """This denoiser when its network already runs in ``dtype``; else a copy whose network's
+        weights are cast to ``dtype`` (the original keeps its own). The preconditioning and the
+        output stay in x's dtype."""
+        param = next(self.model.parameters(), None)
+        current = self.net_dtype or (param.dtype if param is not None else torch.float32)
+        if current == dtype:
+            return self
+        model = copy.deepcopy(self.model).to(dtype)
+        out = Denoiser(model, self.precond, label_dim=self.label_dim, net_dtype=dtype)
+        out.train(self.training)
+        for name in ("checkpoint_meta", "sample_shape"):  # what loaders attach for callers
+            if hasattr(self, name):
+                setattr(out, name, getattr(self, name))
+        return out
 
     def _model_dtype(self, x: torch.Tensor) -> torch.dtype:
         if self.net_dtype is not None:

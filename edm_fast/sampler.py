@@ -54,7 +54,14 @@ class Sampler:
             (Kynkaanniemi et al. 2024), the conditional D elsewhere.
         dtype: dtype of the sampler state (float32, or float64 for the golden reference).
         device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ...
-        backend: 'auto', 'reference', 'compiled', 'cpp' or 'onnx' (see edm_fast.backends).
+        net_dtype: the network's precision: 'fp32', 'bf16', 'fp16' or 'auto' (also 'float32',
+            'bfloat16', 'float16' and torch dtypes); None (default): the network as loaded,
+            float32 for every edm-fast checkpoint. The sampler state and step math stay in
+            ``dtype``. 'auto' picks bf16 only where it was measured faster at float32 quality
+            and says what it chose (a warning); a precision the device cannot run raises
+            EdmFastError. See edm_fast.precision and docs/PRECISION.md.
+        backend: 'auto', 'reference', 'compiled', 'cpp', 'onnx' or 'openvino' (see
+            edm_fast.backends).
         expected_images: optional workload hint; with 'auto' on the CPU a small job keeps the
             reference loop rather than paying a compile/export it cannot amortise.
     """
@@ -68,7 +75,7 @@ class Sampler:
                  variance: str = "beta", guidance: float | None = None,
                  guidance_interval=None, dtype: torch.dtype = torch.float32,
                  device="auto", backend: str = "auto", backend_options: dict | None = None,
-                 expected_images: int | None = None):
+                 expected_images: int | None = None, net_dtype=None):
         start = time.perf_counter()
         self.device = resolve_device(device)
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -97,10 +104,33 @@ class Sampler:
             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, order=order,
             ode=ode, alpha=alpha, variance=variance, guidance=guidance,
             guidance_interval=guidance_interval)
-        self.backend = self._build_backend(backend, expected_images, backend_options or {})
+        options = dict(backend_options or {})
+        if "net_dtype" in options:  # the onnx backend's own option before Sampler had one
+            if net_dtype is not None:
+                raise ValueError("net_dtype is given twice (net_dtype= and backend_options); "
+                                 "pass Sampler(net_dtype=) only")
+            net_dtype = options.pop("net_dtype")
+        self.net_dtype = self._resolve_net_dtype(net_dtype)
+        self.backend = self._build_backend(backend, expected_images, options)
         self.backend_name = self.backend.name
         self.warmup_seconds = time.perf_counter() - start
         self._lock = threading.Lock()
+
+    def _resolve_net_dtype(self, net_dtype) -> torch.dtype | None:
+        """The network's dtype (None: as loaded) for ``net_dtype``; warns what 'auto' chose, or
+        that the precision asked for runs emulated on this device."""
+        from .precision import gflop_per_image, resolve_net_dtype
+
+        inner = getattr(self.denoiser, "denoiser", None) if hasattr(self.denoiser, "guidance") \
+            else None
+        network = inner if inner is not None else self.denoiser
+        if net_dtype == "auto" and not _is_network(self.denoiser):
+            return None  # an exact (toy) or exported denoiser runs in its own precision
+        chosen = resolve_net_dtype(net_dtype, self.device,
+                                   lambda: gflop_per_image(network, self.shape, self.device))
+        if chosen.note:
+            warnings.warn(chosen.note, stacklevel=3)
+        return chosen.dtype
 
     def _build_backend(self, requested: str, expected_images, options: dict):
         """The backend object: the one asked for (its errors propagate), or for 'auto' the first
@@ -108,13 +138,16 @@ class Sampler:
         for every better one that did not load or failed to build (export, compile)."""
         def build(cls):
             return cls(self.denoiser, self.plan, (self.batch_size, *self.shape), dtype=self.dtype,
-                       device=self.device, label_dim=self.label_dim, **options)
+                       device=self.device, label_dim=self.label_dim, net_dtype=self.net_dtype,
+                       **options)
 
         if not is_auto(requested):
-            return build(resolve_backend(requested, self.device, expected_images, self.dtype))
+            return build(resolve_backend(requested, self.device, expected_images, self.dtype,
+                                         self.net_dtype))
         if not _is_network(self.denoiser):  # an exact (toy) denoiser: nothing to export/compile
             return build(resolve_backend("reference", self.device))
-        classes, skipped = auto_candidates(self.device, expected_images, self.dtype)
+        classes, skipped = auto_candidates(self.device, expected_images, self.dtype,
+                                           self.net_dtype)
         for cls in classes:
             try:
                 backend = build(cls)
@@ -124,7 +157,7 @@ class Sampler:
                 why = f"{cls.name}: failed to build for this model ({type(exc).__name__}: {exc})"
                 skipped.append((cls.name, why))
                 continue
-            warn_fallback(cls.name, skipped, self.device, stacklevel=3)
+            warn_fallback(cls.name, skipped, self.device, stacklevel=3, net_dtype=self.net_dtype)
             return backend
         raise RuntimeError("no sampler backend could be built")  # the reference always builds
 

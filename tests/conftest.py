@@ -18,6 +18,14 @@ if not torch.cuda.is_available():
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+# The digests of the exports the tests write go to a store of their own, not the user's
+# (edm_fast.trusted_exports); subprocesses inherit it.
+if "EDM_FAST_TRUSTED_EXPORTS" not in os.environ:
+    import tempfile
+
+    os.environ["EDM_FAST_TRUSTED_EXPORTS"] = os.path.join(
+        tempfile.mkdtemp(prefix="edm_fast_tests_"), "trusted-exports")
+
 
 def devices():
     """The devices a device-parametrised test runs on: always CPU, plus CUDA when present."""

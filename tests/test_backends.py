@@ -284,6 +284,7 @@ def test_auto_backend_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("EDM_FAST_DISABLE_ONNX", "1")
     monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
     monkeypatch.setenv("EDM_FAST_DISABLE_COMPILED", "1")
+    monkeypatch.setenv("EDM_FAST_DISABLE_OPENVINO", "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cls = resolve_backend("auto", torch.device("cpu"))
@@ -313,6 +314,7 @@ def test_auto_sampler_skips_and_survives_backends_that_cannot_serve_the_job(monk
             assert Sampler(den, **opts).backend_name == "onnx"
     monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
     monkeypatch.setenv("EDM_FAST_DISABLE_COMPILED", "1")
+    monkeypatch.setenv("EDM_FAST_DISABLE_OPENVINO", "1")
     with pytest.warns(RuntimeWarning, match="float32, and dtype torch.float64") as caught:
         assert Sampler(den, dtype=torch.float64, **opts).backend_name == "reference"
     assert len([w for w in caught if "edm-fast" in str(w.message)]) == 1
@@ -344,6 +346,7 @@ def test_auto_warns_only_when_a_better_backend_was_skipped(monkeypatch):
     require_backend("onnx")
     monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
     monkeypatch.setenv("EDM_FAST_DISABLE_COMPILED", "1")
+    monkeypatch.setenv("EDM_FAST_DISABLE_OPENVINO", "1")
     den = make_denoiser(label_dim=3, channels=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -357,7 +360,7 @@ def test_auto_warns_only_when_a_better_backend_was_skipped(monkeypatch):
     assert message.index("onnx:") < message.index("cpp:") < message.index("compiled:")
 
 
-@pytest.mark.parametrize("backend", ["reference", "compiled", "cpp", "onnx"])
+@pytest.mark.parametrize("backend", ["reference", "compiled", "cpp", "onnx", "openvino"])
 def test_discrete_model_grid_with_repeated_levels_runs_on_every_backend(backend):
     """A discrete-time net (DDPM, 1000 levels) at 100 steps: round_sigma maps neighbouring
     sigmas of the grid to one trained level. As in NVlabs' sampler those are zero-length
@@ -493,7 +496,7 @@ def test_half_precision_network_through_exported_backends(backend, net_dtype):
     assert rel_err(out, ref64) <= 2 * own + 1e-6
 
 
-@pytest.mark.parametrize("backend", ["reference", "compiled", "cpp", "onnx"])
+@pytest.mark.parametrize("backend", ["reference", "compiled", "cpp", "onnx", "openvino"])
 def test_every_backend_raises_nonfinite_error_for_a_nan_network(backend):
     """A network with a NaN weight (a bad checkpoint): every backend raises NonFiniteError (a
     FloatingPointError, one line in the CLI), never returns NaN images silently (the compiled
@@ -505,7 +508,7 @@ def test_every_backend_raises_nonfinite_error_for_a_nan_network(backend):
     with torch.no_grad():
         next(den.model.parameters()).view(-1)[0] = float("nan")
     options = {"compiled": {"compile": False}, "cpp": {"kind": "torchscript"},
-               "onnx": {"check": False}}.get(backend, {})
+               "onnx": {"check": False}, "openvino": {"check": False}}.get(backend, {})
     sampler = Sampler(den, shape=(2, 5, 5), batch_size=2, num_steps=3, device="cpu",
                       backend=backend, backend_options=options)
     with pytest.raises(NonFiniteError, match="NaN/Inf"):

@@ -602,7 +602,8 @@ def test_cli_export_suffixes_the_loaders_know(tmp_path):
     from edm_fast.cli_export import SUFFIXES, check_out_file
     from edm_fast.models import EXPORT_SUFFIXES
 
-    names = {"onnx": "ONNX", "aoti": "AOTInductor", "torchscript": "TorchScript"}
+    names = {"onnx": "ONNX", "aoti": "AOTInductor", "torchscript": "TorchScript",
+             "openvino": "OpenVINO"}
     for fmt, suffixes in SUFFIXES.items():
         for suffix in suffixes:
             assert check_out_file(tmp_path / "new" / f"m{suffix}", suffixes, "x") == (

@@ -2,15 +2,17 @@
 
 Each backend is a class ``Backend(denoiser, plan, batch_shape, *, dtype, device, label_dim,
 **options)`` (options are backend-specific: ``compile``/``step_impl`` for compiled, ``kind``/
-``model_path`` for cpp, ``net_dtype``/``opset`` for onnx, ...; ``Sampler(backend_options=)``)
+``model_path`` for cpp, ``opset`` for onnx, ...; ``Sampler(backend_options=)``) and
+``net_dtype`` (None: the network as it is, or torch.float32 / bfloat16 / float16: the network's
+precision, which every backend honours or refuses with an EdmFastError; edm_fast.precision)
 with ``run(latents (N, ...), churn_noise (K, N, ...) | None, class_labels (N, L) | None)`` and a
 ``warmup_seconds`` attribute. ``reference`` (samplers.py) is always available and is the
 ground truth; the others are imported lazily so that a missing compiler, extension or
-onnxruntime never breaks ``import edm_fast``.
+onnxruntime or openvino never breaks ``import edm_fast``.
 
 Environment switches: ``EDM_FAST_BACKEND=<name>`` forces that backend for every Sampler, 'auto'
 or not (``reference`` thus switches every fast path off); ``EDM_FAST_DISABLE_<NAME>=1`` (COMPILED,
-CPP, ONNX) takes one out of 'auto', and ``EDM_FAST_DISABLE_TRITON=1`` keeps the compiled
+CPP, ONNX, OPENVINO) takes one out of 'auto', and ``EDM_FAST_DISABLE_TRITON=1`` keeps the compiled
 backend's step math in PyTorch instead of the Triton kernels.
 """
 
@@ -31,19 +33,29 @@ BACKENDS = {
     "compiled": ("edm_fast.backends.compiled", "CompiledBackend"),
     "cpp": ("edm_fast.backends.cpp", "CppBackend"),
     "onnx": ("edm_fast.backends.onnx", "OnnxBackend"),
+    "openvino": ("edm_fast.backends.openvino", "OpenVinoBackend"),
 }
 
 # what 'auto' tries, best first, per device type. On the CPU ONNX Runtime comes first: in
 # bench/RESULTS.md (2-core CPU, 18 Heun steps) it was the fastest backend for the UNets at batch
 # 1 and 16 and for cifar10-ddpmpp at batch 1, within 15% of the best elsewhere, and it has the
 # shortest warm-up (0.1-10 s of export, against 4-50 s of Inductor and 10-60 s of AOTInductor).
-# It is not tried on CUDA, where the CUDA-graph loop is the measured fast path.
+# It is not tried on CUDA, where the CUDA-graph loop is the measured fast path. OpenVINO in
+# float32 was mostly slower than ONNX Runtime (0.53-0.85x on the digits UNet and on
+# cifar10-ddpmpp at batch 1, 1.24x only on cifar10-ddpmpp at batch 8; docs/PRECISION.md), so it
+# comes last there; with a bf16 network on the CPU (which ONNX Runtime cannot run) it comes
+# first: on cifar10-ddpmpp at batch 8, 2.3x ONNX Runtime float32 and 1.6x eager PyTorch bf16
+# (AVX512-BF16, no AMX).
 AUTO_ORDER = {"cuda": ["compiled", "cpp", "reference"],
-              "cpu": ["onnx", "cpp", "compiled", "reference"]}
+              "cpu": ["onnx", "cpp", "compiled", "openvino", "reference"]}
+AUTO_ORDER_REDUCED = {"cpu": ["openvino", "cpp", "compiled", "reference"]}
 
 
-def _auto_order(device: torch.device) -> list[str]:
-    """AUTO_ORDER for this device type (MPS and others: compiled, then the reference)."""
+def _auto_order(device: torch.device, net_dtype: torch.dtype | None = None) -> list[str]:
+    """AUTO_ORDER for this device type (MPS and others: compiled, then the reference); on the
+    CPU with a bf16/fp16 network, AUTO_ORDER_REDUCED."""
+    if net_dtype in (torch.bfloat16, torch.float16) and device.type in AUTO_ORDER_REDUCED:
+        return AUTO_ORDER_REDUCED[device.type]
     return AUTO_ORDER.get(device.type, ["compiled", "reference"])
 
 
@@ -86,19 +98,21 @@ SMALL_CPU_JOB = 4096
 
 def _unsuitable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why 'auto' must not pick ``name`` for this job even though it loads, or None."""
-    if name == "onnx" and dtype != torch.float32:
-        return f"onnx: runs the network in float32, and dtype {dtype} was asked for"
+    if name in ("onnx", "openvino") and dtype != torch.float32:
+        return f"{name}: runs the network in float32, and dtype {dtype} was asked for"
     return None
 
 
 def auto_candidates(device: torch.device, expected_images: int | None = None,
-                    dtype: torch.dtype = torch.float32) -> tuple[list, list[tuple[str, str]]]:
+                    dtype: torch.dtype = torch.float32, net_dtype: torch.dtype | None = None
+                    ) -> tuple[list, list[tuple[str, str]]]:
     """The backend classes 'auto' may use here, best first (always ending with the reference),
-    and (name, reason) for each backend it skipped, in AUTO_ORDER."""
+    and (name, reason) for each backend it skipped, in AUTO_ORDER (AUTO_ORDER_REDUCED for a
+    bf16/fp16 network on the CPU)."""
     if device.type == "cpu" and expected_images is not None and expected_images < SMALL_CPU_JOB:
         return [load_backend("reference")], []
     classes, skipped = [], []
-    for name in _auto_order(device):
+    for name in _auto_order(device, net_dtype):
         if name != "reference" and _disabled(name):
             skipped.append((name, f"{name}: disabled by EDM_FAST_DISABLE_{name.upper()}=1"))
             continue
@@ -114,7 +128,7 @@ def auto_candidates(device: torch.device, expected_images: int | None = None,
 
 
 def resolve_backend(requested: str, device: torch.device, expected_images: int | None = None,
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32, net_dtype: torch.dtype | None = None):
     """Pick the backend class: the requested one, or for 'auto' the best that loads here.
 
     An explicit request (or ``EDM_FAST_BACKEND``) that cannot load raises. 'auto' falls back
@@ -128,8 +142,8 @@ def resolve_backend(requested: str, device: torch.device, expected_images: int |
         requested = forced
     if requested != "auto":
         return load_backend(requested)
-    classes, skipped = auto_candidates(device, expected_images, dtype)
-    warn_fallback(classes[0].name, skipped, device, stacklevel=3)
+    classes, skipped = auto_candidates(device, expected_images, dtype, net_dtype)
+    warn_fallback(classes[0].name, skipped, device, stacklevel=3, net_dtype=net_dtype)
     return classes[0]
 
 
@@ -139,11 +153,11 @@ def is_auto(requested: str) -> bool:
 
 
 def warn_fallback(name: str, skipped: list[tuple[str, str]], device: torch.device,
-                  stacklevel: int = 2) -> None:
+                  stacklevel: int = 2, net_dtype: torch.dtype | None = None) -> None:
     """The one warning of an 'auto' choice that ended below its first choice, naming why each
     better backend was skipped; nothing when ``name`` is the best one usable here (a skipped
     backend ranked below the chosen one costs the user nothing)."""
-    rank = _auto_order(device).index
+    rank = _auto_order(device, net_dtype).index
     reasons = [why for skipped_name, why in sorted(skipped, key=lambda item: rank(item[0]))
                if rank(skipped_name) < rank(name)]
     if reasons:

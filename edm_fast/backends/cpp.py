@@ -30,6 +30,17 @@ _SUFFIX = {"aoti": ".pt2", "torchscript": ".ts"}
 _NONFINITE_MESSAGE = "the sampled images contain NaN/Inf"  # csrc/program_executor.cpp's check
 
 
+def _net_dtype_name(denoiser) -> str:
+    """'float32', 'bfloat16', ... : the dtype the denoiser's network runs in (as the export's
+    ``edm_fast.net_dtype`` metadata names it); 'float32' for a module that does not say."""
+    dtype = getattr(denoiser, "net_dtype", None)
+    if dtype is None:
+        param = next(getattr(denoiser, "model", denoiser).parameters(), None) \
+            if hasattr(denoiser, "parameters") else None
+        dtype = param.dtype if param is not None else torch.float32
+    return str(dtype).removeprefix("torch.")
+
+
 class CppBackend:
     """Run a SamplingPlan's program with the C++ executor.
 
@@ -45,6 +56,8 @@ class CppBackend:
             removed with the backend). With ``reuse_model=True`` an existing file there is
             loaded instead of re-exported (its metadata must match).
         kind: 'aoti' (torch.export + AOTInductor) or 'torchscript' (torch.jit.trace).
+        net_dtype: the network's precision inside the export (None: the network's own); an
+            exported file passed as the model must already be in it.
     """
 
     name = "cpp"
@@ -52,11 +65,15 @@ class CppBackend:
     def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *,
                  dtype: torch.dtype = torch.float32, device="cpu", label_dim: int | None = None,
                  model_path: str | os.PathLike | None = None, kind: str = "aoti",
-                 reuse_model: bool = False):
+                 reuse_model: bool = False, net_dtype=None):
+        from ..precision import network_in_dtype
+
         ops.require_cpp()
         if kind not in _SUFFIX:
             raise ValueError(f"kind must be 'aoti' or 'torchscript', got {kind!r}")
         denoiser, plan = unwrap_guided(denoiser, plan)
+        denoiser = network_in_dtype(denoiser, net_dtype)
+        self.net_dtype = _net_dtype_name(denoiser)
         self.plan = plan
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
@@ -82,6 +99,10 @@ class CppBackend:
             self._program = ops.program_args(plan.program)
             self.warmup_seconds = time.perf_counter() - start
             return
+        if reuse_model and os.path.exists(self.model_path):
+            from ..trusted_exports import check_trusted
+
+            check_trusted(self.model_path)  # a program: reuse only what edm-fast wrote
         if not (reuse_model and os.path.exists(self.model_path)
                 and self._metadata_matches(read_metadata(self.model_path))):
             export = export_aoti if kind == "aoti" else export_torchscript
@@ -95,6 +116,7 @@ class CppBackend:
         return (meta.get("edm_fast.label_dim") == str(self.label_dim)
                 and meta.get("edm_fast.sample_shape") == ",".join(map(str, self.batch_shape[1:]))
                 and meta.get("edm_fast.dtype") == str(self.dtype).removeprefix("torch.")
+                and meta.get("edm_fast.net_dtype", "float32") == self.net_dtype
                 and meta.get("edm_fast.device") == self.device.type)
 
     def run(self, latents: torch.Tensor, noise: torch.Tensor | None = None,

@@ -111,6 +111,15 @@ class OrtEvaluator:
         return slot.out.clone()
 
 
+def _own_net_dtype(denoiser) -> torch.dtype:
+    """The dtype a ``precond.Denoiser``'s network runs in; float32 for any other module."""
+    dtype = getattr(denoiser, "net_dtype", None)
+    if dtype is None and hasattr(denoiser, "model"):
+        param = next(denoiser.model.parameters(), None)
+        dtype = None if param is None else param.dtype
+    return torch.float32 if dtype is None else dtype
+
+
 class OnnxBackend:
     """Run a SamplingPlan with ONNX Runtime evaluating D.
 
@@ -126,7 +135,10 @@ class OnnxBackend:
         model_path: where to write the .onnx file (default: a private temporary directory,
             removed with the backend); with ``reuse_model=True`` an existing file whose metadata
             matches is loaded instead of re-exported.
-        net_dtype: the network's dtype in the graph ('float32' or 'float16').
+        net_dtype: the network's dtype in the graph, fp32 or fp16 in any spelling of
+            ``edm_fast.precision`` (None: the network's own); bf16 is refused (ONNX Runtime has
+            no bf16 convolutions). fp16 is meant for CUDA; on the CPU it runs at about float32's
+            speed (18.5 vs 17.0 ms per forward, bundled model, batch 16, AVX512 EPYC).
         opset, exporter, check: passed to ``export_onnx``.
         threads: ONNX Runtime intra-op threads (default torch.get_num_threads()).
         tf32: allow TF32 on the CUDA provider.
@@ -149,14 +161,14 @@ class OnnxBackend:
     def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *,
                  dtype: torch.dtype = torch.float32, device="cpu", label_dim: int | None = None,
                  model_path: str | os.PathLike | None = None, reuse_model: bool = False,
-                 net_dtype="float32", opset: int = 17, exporter: str = "auto", check: bool = True,
+                 net_dtype=None, opset: int = 17, exporter: str = "auto", check: bool = True,
                  threads: int | None = None, tf32: bool = False):
         start = time.perf_counter()
         denoiser, self.plan = unwrap_guided(denoiser, plan)
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
         self.label_dim = int(denoiser.label_dim if label_dim is None else label_dim)
-        self.net_dtype = _net_dtype(net_dtype)
+        self.net_dtype = _net_dtype(_own_net_dtype(denoiser) if net_dtype is None else net_dtype)
         if self.plan.guidance is not None and self.label_dim <= 0:
             raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
         if dtype == torch.float64:

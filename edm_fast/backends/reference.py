@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from ..guidance import Guidance
 from ..plan import SamplingPlan
+from ..precision import network_in_dtype
 from .executor import SigmaVectorCache, run_program, unwrap_guided
 
 __all__ = ["ReferenceBackend"]
 
 
 class ReferenceBackend:
-    """Runs ``plan.program`` eagerly: every evaluation is one call of the denoiser module."""
+    """Runs ``plan.program`` eagerly: every evaluation is one call of the denoiser module
+    (with ``net_dtype``, of a copy whose network runs in that precision)."""
 
     name = "reference"
 
-    def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *, dtype, device, label_dim):
-        self.denoiser, self.plan = unwrap_guided(denoiser, plan)
+    def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *, dtype, device, label_dim,
+                 net_dtype=None):
+        denoiser, self.plan = unwrap_guided(denoiser, plan)
+        self.denoiser = network_in_dtype(denoiser, net_dtype)
         self.dtype, self.device = dtype, device
         self.guidance = Guidance(self.plan.guidance)
         self.sigmas = SigmaVectorCache(self.plan.program, dtype, device)
