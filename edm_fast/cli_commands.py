@@ -165,10 +165,13 @@ def _add_train(sub, formatter) -> None:
 
     d = TrainConfig()
     p = sub.add_parser(
-        "train", formatter_class=formatter, help="train an EDM (or DDPM/VP/VE) model",
+        "train", formatter_class=formatter, help="train an EDM or EDM2 (or DDPM/VP/VE) model",
         description="Train a denoiser with the EDM loss (EDM Sec. 5) or a baseline loss on the "
-        "same net. Checkpoints are atomic and hold everything needed to resume bit for bit; "
-        "use torchrun --nproc_per_node=K -m edm_fast train ... for data parallelism.")
+        "same net, or an EDM2 preset (--preset tiny-edm2, edm2-img64-s, ...) with the EDM2 "
+        "recipe: learned-uncertainty loss, inverse-square-root learning rate, power-function "
+        "EMA with snapshots for `edm-fast phema` (docs/EDM2.md). Checkpoints are atomic and "
+        "hold everything needed to resume bit for bit; use torchrun --nproc_per_node=K -m "
+        "edm_fast train ... for data parallelism.")
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default=d.data,
                    help="digits[:RES], mnist:PATH, toy:gmm1d|gmm2d|moons|swissroll, or an "
@@ -180,8 +183,9 @@ def _add_train(sub, formatter) -> None:
     g.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="N",
                    help="skip (with a note) image files whose header declares more than N "
                    "pixels, before decoding them (a guard against decompression bombs)")
-    g.add_argument("--loss", choices=["edm", "ddpm", "vp", "ve"], default=d.loss,
-                   help="training objective; also selects the preconditioning")
+    g.add_argument("--loss", choices=["edm", "ddpm", "vp", "ve", "edm2"], default=d.loss,
+                   help="training objective; also selects the preconditioning (default: edm2 "
+                   "for EDM2 presets, edm for the others)")
     g.add_argument("--cond", action="store_true", help="class-conditional on the data's labels")
     g.add_argument("--label-dropout", type=float, default=d.label_dropout,
                    help="label dropout probability (enables classifier-free guidance)")
@@ -199,12 +203,32 @@ def _add_train(sub, formatter) -> None:
     o.add_argument("--batch", type=int, default=d.batch, help="global batch size")
     o.add_argument("--batch-gpu", type=int, default=None, metavar="N",
                    help="at most N images per forward pass on each device; the rest of the "
-                   "batch accumulates gradients (same result as the full batch, less memory)")
-    o.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+                   "batch accumulates gradients (same result as the full batch, less memory; "
+                   "EDM2 nets: to the 1e-4 of their weight normalisation, once per pass)")
+    o.add_argument("--lr", type=float, default=d.lr,
+                   help="Adam learning rate after the ramp-up (EDM2: alpha_ref, before the "
+                   "decay); default 1e-3 for EDM, the preset's for EDM2 (NVlabs' values; 1e-2 "
+                   "for tiny-edm2)")
     o.add_argument("--lr-rampup-kimg", type=float, default=d.lr_rampup_kimg,
-                   help="learning-rate ramp-up length in thousands of images")
+                   help="learning-rate ramp-up length in thousands of images (default 10; "
+                   "10000 for the paper's EDM2 presets)")
+    o.add_argument("--decay", type=float, default=None, dest="lr_decay_batches",
+                   metavar="BATCHES",
+                   help="EDM2: learning-rate decay time t_ref in batches, lr / sqrt(max(t / "
+                   "t_ref, 1)) (NVlabs' --decay); 0 = none; default: the preset's (70000 "
+                   "img512, 35000 img64, 500 tiny-edm2)")
+    o.add_argument("--P-mean", "--P_mean", type=float, default=None, dest="p_mean",
+                   metavar="MEAN", help="mean of ln(sigma) in the EDM / EDM2 loss (default: "
+                   "-1.2 for EDM, the preset's for EDM2: -0.4 img512, -0.8 img64, tiny-edm2)")
+    o.add_argument("--P-std", "--P_std", type=float, default=None, dest="p_std",
+                   metavar="STD", help="standard deviation of ln(sigma) in the EDM / EDM2 loss "
+                   "(default: 1.2 for EDM; 1.0 img512, 1.6 img64 and tiny-edm2)")
     o.add_argument("--ema-kimg", type=float, default=d.ema_halflife_kimg, dest="ema_halflife_kimg",
-                   help="EMA half-life in thousands of images")
+                   help="EMA half-life in thousands of images (EDM runs)")
+    o.add_argument("--ema-sigma-rel", type=_sigma_rel_list, default=d.ema_sigma_rels,
+                   dest="ema_sigma_rels", metavar="LIST",
+                   help="EDM2: the power-function EMA profiles tracked (sigma_rel, comma list; "
+                   "NVlabs' stds); the first (smallest) is the checkpoints' EMA")
     o.add_argument("--grad-clip", type=float, default=None, help="max gradient norm")
     o.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp,
                    help="mixed precision autocast")
@@ -222,11 +246,29 @@ def _add_train(sub, formatter) -> None:
     r.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     r.add_argument("--ckpt-every", type=float, default=d.ckpt_every_kimg,
                    dest="ckpt_every_kimg", help="checkpoint period in kimg")
+    r.add_argument("--snapshot-every", type=float, default=None, dest="snapshot_every_kimg",
+                   metavar="KIMG",
+                   help="EDM2: period of the power-EMA snapshots phema-NIMG-SIGMA.safetensors "
+                   "that `edm-fast phema --ckpt RUN` reconstructs from (0: at the end only; "
+                   "default: 8389 = 8 Mi images for the paper's presets, 10 for tiny-edm2)")
     r.add_argument("--sample-every", type=float, default=d.sample_every_kimg,
                    dest="sample_every_kimg", help="sample-grid period in kimg (0: end only)")
     r.add_argument("--no-progress", action="store_false", dest="progress",
                    help="no progress bars (data loading, training)")
     p.set_defaults(func=_cmd_train, parser=p)
+
+
+def _sigma_rel_list(text: str) -> tuple:
+    """--ema-sigma-rel: '0.05,0.1' -> (0.05, 0.1), checked as edm-fast phema checks them."""
+    import argparse
+
+    from .errors import EdmFastError
+    from .phema import parse_sigma_rels
+
+    try:
+        return tuple(parse_sigma_rels(text))
+    except EdmFastError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _explicit_options(args) -> set[str]:

@@ -1,4 +1,5 @@
-"""Training loop for EDM (and the VP, VE and DDPM baselines on the same nets and data).
+"""Training loop for EDM (and the VP, VE and DDPM baselines on the same nets and data), and for
+EDM2 on its magnitude-preserving nets (the recipe's differences: edm_fast.train_edm2).
 
 What it does (EDM App. F.3 habits): Adam with a learning-rate ramp-up, an EMA of the weights
 with a half-life measured in images (and a ramp-up), optional gradient clipping, bf16/fp16
@@ -34,9 +35,10 @@ from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main, rank_device
 from .losses import make_loss
 
-__all__ = ["TrainConfig", "train", "TrainingDiverged", "LOSS_PRECOND", "resumed_config"]
+__all__ = ["TrainConfig", "train", "TrainingDiverged", "LOSS_PRECOND", "resumed_config",
+           "with_defaults"]
 
-LOSS_PRECOND = {"edm": "edm", "ddpm": "ddpm", "vp": "vp", "ve": "ve"}
+LOSS_PRECOND = {"edm": "edm", "ddpm": "ddpm", "vp": "vp", "ve": "ve", "edm2": "edm"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,15 +86,24 @@ class TrainConfig:
     data: str = "digits"                 # digits[:RES] | mnist:PATH | toy:NAME | image folder
     out: str = "runs/edm"                # run folder (checkpoints, log, samples)
     preset: str = "tiny"                 # network preset (edm_fast.nets.PRESETS)
-    loss: str = "edm"                    # edm | ddpm | vp | ve (sets the preconditioning too)
+    loss: str | None = None              # edm | ddpm | vp | ve | edm2 (sets the preconditioning
+    #                                      too); None: edm2 for EDM2 presets, else edm
     cond: bool = False                   # class-conditional on the data's labels
     kimg: float = 200.0                  # training length in thousands of images
     batch: int = 128                     # global batch size (split over ranks)
     batch_gpu: int | None = None         # max images per forward pass; the rest accumulates
-    lr: float = 1e-3                     # Adam learning rate after the ramp-up
-    lr_rampup_kimg: float = 10.0         # linear ramp-up length
+    lr: float | None = None              # Adam learning rate after the ramp-up (EDM2: alpha_ref);
+    #                                      None: 1e-3 for EDM, the preset's for EDM2 (train_edm2)
+    lr_rampup_kimg: float | None = None  # linear ramp-up length; None: 10 (EDM2 presets: 10000)
+    lr_decay_batches: float | None = None  # EDM2: t_ref of lr / sqrt(max(t / t_ref, 1)), t in
+    #                                      batches; 0: no decay; None: the preset's
+    p_mean: float | None = None          # ln(sigma) ~ N(p_mean, p_std^2) in the EDM / EDM2 loss;
+    p_std: float | None = None           # None: the loss's (EDM -1.2, 1.2) or the EDM2 preset's
     ema_halflife_kimg: float = 50.0      # EMA half-life in thousands of images
     ema_rampup_ratio: float | None = 0.05  # half-life <= ratio * images seen (None: off)
+    ema_sigma_rels: tuple = (0.05, 0.10)  # EDM2: the power-function EMA profiles tracked
+    snapshot_every_kimg: float | None = None  # EDM2: power-EMA snapshot period (0: at the end
+    #                                      only); None: the preset's
     grad_clip: float | None = None       # max gradient 2-norm (None: no clipping)
     dropout: float | None = None         # override the preset's dropout
     label_dropout: float = 0.0           # label dropout for classifier-free guidance
@@ -160,10 +171,69 @@ def resumed_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in names})
 
 
+def with_defaults(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the options left at None set: the loss from the preset's architecture (edm2
+    for EDM2 presets), then the learning rate, its schedule, the noise levels and the snapshot
+    period from the EDM2 recipe of the preset (train_edm2.recipe_for) or EDM's defaults."""
+    from .train_edm2 import is_edm2_preset, recipe_for
+
+    loss = cfg.loss if cfg.loss is not None else "edm2" if is_edm2_preset(cfg.preset) else "edm"
+    if loss == "edm2" and is_edm2_preset(cfg.preset):
+        recipe = dataclasses.asdict(recipe_for(cfg.preset))
+    else:
+        recipe = {"lr": 1e-3, "lr_rampup_kimg": 10.0}
+    unset = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, loss=loss, **unset,
+                               ema_sigma_rels=tuple(float(s) for s in cfg.ema_sigma_rels))
+
+
+def _check_edm2_config(cfg: TrainConfig, edm2: bool) -> None:
+    """The options that only an EDM2 run takes, or that it refuses."""
+    from .phema import MAX_SIGMA_REL
+
+    if (cfg.loss == "edm2") != edm2:
+        raise ValueError(
+            f"preset {cfg.preset!r} is an EDM2 network: it trains with the EDM2 loss (leave "
+            f"--loss out or give --loss edm2), not {cfg.loss!r}" if edm2 else
+            f"the EDM2 loss needs an EDM2 network (its log-variance head): use --preset "
+            f"tiny-edm2 or an edm2-* preset, not {cfg.preset!r}")
+    if not edm2:
+        given = [k for k in ("lr_decay_batches", "snapshot_every_kimg")
+                 if getattr(cfg, k) is not None]
+        if given:
+            raise ValueError(f"{given[0]} belongs to the EDM2 recipe; this is a {cfg.loss} run")
+        return
+    if cfg.augment:
+        raise ValueError("EDM2 networks take no augmentation labels: train them without "
+                         "--augment (the EDM2 recipe uses no augmentation)")
+    if cfg.label_dropout:
+        raise ValueError("EDM2 networks have no label dropout; guide them with a smaller or "
+                         "shorter-trained model of their own (autoguidance) instead")
+    sigma_rels = cfg.ema_sigma_rels
+    if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels) or not all(
+            0 < s < MAX_SIGMA_REL for s in sigma_rels):
+        raise ValueError(f"ema_sigma_rels must be distinct values in (0, {MAX_SIGMA_REL:.4f}), "
+                         f"got {list(sigma_rels)}")
+    for name in ("lr_decay_batches", "snapshot_every_kimg"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {getattr(cfg, name)}")
+
+
 def _check_config(cfg: TrainConfig) -> None:
-    """Reject option values that cannot work, before anything is written."""
+    """Reject option values that cannot work, before anything is written (``cfg`` with its
+    defaults set: with_defaults)."""
+    from .train_edm2 import is_edm2_preset
+
     if cfg.loss not in LOSS_PRECOND:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose from {sorted(LOSS_PRECOND)}")
+    _check_edm2_config(cfg, is_edm2_preset(cfg.preset))
+    if (cfg.p_mean is not None or cfg.p_std is not None) and cfg.loss not in ("edm", "edm2"):
+        raise ValueError(f"p_mean and p_std set the noise levels of the EDM and EDM2 losses; "
+                         f"the {cfg.loss} loss draws its own")
+    if cfg.p_mean is not None and not math.isfinite(cfg.p_mean):
+        raise ValueError(f"p_mean must be a finite number, got {cfg.p_mean}")
+    if cfg.p_std is not None and not 0 < cfg.p_std < math.inf:
+        raise ValueError(f"p_std must be a finite number > 0, got {cfg.p_std}")
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
     positive = {"kimg": cfg.kimg, "batch": cfg.batch, "lr": cfg.lr,
@@ -231,7 +301,7 @@ def _build(cfg: TrainConfig, dataset, device):
     meta = {
         "net": spec,
         "precond": {"name": LOSS_PRECOND[cfg.loss]},
-        "loss": {"name": cfg.loss},
+        "loss": _loss_config(cfg),
         "sample_shape": list(dataset.shape),
         "data": {"spec": cfg.data, "name": dataset.name, "num_classes": dataset.num_classes,
                  "class_names": list(dataset.class_names)},
@@ -244,7 +314,21 @@ def _build(cfg: TrainConfig, dataset, device):
     denoiser = build_denoiser(meta)
     if meta["precond"]["name"] == "edm":
         denoiser.precond.sigma_data = 0.5  # EDM's fixed sigma_data (Table 1); stats are logged
+    if cfg.loss == "edm2":  # the same net and preconditioning, plus the log-variance head
+        from .precond_edm2 import EDM2Denoiser
+
+        denoiser = EDM2Denoiser(denoiser.model, denoiser.precond)
     return denoiser.to(device), meta, pipe
+
+
+def _loss_config(cfg: TrainConfig) -> dict:
+    """make_loss's config: the name, and the noise-level distribution where it was set."""
+    config = {"name": cfg.loss}
+    if cfg.p_mean is not None:
+        config["P_mean"] = cfg.p_mean
+    if cfg.p_std is not None:
+        config["P_std"] = cfg.p_std
+    return config
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer):
@@ -396,6 +480,9 @@ def _resume_or_start(run: _Run, resume: bool):
             if getattr(cfg, key) != saved.get(key):
                 raise ValueError(f"--resume: {key}={getattr(cfg, key)!r} differs from the run's "
                                  f"{saved.get(key)!r}")
+        if cfg.loss == "edm2" and list(cfg.ema_sigma_rels) != saved.get("ema_sigma_rels"):
+            raise ValueError(f"--resume: ema_sigma_rels={list(cfg.ema_sigma_rels)} differs from "
+                             f"the profiles the run tracks, {saved.get('ema_sigma_rels')}")
     torch.manual_seed(cfg.seed * 1000 + run.rank)
     dataset = _load_data(cfg)
     denoiser, new_meta, pipe = _build(cfg, dataset, run.device)
@@ -403,8 +490,16 @@ def _resume_or_start(run: _Run, resume: bool):
         _check_same_model(meta, new_meta, latest)
     meta = meta or new_meta
     meta["train"] = dataclasses.asdict(cfg)
-    ema = EMA(denoiser.model, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
-    opt = torch.optim.Adam(denoiser.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    meta["loss"] = new_meta["loss"]  # its noise levels follow the options, as lr does
+    if cfg.loss == "edm2":  # power-function EMAs (Sec. 3.1) and Adam's betas of EDM2
+        from .train_edm2 import PowerEMATracker
+
+        ema = PowerEMATracker(denoiser.model, cfg.ema_sigma_rels)
+        betas = (0.9, 0.99)
+    else:
+        ema = EMA(denoiser.model, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+        betas = (0.9, 0.999)
+    opt = torch.optim.Adam(denoiser.model.parameters(), lr=cfg.lr, betas=betas, eps=1e-8)
     from .data import BatchStream
 
     # A data set smaller than one global batch (a user's few photos) cannot drop a partial
@@ -437,6 +532,17 @@ def _restore_training_state(path: Path, tensors, meta, run: _Run, denoiser, ema,
     for weights in (model_sd, ema_sd):
         check_weights(denoiser.model, weights, path)
         check_finite(weights, path)
+    power_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("phema.")}
+    if hasattr(ema, "power"):  # an EDM2 run: the tracked profiles after the first (ema.*)
+        expected = ema.state_dict()
+        wrong = sorted(set(expected) ^ set(power_sd)) or [
+            k for k in expected if power_sd[k].shape != expected[k].shape
+            or power_sd[k].dtype != expected[k].dtype]
+        if wrong:
+            raise CheckpointError(f"--resume: {path}: its power-EMA state does not match the "
+                                  f"profiles {list(ema.power.sigma_rels)} of this network "
+                                  f"(first mismatch: phema.{wrong[0]})")
+        check_finite(power_sd, path)
     step, nonfinite_total = meta.get("step"), meta.get("nonfinite_total", 0)
     for name, value in (("step", step), ("nonfinite_total", nonfinite_total)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -448,6 +554,8 @@ def _restore_training_state(path: Path, tensors, meta, run: _Run, denoiser, ema,
     try:
         denoiser.model.load_state_dict(model_sd)
         ema.model.load_state_dict(ema_sd)
+        if hasattr(ema, "power"):
+            ema.load_state_dict(power_sd)
         _restore_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("optim.")},
                            meta["optimizer"])
         stream.load_state_dict(meta["stream"])
@@ -474,6 +582,8 @@ def _save(run: _Run, meta, denoiser, ema, opt, stream, step, nonfinite_total,
         optim_tensors, optim_info = _optimizer_tensors(opt)
         tensors = {f"model.{k}": v for k, v in denoiser.model.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+        if hasattr(ema, "power"):  # EDM2: the other power-EMA profiles, for an exact resume
+            tensors.update({f"phema.{k}": v for k, v in ema.state_dict().items()})
         tensors.update(optim_tensors)
         for r, states in enumerate(all_rng):
             tensors.update({f"rng.rank{r}.{k}": v for k, v in states.items()})
@@ -556,6 +666,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or continue) a training run; returns a summary dict. See TrainConfig for options."""
     from tqdm.auto import tqdm  # the notebook widget under Jupyter (with ipywidgets)
 
+    cfg = with_defaults(cfg)
     _check_config(cfg)
     run = _Run(cfg)
     if run.main:
@@ -568,6 +679,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if run.main:  # only now: a run refused for its data, preset or --resume leaves no folder
         run.out.mkdir(parents=True, exist_ok=True)
         _trim_log(run.out / "log.jsonl", step)
+        if cfg.loss == "edm2":
+            from .train_edm2 import remove_snapshots_after
+
+            remove_snapshots_after(run.out, step * cfg.batch)
         (run.out / "config.json").write_text(json.dumps(meta | {"train": dataclasses.asdict(cfg)},
                                                         indent=2, default=str))
     loss_fn = make_loss(meta["loss"])
@@ -579,7 +694,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
         ids = [run.device.index] if run.device.type == "cuda" else None
         ddp = DDP(denoiser.model, device_ids=ids)
-        train_den = Denoiser(ddp, denoiser.precond, label_dim=denoiser.label_dim)
+        train_den = (_ddp_edm2_denoiser(ddp, denoiser) if cfg.loss == "edm2" else
+                     Denoiser(ddp, denoiser.precond, label_dim=denoiser.label_dim))
     denoiser.model.train()
     total_steps = math.ceil(cfg.kimg * 1000 / cfg.batch)
     if cfg.max_steps is not None:
@@ -607,6 +723,26 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     return _summary(run, step, step - start_step, last_logged, nonfinite_total, in_sync)
 
 
+def _ddp_edm2_denoiser(ddp, denoiser):
+    """The EDM2 denoiser around a DistributedDataParallel of its network: D through DDP's
+    forward; u(sigma) from the wrapped module's head, whose gradients DDP's hooks on the
+    parameters all-reduce with the rest."""
+    from .precond_edm2 import EDM2Denoiser
+
+    class DDPEDM2Denoiser(EDM2Denoiser):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.model, self.precond = ddp, denoiser.precond
+            self.label_dim, self.net_dtype = denoiser.label_dim, denoiser.net_dtype
+
+        def logvar(self, sigma):
+            c_noise = self.precond.coefficients(torch.as_tensor(sigma).reshape(-1))[3]
+            return self.model.module.logvar(
+                c_noise.to(torch.promote_types(c_noise.dtype, torch.float32)))
+
+    return DDPEDM2Denoiser()
+
+
 def _images_per_pass(run: _Run, cfg: TrainConfig, meta, denoiser, pipe, loss_fn) -> int | None:
     """cfg.batch_gpu, or when it is unset and this rank's batch would not fit in the memory
     available (train_memory), the largest micro-batch that does, with a one-line note. The
@@ -631,8 +767,15 @@ def _images_per_pass(run: _Run, cfg: TrainConfig, meta, denoiser, pipe, loss_fn)
         return loss_fn(denoiser, images, labels, aug).float().mean()
 
     cuda = [run.device] if run.device.type == "cuda" else []
+    weights = copy.deepcopy(denoiser.model.state_dict())  # EDM2 nets renormalise them in place
     with torch.random.fork_rng(devices=cuda):
         estimate = estimate_step_memory(denoiser.model, loss_of_images)
+    denoiser.model.load_state_dict(weights)
+    denoiser.model.zero_grad(set_to_none=True)
+    if cfg.loss == "edm2":  # one EMA copy per tracked profile, where the estimate counts one
+        extra = (len(cfg.ema_sigma_rels) - 1) * sum(p.numel() * p.element_size()
+                                                    for p in denoiser.model.parameters())
+        estimate = dataclasses.replace(estimate, state_bytes=estimate.state_bytes + extra)
     available = available_bytes(run.device)
     try:
         micro = fitting_micro_batch(estimate, per_rank, available)
@@ -655,6 +798,9 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
     ckpt_every = max(1, round(cfg.ckpt_every_kimg * 1000 / cfg.batch))
     sample_every = round(cfg.sample_every_kimg * 1000 / cfg.batch) if cfg.sample_every_kimg else 0
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    edm2 = cfg.loss == "edm2"
+    snapshot_every = (max(1, round(cfg.snapshot_every_kimg * 1000 / cfg.batch))
+                      if edm2 and cfg.snapshot_every_kimg else math.inf)  # 0: at the end only
     saved_step = step
     consecutive_bad, smooth, steps_since_log, loss_sum, last_logged = 0, None, 0, 0.0, None
     t_last = time.perf_counter()
@@ -673,19 +819,21 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
         if pipe is not None:
             images, aug_labels = pipe(images)
             aug_labels = aug_labels.to(run.device)
-        for group in opt.param_groups:  # learning-rate ramp-up (App. F.3)
-            ramp = (step * cfg.batch) / max(cfg.lr_rampup_kimg * 1000, 1e-8)
-            group["lr"] = cfg.lr * min(ramp, 1)
+        for group in opt.param_groups:
+            group["lr"] = _learning_rate(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss = _accumulate_gradients(loss_fn, train_den, images, labels, aug_labels, scaler,
                                      cfg.batch_gpu, amp_dtype, run.device)
         scaler.unscale_(opt)
+        # EDM2 (NVlabs' force_finite): NaN/Inf gradient entries are zeroed and the step is taken;
+        # under the fp16 loss scaler, whose own skip lowers the scale, the step is skipped.
+        zeroed = edm2 and not scaler.is_enabled() and _zero_nonfinite_gradients(denoiser.model)
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.model.parameters(), max_norm)
-        if not torch.isfinite(grad_norm):  # identical on every rank: grads are all-reduced
+        finite = bool(torch.isfinite(grad_norm))  # identical on every rank: grads are all-reduced
+        if zeroed or not finite:
             consecutive_bad += 1
             nonfinite_total += 1
-            scaler.update()
             if consecutive_bad > cfg.max_nonfinite:
                 latest = latest_checkpoint(run.out)
                 raise TrainingDiverged(
@@ -693,8 +841,11 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
                     "lower --lr or use --grad-clip" + (", or try --amp none" if amp_dtype else "")
                     + (f"; the last good checkpoint is {latest}" if latest else
                        "; no checkpoint was written"))
-            continue
-        consecutive_bad = 0
+            if not finite:
+                scaler.update()
+                continue
+        else:
+            consecutive_bad = 0
         scaler.step(opt)
         scaler.update()
         step += 1
@@ -714,6 +865,12 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
             last_logged = (record["loss"], steps_since_log)
             bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.0f}")
             t_last, steps_since_log, loss_sum = now, 0, 0.0
+        if edm2 and run.main and (step % snapshot_every == 0 or step == total_steps):
+            from .phema_snapshots import save_power_ema_snapshots
+
+            save_power_ema_snapshots(ema.power, run.out, {**meta, "step": step,
+                                                          "kimg": step * cfg.batch / 1000},
+                                     nimg=step * cfg.batch, state=denoiser.model.state_dict())
         if step % ckpt_every == 0 or step == total_steps:
             _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total, scaler)
             saved_step = step
@@ -724,6 +881,29 @@ def _loop(run, cfg, meta, denoiser, train_den, ema, opt, stream, pipe, scaler, l
             _save(run, meta, denoiser, ema, opt, stream, step, nonfinite_total, scaler)
         raise TrainingInterrupted(step, latest_checkpoint(run.out), stop.signal)
     return step, last_logged, nonfinite_total
+
+
+def _learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of the step that starts after ``step`` steps: EDM's linear ramp-up
+    (App. F.3), or EDM2's ramp-up and inverse-square-root decay (train_edm2)."""
+    nimg = step * cfg.batch
+    if cfg.loss == "edm2":
+        from .train_edm2 import edm2_learning_rate
+
+        return edm2_learning_rate(nimg, cfg.batch, cfg.lr, cfg.lr_decay_batches,
+                                  cfg.lr_rampup_kimg)
+    return cfg.lr * min(nimg / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1)
+
+
+@torch.no_grad()
+def _zero_nonfinite_gradients(model: torch.nn.Module) -> bool:
+    """Set the NaN/Inf entries of every gradient to 0; True when there were any."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return False
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return True
 
 
 def _mirror_half(images: torch.Tensor, seed: int, step: int, rank: int) -> torch.Tensor:
@@ -743,8 +923,9 @@ def _accumulate_gradients(loss_fn, train_den, images, labels, aug_labels, scaler
     batch, the random numbers of the loss (sigma, noise, DDPM's t) are drawn for the whole
     batch first, then each slice of at most ``batch_gpu`` images adds its share
     (slice size / batch) of the mean's gradient, so the result equals the full batch's to float
-    rounding while only one slice's activations are alive at a time. Under DDP the gradients
-    are all-reduced once, on the last slice."""
+    rounding while only one slice's activations are alive at a time (EDM2 nets: to the 1e-4
+    per pass of their forced weight normalisation, which runs once per slice). Under DDP the
+    gradients are all-reduced once, on the last slice."""
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     n = images.shape[0]
     if batch_gpu is None or batch_gpu >= n:

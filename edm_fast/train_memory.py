@@ -1,7 +1,8 @@
 """How much memory a training step needs, and the micro-batch that fits what the machine has.
 
-A step's memory is (a) the model's state: weights, gradients, Adam's two moments and the EMA
-copy, five times the parameter bytes, and (b) the activations autograd keeps for the backward
+A step's memory is (a) the model's state: weights, gradients, Adam's two moments, the EMA copy
+and the temporaries of Adam's multi-tensor update, six times the parameter bytes, plus a fixed
+working set of the libraries, and (b) the activations autograd keeps for the backward
 pass, which grow linearly with the images in one forward pass. (b) is measured, not modelled:
 one forward pass of the loss on two images counts the bytes of every tensor autograd saves
 (``torch.autograd.graph.saved_tensors_hooks``, each storage once), so every architecture,
@@ -17,17 +18,19 @@ import torch
 
 __all__ = ["MemoryEstimate", "available_bytes", "estimate_step_memory", "fitting_micro_batch"]
 
-STATE_COPIES = 5  # weights, gradients, Adam's m and v, EMA weights
+STATE_COPIES = 6  # weights, gradients, Adam's m and v, EMA weights, Adam's foreach temporaries
+RUNTIME_BYTES = 200 * 2**20  # allocator and library working memory of a training step (CPU)
 HEADROOM = 0.8  # plan to use at most this share of the memory available at the start
 # The backward pass holds, beside the saved activations, the gradients flowing back through the
-# layer being differentiated and allocator slack; measured peaks on the CPU (bench/RESULTS.md,
-# "training memory estimate") were within this factor of the saved activations.
+# layer being differentiated and allocator slack. The three constants were fitted to measured
+# peaks on the CPU (bench/bench_train_memory.py; its table in bench/RESULTS.md, "training memory
+# estimate", gives the ratio for each case).
 BACKWARD_FACTOR = 1.3
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    state_bytes: int  # model, gradients, optimizer and EMA state
+    state_bytes: int  # model, gradients, optimizer and EMA state, library working set
     per_image_bytes: int  # saved activations per image of one forward pass
 
     def step_bytes(self, images_per_pass: int) -> int:
@@ -51,7 +54,8 @@ def _saved_bytes(fn) -> int:
 
 def estimate_step_memory(model: torch.nn.Module, loss_of_images) -> MemoryEstimate:
     """``loss_of_images(n)`` runs the training loss forward on n images (with grad)."""
-    state = STATE_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
+    state = RUNTIME_BYTES + STATE_COPIES * sum(p.numel() * p.element_size()
+                                               for p in model.parameters())
     one, two = (_saved_bytes(lambda n=n: loss_of_images(n)) for n in (1, 2))
     # two images minus one: the per-image part, without buffers saved once per pass
     return MemoryEstimate(state_bytes=state, per_image_bytes=max(two - one, 1))

@@ -4,22 +4,23 @@ import pytest
 import torch
 
 from edm_fast.train_memory import (
-    BACKWARD_FACTOR, MemoryEstimate, estimate_step_memory, fitting_micro_batch,
+    BACKWARD_FACTOR, RUNTIME_BYTES, STATE_COPIES, MemoryEstimate, estimate_step_memory,
+    fitting_micro_batch,
 )
 
 
 def test_saved_activations_are_counted_exactly():
     """Linear(100, 200) -> ReLU -> Linear(200, 10): autograd saves the first layer's input
     (100 floats per image) and the ReLU output, which the second layer saves again (one
-    storage, counted once): 300 floats = 1200 bytes per image; the state is 5 copies of the
-    parameters (weights, gradients, Adam m and v, EMA)."""
+    storage, counted once): 300 floats = 1200 bytes per image; the state is STATE_COPIES copies
+    of the parameters plus the fixed working set."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(100, 200), torch.nn.ReLU(),
                                 torch.nn.Linear(200, 10))
     est = estimate_step_memory(model, lambda n: model(torch.randn(n, 100)).sum())
     params = sum(p.numel() for p in model.parameters())
     assert est.per_image_bytes == 1200
-    assert est.state_bytes == 5 * 4 * params
+    assert est.state_bytes == RUNTIME_BYTES + STATE_COPIES * 4 * params
     assert est.step_bytes(10) == int(est.state_bytes + BACKWARD_FACTOR * 12000)
 
 
