@@ -27,7 +27,7 @@ POLICY = (
 def add_serve_command(sub, formatter) -> None:
     """Register ``serve`` on the subparsers ``sub`` (the sampling options shared with sample)."""
     from .cli_sampling import add_sampling_options
-    from .serve.app import DEFAULT_MAX_COST, MAX_STEPS
+    from .serve.settings import DEFAULT_MAX_COST, MAX_STEPS
 
     p = sub.add_parser(
         "serve", formatter_class=formatter, conflict_handler="resolve",
@@ -43,7 +43,8 @@ def add_serve_command(sub, formatter) -> None:
                    ".pt) or a model name: default, default-ddpm, toy-gmm (= toy-gmm2d), "
                    "toy-gmm1d")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
-                   help="default classifier-free guidance weight of requests (1 = conditional)")
+                   help="default classifier-free guidance weight of requests, in [-100, 100] "
+                   "(1 = conditional)")
     add_sampling_options(p)
     p.add_argument("--backend", choices=["auto", "onnx", "compiled", "reference"],
                    default="auto", help="evaluator of D shared by every request's plan; auto: "
@@ -119,19 +120,19 @@ def serve_config(args) -> dict:
     import torch
 
     from .cli_sampling import sampling_options
-    from .serve import ServeSettings, UvicornLimits
+    from .serve.settings import ServeSettings, UvicornLimits, checked
 
     options = sampling_options(args)
-    settings = ServeSettings(
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_seeds=args.max_seeds,
-        max_queue=args.max_queue, max_cost=args.max_cost, max_batch_cost=args.max_batch_cost,
-        request_timeout_s=args.request_timeout_s, body_timeout_s=args.body_timeout_s,
-        max_body_bytes=args.max_body_bytes, max_headers=args.max_headers,
-        max_header_bytes=args.max_header_bytes,
+    settings = checked(
+        ServeSettings, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_seeds=args.max_seeds, max_queue=args.max_queue, max_cost=args.max_cost,
+        max_batch_cost=args.max_batch_cost, request_timeout_s=args.request_timeout_s,
+        body_timeout_s=args.body_timeout_s, max_body_bytes=args.max_body_bytes,
+        max_headers=args.max_headers, max_header_bytes=args.max_header_bytes,
         default_steps=options.pop("num_steps"), default_solver=options.pop("solver"),
         default_guidance=args.guidance)
-    limits = UvicornLimits(limit_concurrency=args.limit_concurrency,
-                           graceful_timeout_s=args.graceful_timeout)
+    limits = checked(UvicornLimits, limit_concurrency=args.limit_concurrency,
+                     graceful_timeout_s=args.graceful_timeout)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"port must be in 0..65535 (0: any free port), got {args.port}")
     if args.replicas < 1:

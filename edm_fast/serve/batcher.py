@@ -12,32 +12,32 @@ batch plus one batch per job ahead of it. One worker thread runs the batches (on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["Batcher", "Job", "QueueFull", "ShuttingDown"]
+__all__ = ["BatchFailed", "Batcher", "Busy", "Job"]
 
 log = logging.getLogger("edm_fast.serve")
 
 
-class QueueFull(Exception):
-    """The queue cannot take the job's seeds now (retry later)."""
+class Busy(Exception):
+    """The queue cannot take the job's seeds now, or the server is shutting down: retry later."""
 
 
-class ShuttingDown(Exception):
-    """The server stopped before the job ran."""
+class BatchFailed(RuntimeError):
+    """Sampling failed (the batch's jobs only), or the batcher stopped (a bug)."""
 
 
 class Job:
     """One request: ``future`` gets its rows in seed order. ``cost``: rows x evaluations per
-    seed; ``plan``: what ``run_batch`` receives."""
+    seed; ``plan``: what ``run_batch`` receives; ``taken``: seeds handed to batches so far."""
 
     def __init__(self, key: tuple, seeds: list, labels: list, cost: int, plan=None):
         self.key, self.seeds, self.labels, self.cost, self.plan = key, seeds, labels, cost, plan
-        self.created, self.taken = time.monotonic(), 0  # seeds handed to batches so far
-        self.rows, self.missing = [None] * len(seeds), len(seeds)
+        self.created, self.taken, self.rows = time.monotonic(), 0, [None] * len(seeds)
         self.future = asyncio.get_running_loop().create_future()
 
 
@@ -58,12 +58,13 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         if self.failure is not None:
-            raise RuntimeError(f"the batcher stopped ({self.failure}); restart the server")
+            raise BatchFailed(f"internal error: the batcher stopped ({self.failure}); restart "
+                              "the server")
         if self._stopping:
-            raise ShuttingDown("the server is shutting down")
+            raise Busy("the server is shutting down")
         if self.queued + len(job.seeds) > self.max_queue:
-            raise QueueFull(f"server busy: {self.queued} images queued (limit "
-                            f"{self.max_queue}); retry later")
+            raise Busy(f"server busy: {self.queued} images queued (limit {self.max_queue}); "
+                       "retry later")
         self.jobs.append(job)
         self.queued += len(job.seeds)
         self._wake.set()
@@ -77,7 +78,7 @@ class Batcher:
             self.queued -= len(job.seeds) - job.taken
 
     async def stop(self) -> None:
-        """Finish the running batch, fail the queued jobs (ShuttingDown), stop the worker."""
+        """Finish the running batch, fail the queued jobs (Busy), stop the worker."""
         self._stopping = True
         self._wake.set()
         await asyncio.shield(self._task)
@@ -86,34 +87,24 @@ class Batcher:
     async def _loop(self) -> None:
         try:
             while not self._stopping:
+                self._wake.clear()
                 if not self.jobs:
-                    self._wake.clear()
                     await self._wake.wait()
                     continue
                 head = self.jobs[0]
                 limit = min(self.max_batch, max(1, self.max_batch_cost // head.cost))
-                while (self._pending(head.key) < limit and not self._stopping
-                       and self.jobs and self.jobs[0] is head):
-                    left = head.created + self.max_wait - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._wake.clear()
-                    try:
+                left = head.created + self.max_wait - time.monotonic()
+                if self._pending(head.key) < limit and left > 0:  # wait for more, then look again
+                    with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), left)
-                    except asyncio.TimeoutError:
-                        break
-                if self.jobs and self.jobs[0] is head and not self._stopping:
-                    await self._run(self._take(head.key, limit))
+                    continue
+                await self._run(self._take(head.key, limit))
         except Exception as exc:  # a bug: say so (healthz, 500s), never hang
             log.exception("the batcher stopped")
             self.failure = f"{type(exc).__name__}: {exc}"
-        why = ShuttingDown("the server shut down before this request ran") \
-            if self.failure is None else RuntimeError(self.failure)
-        for job in self.jobs:
-            if not job.future.done():
-                job.future.set_exception(why)
-        self.jobs.clear()
-        self.queued = 0
+        self._fail(self.jobs, Busy("the server shut down before this request ran")
+                   if self.failure is None else
+                   BatchFailed(f"internal error: the batcher stopped ({self.failure})"))
 
     def _pending(self, key) -> int:
         return sum(len(j.seeds) - j.taken for j in self.jobs if j.key == key)
@@ -129,6 +120,12 @@ class Batcher:
         self.queued -= len(items)
         return items
 
+    def _fail(self, jobs, exc: Exception) -> None:
+        for job in list(jobs):
+            if not job.future.done():
+                job.future.set_exception(exc)
+            self.cancel(job)
+
     async def _run(self, items: list[tuple[Job, int]]) -> None:
         start, jobs = time.perf_counter(), list(dict.fromkeys(job for job, _ in items))
         try:
@@ -137,17 +134,13 @@ class Batcher:
                 [j.labels[i] for j, i in items])
         except Exception as exc:  # a failing batch fails its jobs, not the batcher
             log.exception("sampling failed")
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-                self.cancel(job)
-            return
+            return self._fail(jobs, BatchFailed(f"sampling failed: {type(exc).__name__}: {exc}"))
         self.on_batch(len(items), time.perf_counter() - start)
         for row, (job, i) in zip(rows, items):
-            job.rows[i], job.missing = row, job.missing - 1
-            if job.missing == 0 and not job.future.done():
-                job.future.set_result(job.rows)
-        for job in jobs:  # unfinished: to the back of the queue
-            if job in self.jobs:
+            job.rows[i] = row
+        for job in jobs:
+            if job in self.jobs:  # seeds left: to the back of the queue
                 self.jobs.remove(job)
                 self.jobs.append(job)
+            elif not job.future.done():  # all taken, and batches run one at a time: all rows
+                job.future.set_result(job.rows)

@@ -212,9 +212,6 @@ class Engine:
                               **options)
         return ServedPlan(plan, SigmaVectorCache(plan.program, self.dtype, self.device))
 
-    def bucket(self, n: int) -> int:
-        return next((b for b in self.batch_sizes if b >= n), n)
-
     def longest_batch_seconds(self, batch_cost: int, max_evals: int) -> float:
         """An upper estimate of one batch's time: r rows (bucket b) of a batch of at most
         ``batch_cost`` rows x evaluations run at most min(max_evals, batch_cost // r)
@@ -234,7 +231,7 @@ class Engine:
         """(N, *shape) float32 CPU rows for ``seeds`` under the plan, padded to a bucket; per-seed
         noise (noise.SeedNoise), so a row does not depend on the rest of its batch."""
         plan, n = served.plan, len(seeds)
-        size = self.bucket(n)
+        size = next((b for b in self.batch_sizes if b >= n), n)  # the bucket
         stream = SeedNoise(seeds + seeds[:1] * (size - n), self.shape, device=self.device,
                            dtype=self.dtype)
         latents, draws = stream.draw(), stream.draw_many(plan.num_noise)

@@ -36,30 +36,28 @@ class ServerMetrics:
 
 class GuardMiddleware:
     """Counts every response the app sends (by route path and status); answers 431 for more
-    than ``max_headers`` headers or ``max_header_bytes`` of them (uvicorn's h11 limit bounds
-    only a head still arriving); 408 when a request body stalls for ``body_timeout_s``."""
+    than ``settings.max_headers`` headers or ``max_header_bytes`` of them (uvicorn's h11 limit
+    bounds only a head still arriving); 408 when a request body stalls for ``body_timeout_s``."""
 
-    def __init__(self, app, *, metrics: ServerMetrics, max_headers: int, max_header_bytes: int,
-                 body_timeout_s: float):
-        self.app, self.metrics = app, metrics
-        self.max_headers, self.max_header_bytes = max_headers, max_header_bytes
-        self.body_timeout_s = body_timeout_s
+    def __init__(self, app, *, metrics: ServerMetrics, settings):
+        self.app, self.metrics, self.settings = app, metrics, settings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status, body_done = [None], [scope["method"] in ("GET", "HEAD")]
+        s = self.settings
 
         async def guarded_receive():
             if body_done[0]:
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                message = await asyncio.wait_for(receive(), s.body_timeout_s)
             except asyncio.TimeoutError:
                 from starlette.exceptions import HTTPException
 
                 raise HTTPException(408, f"the request body stalled for over "
-                                    f"{self.body_timeout_s:g} s", {"Connection": "close"})
+                                    f"{s.body_timeout_s:g} s", {"Connection": "close"})
             body_done[0] = message["type"] != "http.request" or not message.get("more_body")
             return message
 
@@ -70,9 +68,9 @@ class GuardMiddleware:
 
         try:
             size = sum(len(k) + len(v) for k, v in scope["headers"])
-            if len(scope["headers"]) > self.max_headers or size > self.max_header_bytes:
-                await error_response(431, f"over {self.max_headers} headers or "
-                                     f"{self.max_header_bytes} bytes of them",
+            if len(scope["headers"]) > s.max_headers or size > s.max_header_bytes:
+                await error_response(431, f"over {s.max_headers} headers or "
+                                     f"{s.max_header_bytes} bytes of them",
                                      {"Connection": "close"})(
                     scope, receive, counted_send)
             else:

@@ -2,22 +2,21 @@
 
 Each replica builds and warms its own Engine and serves the same FastAPI app (``create_app``)
 with its own batcher, so max_cost, the batching and the fairness policy hold behind Ray's proxy,
-which spreads requests over the replicas.
-
-    edm-fast serve --ray --replicas 2                        # a local Ray instance
-    edm-fast serve --ray --ray-address auto --replicas 8 --replica-gpus 1   # a running cluster
-    serve run edm_fast.serve.ray_app:build model=default replicas=2 max_batch=32
+which spreads requests over the replicas. ``edm-fast serve --ray`` runs it (``run_ray``);
+``serve run edm_fast.serve.ray_app:build key=value ...`` too. See docs/SERVING.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 
 from ray import serve
 
-from .app import ServeSettings, create_app
+from .app import create_app
 from .engine import Engine
+from .settings import ServeSettings
 
 __all__ = ["EdmFastDeployment", "build", "deployment", "run_ray"]
 
@@ -25,8 +24,8 @@ __all__ = ["EdmFastDeployment", "build", "deployment", "run_ray"]
 @serve.deployment(max_ongoing_requests=1024)  # the batcher needs the concurrent requests
 @serve.ingress()
 class EdmFastDeployment:
-    def __init__(self, engine: dict, settings: dict):
-        self.engine, self.settings = Engine(**engine), ServeSettings(**settings)
+    def __init__(self, engine: dict, settings: ServeSettings):
+        self.engine, self.settings = Engine(**engine), settings
 
     def __serve_build_asgi_app__(self):
         return create_app(self.engine, self.settings)
@@ -36,35 +35,21 @@ def deployment(engine: dict, settings: ServeSettings, *, replicas: int | None = 
                autoscaling: dict | None = None, cpus: float = 1.0, gpus: float = 0.0):
     """The bound application: ``replicas`` copies, or ``autoscaling`` (Ray Serve's
     autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 8}) instead."""
-    import dataclasses
-
     scale = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     return EdmFastDeployment.options(
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
         max_ongoing_requests=settings.max_queue, **scale,
-    ).bind(engine, dataclasses.asdict(settings))
+    ).bind(engine, settings)
 
 
 def build(args: dict):
     """Application builder for ``serve run edm_fast.serve.ray_app:build key=value ...``: keys
     model, device, backend, replicas, cpus, gpus, and any ServeSettings field."""
-    import dataclasses
-
-    names = {f.name: f.type for f in dataclasses.fields(ServeSettings)}
-    settings = ServeSettings(**{k: _number(v) for k, v in args.items() if k in names})
-    engine = {"model": args.get("model", "default"), "device": args.get("device", "auto"),
-              "backend": args.get("backend", "auto")}
+    names = {f.name for f in dataclasses.fields(ServeSettings)}
+    settings = ServeSettings(**{k: v for k, v in args.items() if k in names})  # "32" -> 32
+    engine = {k: v for k, v in args.items() if k in ("model", "device", "backend")}
     return deployment(engine, settings, replicas=int(args.get("replicas", 1)),
                       cpus=float(args.get("cpus", 1)), gpus=float(args.get("gpus", 0)))
-
-
-def _number(text):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except (TypeError, ValueError):
-            pass
-    return text
 
 
 def run_ray(config: dict, *, host: str, port: int, replicas: int, address: str | None,
@@ -74,19 +59,15 @@ def run_ray(config: dict, *, host: str, port: int, replicas: int, address: str |
 
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C (after Ray's)
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(config["engine"], config["settings"], replicas=replicas,
                              cpus=cpus, gpus=gpus), name="edm-fast", route_prefix="/")
         print(f"edm-fast serve: {config['engine']['model']} on http://{host}:{port} (Ray Serve, "
               f"{replicas} replicas); Ctrl-C stops", flush=True)
-        stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set())
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            stop.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        serve.shutdown()
+        threading.Event().wait()  # until SIGINT/SIGTERM raises KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
     finally:
+        serve.shutdown()
         ray.shutdown()

@@ -11,27 +11,12 @@ every request in flight is answered (200, or 504 at its deadline) and the runnin
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import socket
 
-__all__ = ["UvicornLimits", "bind", "make_server", "run"]
+from .settings import UvicornLimits
 
-
-@dataclasses.dataclass(frozen=True)
-class UvicornLimits:
-    limit_concurrency: int = 512
-    keep_alive_s: float = 5.0
-    graceful_timeout_s: float | None = None  # None: request deadline + longest batch + 5 s
-
-    def __post_init__(self):
-        if not 1 <= self.limit_concurrency <= 10**6:
-            raise ValueError(f"limit_concurrency must be in [1, 1000000], got "
-                             f"{self.limit_concurrency}")
-        for name in ("keep_alive_s", "graceful_timeout_s"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and 0 < value <= 86_400):
-                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
+__all__ = ["bind", "make_server", "run"]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -50,14 +35,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app, limits: UvicornLimits = UvicornLimits(), log_level: str = "warning"):
-    """A uvicorn.Server for ``app`` (``create_app``) under ``limits``."""
+def make_server(app, limits: UvicornLimits | None = None, log_level: str = "warning"):
+    """A uvicorn.Server for ``app`` (``create_app``) under ``limits`` (default UvicornLimits())."""
     import uvicorn
 
-    s = app.state.settings
-    graceful = limits.graceful_timeout_s
-    if graceful is None:
-        graceful = s.request_timeout_s + app.state.longest_batch_s + 5
+    s, limits = app.state.settings, limits or UvicornLimits()
+    graceful = limits.graceful_timeout_s or s.request_timeout_s + app.state.longest_batch_s + 5
     config = uvicorn.Config(
         app, http="h11", lifespan="on", log_level=log_level, access_log=False,
         limit_concurrency=limits.limit_concurrency, timeout_keep_alive=limits.keep_alive_s,
@@ -66,7 +49,7 @@ def make_server(app, limits: UvicornLimits = UvicornLimits(), log_level: str = "
     return uvicorn.Server(config)
 
 
-def run(app, sock: socket.socket, limits: UvicornLimits = UvicornLimits(),
+def run(app, sock: socket.socket, limits: UvicornLimits | None = None,
         log_level: str = "warning") -> None:
     """Serve ``app`` on ``sock`` (``bind``) until SIGINT/SIGTERM, then shut down gracefully and
     return (uvicorn re-raises the signal it caught: absorbed here, so the exit status is 0)."""
