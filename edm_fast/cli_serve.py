@@ -45,7 +45,7 @@ def add_serve_command(sub, formatter) -> None:
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="default classifier-free guidance weight of requests, in [-100, 100] "
                    "(1 = conditional)")
-    add_sampling_options(p)
+    add_sampling_options(p, threads=True)
     p.add_argument("--backend", choices=["auto", "onnx", "compiled", "reference"],
                    default="auto", help="evaluator of D shared by every request's plan; auto: "
                    "onnx then compiled on the CPU, compiled (a CUDA graph per batch size) on CUDA")
@@ -158,6 +158,9 @@ def cmd_serve(args) -> int:
                                 "'edm-fast[serve]'") from exc
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .device import set_threads
+
+    set_threads(args.threads)  # this process's evaluators (Ray replicas: their CPU share)
     config = serve_config(args)
     if args.ray:
         from .serve.ray_app import run_ray
