@@ -18,8 +18,9 @@ scale ``ls1``/``ls2``, a ``mask_token``), so that ``dinov2_vitl14_pretrain.pth``
 NVlabs/edm2's FD_DINOv2 does.
 
 Accepted weight files (``load_inception`` / ``load_dinov2``): a plain state dict saved by
-``torch.save`` (read with ``torch.load(weights_only=True)``, which refuses anything but tensors
-and containers) or a ``.safetensors`` file with the same keys. Keys and shapes are checked
+``torch.save`` (read by edm-fast's restricted unpickler, ``official.read_state_dict``: no code
+runs and the cost is bounded by the file, as for snapshots) or a ``.safetensors`` file with the
+same keys. Keys and shapes are checked
 strictly; ``num_batches_tracked`` counters of batch norms may be absent. NVlabs'
 ``inception-2015-12-05.pkl`` is refused: it is a pickled TorchScript program, and loading it
 runs the code it carries.
@@ -28,7 +29,6 @@ runs the code it carries.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -377,7 +377,7 @@ class DinoV2ViT(nn.Module):
 
 
 def load_weight_file(path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``torch.save`` file read with weights_only=True.
+    """A state dict from ``.safetensors`` or a ``torch.save`` file (``official.read_state_dict``).
     Refuses pickled programs such as NVlabs' ``.pkl`` detectors."""
     path = Path(path)
     if path.suffix.lower() == ".pkl":
@@ -390,12 +390,20 @@ def load_weight_file(path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
-                warnings.simplefilter("ignore", UserWarning)
-                state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+            from .official import read_state_dict  # bounded cost, no code (docs/OFFICIAL.md)
+
+            if _is_torchscript(path):
+                raise BadFileError(f"{path} is not a plain state dict readable without running "
+                                   "code (a TorchScript program, which runs code when loaded)")
+            try:
+                state = read_state_dict(path)
+            except BadFileError as exc:
+                why = str(exc).removeprefix(f"{path}").lstrip(": ")
+                raise BadFileError(f"{path} is not a plain state dict readable without running "
+                                   f"code ({why[:200]})") from None
+    except (OSError, BadFileError):
         raise
-    except Exception as exc:  # torch's and safetensors' own error types for refused files
+    except Exception as exc:  # safetensors' own error types for refused files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "TorchScript" in first:
             first = "a TorchScript program, which runs code when loaded"
@@ -405,6 +413,17 @@ def load_weight_file(path) -> dict[str, torch.Tensor]:
             isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise BadFileError(f"{path} does not hold a flat state dict (names -> tensors)")
     return state
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding compiled code (``code/``) or ``constants.pkl``."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl"))
+                   for n in archive.namelist())
 
 
 def check_state_dict(model: nn.Module, state: dict, path, what: str) -> None:

@@ -572,6 +572,9 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     def _load_build(self):
         inst = self.stack[-2] if len(self.stack) > 1 else None  # below the state
+        if type(inst) is collections.OrderedDict:  # a state dict's _metadata (torch.save):
+            self.stack.pop()                      # not needed here, dropped unread
+            return
         numpy = __import__("sys").modules.get("numpy")
         if not (isinstance(inst, (_ContainerRecord, _ArrayRecord))
                 or (numpy is not None and isinstance(inst, numpy.dtype))):
@@ -753,6 +756,31 @@ def _config(wrapper: ModuleRecord, model: ModuleRecord, root, path: Path, source
             "dataset_kwargs": _plain(dataset) if isinstance(dataset, dict) else None,
         },
     }
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """A flat state dict (names -> tensors) from a ``torch.save`` file (zip archive or legacy)
+    read by the restricted unpickler within the file's budgets, as snapshots are: no code runs,
+    and storages, tensors and decompressed records may total at most the file's size. For
+    weight files a user downloads (the metric networks' ``.pth``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weight file at {path}")
+    try:
+        root = _read_file(path)
+    except (UnsafePickleError, OfficialFormatError) as exc:
+        raise type(exc)(_one_line_message(exc, path)) from exc
+    except (*_PARSE_ERRORS, MemoryError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not a readable torch.save file (truncated or "
+                              f"corrupt?): {_cut(_one_line(exc))}") from exc
+    if not isinstance(root, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in root.items()):
+        raise CheckpointError(f"{path} does not hold a flat state dict (names -> tensors)")
+    total = sum(t.numel() * t.element_size() for t in root.values())
+    if total > path.stat().st_size:
+        raise CheckpointError(f"{path}: its tensors hold {total:,} bytes, more than the file's "
+                              f"{path.stat().st_size:,} (shared or overlapping views)")
+    return dict(root)
 
 
 def read_official(path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -180,3 +180,21 @@ def test_the_parameter_limit_is_an_environment_setting_for_every_command(monkeyp
     monkeypatch.setenv("EDM_FAST_MAX_PARAMS", "lots")
     with pytest.raises(ValueError, match="not a positive parameter count"):
         load_denoiser_checkpoint(DIGITS)
+
+
+def test_weight_files_for_the_metric_networks_get_the_same_bounds(corpus, tmp_path):
+    """`official.read_state_dict` (the metrics' .pth weight files) reads through the same
+    restricted, budgeted unpickler: hostile archives are one-line BadFileErrors; a plain
+    torch.save state dict (an OrderedDict with its _metadata) loads."""
+    import torch
+
+    from edm_fast.errors import BadFileError
+    from edm_fast.official import read_state_dict
+
+    for name in ("stride0-view.pkl", "set-growth.pkl", "zipbomb-pickle.pt", "length-2e62.pkl"):
+        with pytest.raises(BadFileError) as info:
+            read_state_dict(corpus[name])
+        assert name in str(info.value) and "\n" not in str(info.value)
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tmp_path / "w.pth")
+    state = read_state_dict(tmp_path / "w.pth")
+    assert sorted(state) == ["bias", "weight"] and state["weight"].shape == (2, 3)
