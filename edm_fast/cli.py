@@ -1,9 +1,10 @@
-"""edm-fast command line: sample, train, export, convert, bench, compare, serve, phema.
+"""edm-fast command line: sample, train, export, convert, bench, compare, serve, phema, metrics.
 
 Examples:
     edm-fast sample --steps 18 --out samples.png                 # bundled digits model
     edm-fast sample --model toy-gmm --steps 18 --seeds 0-999 --out samples.png
     edm-fast sample --ckpt run/ --class 3 --guidance 2 --seeds 0-63 --out grid.png
+    edm-fast sample --ckpt run/ --guide-ckpt early-run/ --guidance 2 --out auto.png  # autoguidance
     edm-fast train --data digits --preset tiny --loss edm --kimg 200 --out runs/edm --cond
 Run ``edm-fast <command> --help`` for every option.
 """
@@ -43,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("sample", formatter_class=_Formatter, help="generate samples",
-                       description="Generate samples: EDM's Heun sampler (Algorithm 2) by default, or any solver of --solver. Each "
-                       "image depends only on its seed, whatever the batch or device.")
+                       description="Generate samples: EDM's Heun sampler (Algorithm 2) by "
+                       "default, or any solver of --solver. Each image depends only on its "
+                       "seed, whatever the batch or device.")
     p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
                    help="checkpoint (.safetensors, run folder, official .pkl or training-state "
                    ".pt) or a model name: default, default-ddpm, toy-gmm (= toy-gmm2d), "
@@ -55,7 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "data (e.g. a folder name); conditional models; default: cycle through "
                    "classes")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
-                   help="classifier-free guidance weight (1 = conditional only)")
+                   help="guidance weight w: classifier-free D_u + w (D_c - D_u) (1 = conditional "
+                   "only), or with --guide-ckpt autoguidance D_g + w (D - D_g) (1 = the main "
+                   "model alone); --guidance-interval limits either to a range of noise levels")
+    p.add_argument("--guide-ckpt", "--gnet", dest="guide_ckpt", default=None,
+                   metavar="PATH|NAME",
+                   help="autoguidance (Karras et al. 2024, arXiv 2406.02507): the guide model, "
+                   "a smaller or less-trained model of the same task (same sample shape and "
+                   "classes, or both unconditional), loaded like --ckpt and run in --net-dtype; "
+                   "it gets the same labels and replaces classifier-free guidance; needs "
+                   "--guidance; every backend but cpp")
     p.add_argument("--out", default="samples.png",
                    help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot. "
                    "Under torchrun every rank writes its own seeds: into the shared folder, or "
@@ -69,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_phema import add_phema_command
 
     add_phema_command(sub, _Formatter)
+    from .cli_metrics import add_metrics_command
+
+    add_metrics_command(sub, _Formatter)
     return parser
 
 
@@ -136,7 +150,8 @@ def cmd_sample(args) -> int:
     check_output(out)  # before loading the model: the file kinds and a writable folder
     sampler = Sampler(args.ckpt, batch_size=min(args.batch, len(seeds)),
                       **sampling_options(args), guidance=args.guidance,
-                      dtype=getattr(torch, args.dtype), device=device, backend=args.backend,
+                      guide=args.guide_ckpt, dtype=getattr(torch, args.dtype), device=device,
+                      backend=args.backend,
                       expected_images=len(seeds),
                       backend_options={"threads": args.threads} if args.threads
                       and args.backend == "onnx" else None)

@@ -1,8 +1,15 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper.
+"""Guidance: classifier-free guidance (Ho & Salimans 2022) and autoguidance (Karras et al. 2024).
 
-D_w(x; sigma, c) = D(x; sigma, 0) + w (D(x; sigma, c) - D(x; sigma, 0)), with the unconditional
-branch given all-zero labels (what label dropout trains the network on). w = 1 is the plain
-conditional denoiser; w > 1 strengthens the class. Both branches run as one batch of 2N.
+Classifier-free: D_w(x; sigma, c) = D(x; sigma, 0) + w (D(x; sigma, c) - D(x; sigma, 0)), with
+the unconditional branch given all-zero labels (what label dropout trains the network on).
+w = 1 is the plain conditional denoiser; w > 1 strengthens the class. Both branches run as one
+batch of 2N.
+
+Autoguidance ("Guiding a Diffusion Model with a Bad Version of Itself", arXiv 2406.02507,
+Eq. 1): D_w(x; sigma, c) = D_g(x; sigma, c) + w (D(x; sigma, c) - D_g(x; sigma, c)), the guide
+D_g a smaller or less-trained model of the same task, given the same labels (none for an
+unconditional model); it replaces the unconditional branch, so no classifier-free guidance runs
+on top.
 """
 
 from __future__ import annotations
@@ -63,23 +70,34 @@ class GuidedDenoiser(nn.Module):
 class Guidance:
     """Guidance applied once, around any evaluator ``evaluate(x, sigma, labels) -> D``.
 
-    Called as ``guidance(evaluate, x, sigma, labels, guided)``: when ``guided`` (the plan says
-    this evaluation's sigma lies in the guidance interval) and labels are given,
-    classifier-free guidance D_u + w (D_c - D_u) with D_c and D_u from one batch of 2N (zero
-    labels for the unconditional half); with a ``guide`` evaluator (autoguidance, Karras et al.
-    2024) D_g + w (D - D_g) instead. Otherwise the plain D(x; sigma, labels).
+    Called as ``guidance(evaluate, x, sigma, labels, guided)``; when ``guided`` (the plan says
+    this evaluation's sigma lies in the guidance interval):
+
+    - with a ``guide`` evaluator ``guide(x, sigma, labels) -> D_g`` (autoguidance, Karras et
+      al. 2024, Eq. 1): D_g + w (D - D_g), both given the same labels (None for an
+      unconditional model), in the dtype of ``x``;
+    - without one, when labels are given: classifier-free guidance D_u + w (D_c - D_u) with D_c
+      and D_u from one batch of 2N (zero labels for the unconditional half).
+
+    Otherwise (no weight, outside the interval, or classifier-free without labels) the plain
+    D(x; sigma, labels): the guide is not evaluated there.
     """
 
     def __init__(self, weight: float | None, guide=None):
+        if guide is not None and weight is None:
+            raise ValueError("a guide model (autoguidance) needs a guidance weight")
         self.weight = None if weight is None else float(weight)
         self.guide = guide
 
     def __call__(self, evaluate, x, sigma, labels, guided: bool = True):
-        if self.weight is None or not guided or labels is None:
+        if self.weight is None or not guided:
             return evaluate(x, sigma, labels)
-        if self.guide is not None:
-            d_guide = self.guide(x, sigma, labels)
-            return torch.lerp(d_guide, evaluate(x, sigma, labels).to(d_guide.dtype), self.weight)
+        if self.guide is not None:  # autoguidance, Eq. 1 of arXiv 2406.02507
+            d_main = evaluate(x, sigma, labels).to(x.dtype)
+            d_guide = self.guide(x, sigma, labels).to(x.dtype)
+            return d_guide + self.weight * (d_main - d_guide)
+        if labels is None:
+            return evaluate(x, sigma, labels)
         n = x.shape[0]
         both = evaluate(torch.cat([x, x]), torch.cat([sigma, sigma]),
                         torch.cat([labels, torch.zeros_like(labels)]))

@@ -105,8 +105,10 @@ class SamplingOptions:
     order: int | None = _option(None, "unipc (<= 3, default 3), ipndm and lms (<= 4, default 4)")
     variance: str = _option("beta", "ddpm: the posterior variance of Ho et al. (beta or "
                             "beta-tilde)", choices=("beta", "beta_tilde"))
-    guidance: float | None = _option(None, "classifier-free guidance weight w in D_u + w (D_c "
-                                     "- D_u) (1: conditional only)", metavar="W")
+    guidance: float | None = _option(None, "guidance weight w: classifier-free D_u + w (D_c - "
+                                     "D_u) (1: conditional only), or with a guide model "
+                                     "autoguidance D_g + w (D - D_g) (1: the main model "
+                                     "alone)", metavar="W")
     guidance_interval: tuple[float, float] | None = _option(
         None, "apply --guidance only at noise levels LO <= sigma <= HI (Kynkaanniemi et al. "
         "2024)", metavar="LO,HI", parse="float_pair")

@@ -48,10 +48,21 @@ class Sampler:
             family and second-order parameter (euler/heun); eta, order, variance: the other
             solvers' options (see ``SamplingPlan.build``). An option the solver does not read
             is refused.
-        guidance: classifier-free guidance weight w in D_u + w (D_c - D_u) (None: off, one
-            evaluation per step; 1: conditional only; 0: the unconditional model).
+        guidance: the guidance weight w (None: off, one evaluation per step). Without a guide,
+            classifier-free guidance D_u + w (D_c - D_u) (1: conditional only; 0: the
+            unconditional model); with ``guide``, autoguidance D_g + w (D - D_g) (1: the main
+            model alone; 0: the guide alone).
+        guide: autoguidance's guide (Karras et al. 2024, arXiv 2406.02507): a smaller or
+            less-trained denoiser of the same task, as a module or a checkpoint path / model
+            name (loaded like ``model``). It must make samples of the same shape and take the
+            same labels (label_dim) as ``model``, and cover the plan's noise levels; it runs in
+            ``net_dtype`` too. A conditional guide gets the same labels as the main model and
+            replaces the unconditional branch (no classifier-free guidance on top); an
+            unconditional main model can be autoguided. Needs ``guidance``; every backend but
+            'cpp' runs it.
         guidance_interval: (sigma_lo, sigma_hi): guidance only at those noise levels
-            (Kynkaanniemi et al. 2024), the conditional D elsewhere.
+            (Kynkaanniemi et al. 2024), the plain main D elsewhere (the guide is not evaluated
+            there).
         dtype: dtype of the sampler state (float32, or float64 for the golden reference).
         device: 'auto', 'cpu', 'cuda', 'cuda:1', 'mps', ...
         net_dtype: the network's precision: 'fp32', 'bf16', 'fp16' or 'auto' (also 'float32',
@@ -73,16 +84,13 @@ class Sampler:
                  S_max: float = float("inf"), S_noise: float = 1.0, eta: float | None = None,
                  order: int | None = None, ode: str = "edm", alpha: float = 1.0,
                  variance: str = "beta", guidance: float | None = None,
-                 guidance_interval=None, dtype: torch.dtype = torch.float32,
+                 guidance_interval=None, guide=None, dtype: torch.dtype = torch.float32,
                  device="auto", backend: str = "auto", backend_options: dict | None = None,
                  expected_images: int | None = None, net_dtype=None):
         start = time.perf_counter()
         self.device = resolve_device(device)
-        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            from .models import load_denoiser
-
-            model = load_denoiser(model, device=self.device)
-        self.denoiser = model.to(self.device).eval() if hasattr(model, "to") else model
+        self.denoiser = _load(model, self.device)
+        self.guide = None if guide is None else _load(guide, self.device)
         self.shape = (_model_shape(self.denoiser) if shape is None
                       else _check_shape(self.denoiser, tuple(int(n) for n in shape)))
         if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") \
@@ -91,10 +99,15 @@ class Sampler:
         self.batch_size = int(batch_size)
         self.dtype = _as_dtype(dtype)
         self.label_dim = int(getattr(self.denoiser, "label_dim", 0))
-        if guidance is not None and self.label_dim == 0:
-            raise ValueError("guidance needs a class-conditional model")
+        if self.guide is not None:
+            _check_guide(self.denoiser, self.guide, guidance)
+        elif guidance is not None and self.label_dim == 0:
+            raise ValueError("classifier-free guidance needs a class-conditional model; an "
+                             "unconditional one is guided by a guide model (guide=, "
+                             "--guide-ckpt: autoguidance)")
         trained = (getattr(self.denoiser, "checkpoint_meta", None) or {}).get("train", {})
-        if guidance not in (None, 1) and trained.get("label_dropout", None) == 0:
+        if self.guide is None and guidance not in (None, 1) \
+                and trained.get("label_dropout", None) == 0:
             warnings.warn("guidance mixes in the model's unconditional output, which this model "
                           "never learned (it was trained with label_dropout=0); expect worse "
                           "samples", stacklevel=2)
@@ -103,7 +116,7 @@ class Sampler:
             sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigmas=sigmas,
             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, order=order,
             ode=ode, alpha=alpha, variance=variance, guidance=guidance,
-            guidance_interval=guidance_interval)
+            guidance_interval=guidance_interval, guide=self.guide)
         options = dict(backend_options or {})
         if "net_dtype" in options:  # the onnx backend's own option before Sampler had one
             if net_dtype is not None:
@@ -136,10 +149,12 @@ class Sampler:
         """The backend object: the one asked for (its errors propagate), or for 'auto' the first
         of ``auto_candidates`` that builds for this model, with one warning naming the reasons
         for every better one that did not load or failed to build (export, compile)."""
+        guided = {} if self.guide is None else {"guide": self.guide}
+
         def build(cls):
             return cls(self.denoiser, self.plan, (self.batch_size, *self.shape), dtype=self.dtype,
                        device=self.device, label_dim=self.label_dim, net_dtype=self.net_dtype,
-                       **options)
+                       **guided, **options)
 
         if not is_auto(requested):
             return build(resolve_backend(requested, self.device, expected_images, self.dtype,
@@ -147,7 +162,7 @@ class Sampler:
         if not _is_network(self.denoiser):  # an exact (toy) denoiser: nothing to export/compile
             return build(resolve_backend("reference", self.device))
         classes, skipped = auto_candidates(self.device, expected_images, self.dtype,
-                                           self.net_dtype)
+                                           self.net_dtype, guide=self.guide is not None)
         for cls in classes:
             try:
                 backend = build(cls)
@@ -203,7 +218,8 @@ class Sampler:
 
     @property
     def num_evals(self) -> int:
-        """Denoiser evaluations per image (NFE); guidance runs them at twice the batch."""
+        """Denoiser evaluations per image (NFE); guidance runs them at twice the batch (the
+        guide's evaluations, with autoguidance)."""
         return self.plan.num_evals
 
     def __call__(self, seeds: Iterable[int] | str | None = None, class_labels=None, *,
@@ -220,7 +236,8 @@ class Sampler:
         """
         latents, draws = self._noise(seeds, noise, step_noise)
         n = latents.shape[0]
-        if class_labels is None and self.plan.guidance is not None:
+        if class_labels is None and self.plan.guidance is not None and self.guide is None \
+                and self.label_dim > 0:
             raise ValueError("guidance needs class_labels: without them every label is zero, "
                              "and the guided mix of two unconditional outputs is the "
                              "unconditional output")
@@ -285,12 +302,56 @@ class Sampler:
 
 
 def plan_for_model(denoiser, *, sigma_min: float | None = None, sigma_max: float | None = None,
-                   **options) -> SamplingPlan:
+                   guide=None, **options) -> SamplingPlan:
     """The plan ``Sampler`` runs for this denoiser: the sigma range within the model's (EDM's
-    0.002 .. 80 by default), its grid rounded by the model's ``round_sigma``; ``options`` as
-    ``SamplingPlan.build`` takes them."""
-    return SamplingPlan.build(**_sigma_range(denoiser, sigma_min, sigma_max), **options,
+    0.002 .. 80 by default; with an autoguidance ``guide``, within both models' ranges), its
+    grid rounded by the model's ``round_sigma``; ``options`` as ``SamplingPlan.build`` takes
+    them. A guide that does not cover an evaluated noise level (an explicit grid) is refused."""
+    models = [denoiser] if guide is None else [denoiser, guide]
+    plan = SamplingPlan.build(**_sigma_range(models, sigma_min, sigma_max), **options,
                               round_sigma=getattr(denoiser, "round_sigma", None))
+    if guide is not None:
+        low, high = (float(getattr(guide, "sigma_min", 0.0)),
+                     float(getattr(guide, "sigma_max", math.inf)))
+        outside = [s for s in plan.program.eval_sigmas if not low <= s <= high]
+        if outside:
+            raise ValueError(f"the guide model covers noise levels {low:g} .. {high:g}, but the "
+                             f"plan evaluates sigma = {outside[0]:g}; choose a grid inside its "
+                             "range (sigma_min/sigma_max)")
+    return plan
+
+
+def _load(model, device):
+    """A module on ``device`` in eval mode from a module, checkpoint path or model name."""
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from .models import load_denoiser
+
+        model = load_denoiser(model, device=device)
+    return model.to(device).eval() if hasattr(model, "to") else model
+
+
+def _check_guide(denoiser, guide, guidance) -> None:
+    """An autoguidance guide must make the main model's samples (shape) from the same labels
+    (label_dim), and comes with a guidance weight; one ValueError naming what differs."""
+    if guidance is None:
+        raise ValueError("a guide model (autoguidance) needs a guidance weight (guidance=W, "
+                         "--guidance W)")
+    if hasattr(denoiser, "guidance") and hasattr(denoiser, "denoiser"):
+        raise ValueError("the model is a GuidedDenoiser (classifier-free guidance) and a guide "
+                         "model is given (autoguidance): pass one kind of guidance")
+    main_labels = int(getattr(denoiser, "label_dim", 0))
+    guide_labels = int(getattr(guide, "label_dim", 0))
+    if main_labels != guide_labels:
+        raise ValueError(f"the guide model takes label_dim={guide_labels} but the main model "
+                         f"takes {main_labels}: autoguidance needs a guide of the same task "
+                         "(same classes, or both unconditional)")
+    try:
+        main_shape, guide_shape = _model_shape(denoiser), _model_shape(guide)
+    except ValueError:
+        return  # a model that does not say its shape: the backends' first call will
+    if main_shape != guide_shape:
+        raise ValueError(f"the guide model makes samples of shape {guide_shape} but the main "
+                         f"model {main_shape}: autoguidance needs a guide of the same task")
 
 
 def _model_shape(denoiser) -> tuple[int, ...]:
@@ -355,12 +416,13 @@ def _as_dtype(dtype) -> torch.dtype:
     return value
 
 
-def _sigma_range(denoiser, sigma_min: float | None, sigma_max: float | None) -> dict:
-    """Alg. 2's sigma_min/sigma_max: EDM's 0.002 .. 80 by default, within the range the model's
-    preconditioning supports (VP, iDDPM); an explicit value outside it is clipped, with a
-    warning."""
-    model_min = float(getattr(denoiser, "sigma_min", 0.0))
-    model_max = float(getattr(denoiser, "sigma_max", math.inf))
+def _sigma_range(models, sigma_min: float | None, sigma_max: float | None) -> dict:
+    """Alg. 2's sigma_min/sigma_max: EDM's 0.002 .. 80 by default, within the range the
+    preconditioning of the model (or of every model of a list: main and guide) supports (VP,
+    iDDPM); an explicit value outside it is clipped, with a warning."""
+    models = models if isinstance(models, list) else [models]
+    model_min = max(float(getattr(m, "sigma_min", 0.0)) for m in models)
+    model_max = min(float(getattr(m, "sigma_max", math.inf)) for m in models)
     out = {}
     for name, asked, default, clip, bound in (("sigma_min", sigma_min, 0.002, max, model_min),
                                               ("sigma_max", sigma_max, 80.0, min, model_max)):

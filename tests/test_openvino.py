@@ -182,3 +182,17 @@ def test_export_format_openvino_round_trip(tmp_path, fp32_images, capsys):
                 backend_options={"model_path": out})
     assert main(["export", "--format", "openvino", "--out", str(tmp_path / "x.onnx")]) == 2
     assert ".xml" in capsys.readouterr().err
+
+
+def test_a_garbage_ir_is_one_line(tmp_path):
+    """A model_path that is not an OpenVINO IR is refused as a bad file, naming it."""
+    from edm_fast.errors import BadFileError
+    from edm_fast.models import load_denoiser
+    from edm_fast.sampler import Sampler
+
+    bad = tmp_path / "m.xml"
+    bad.write_text("<net><layers><layer id='0' type='Nope'")
+    with pytest.raises(BadFileError, match="is not a readable OpenVINO IR") as info:
+        Sampler(load_denoiser("default"), batch_size=2, num_steps=2, backend="openvino",
+                device="cpu", backend_options={"model_path": bad})
+    assert "\n" not in str(info.value)

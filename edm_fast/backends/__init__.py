@@ -5,7 +5,9 @@ Each backend is a class ``Backend(denoiser, plan, batch_shape, *, dtype, device,
 ``model_path`` for cpp, ``opset`` for onnx, ...; ``Sampler(backend_options=)``) and
 ``net_dtype`` (None: the network as it is, or torch.float32 / bfloat16 / float16: the network's
 precision, which every backend honours or refuses with an EdmFastError; edm_fast.precision)
-with ``run(latents (N, ...), churn_noise (K, N, ...) | None, class_labels (N, L) | None)`` and a
+and ``guide`` (autoguidance's guide denoiser, evaluated with the same machinery as the main
+net; every backend but cpp, which refuses it) with ``run(latents (N, ...), churn_noise
+(K, N, ...) | None, class_labels (N, L) | None)`` and a
 ``warmup_seconds`` attribute. ``reference`` (samplers.py) is always available and is the
 ground truth; the others are imported lazily so that a missing compiler, extension or
 onnxruntime or openvino never breaks ``import edm_fast``.
@@ -96,19 +98,22 @@ def available_backends() -> dict[str, str | None]:
 SMALL_CPU_JOB = 4096
 
 
-def _unsuitable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def _unsuitable(name: str, device: torch.device, dtype: torch.dtype,
+                guide: bool = False) -> str | None:
     """Why 'auto' must not pick ``name`` for this job even though it loads, or None."""
     if name in ("onnx", "openvino") and dtype != torch.float32:
         return f"{name}: runs the network in float32, and dtype {dtype} was asked for"
+    if name == "cpp" and guide:
+        return "cpp: its C++ executor runs one network, and autoguidance needs a guide network"
     return None
 
 
 def auto_candidates(device: torch.device, expected_images: int | None = None,
-                    dtype: torch.dtype = torch.float32, net_dtype: torch.dtype | None = None
-                    ) -> tuple[list, list[tuple[str, str]]]:
+                    dtype: torch.dtype = torch.float32, net_dtype: torch.dtype | None = None,
+                    guide: bool = False) -> tuple[list, list[tuple[str, str]]]:
     """The backend classes 'auto' may use here, best first (always ending with the reference),
     and (name, reason) for each backend it skipped, in AUTO_ORDER (AUTO_ORDER_REDUCED for a
-    bf16/fp16 network on the CPU)."""
+    bf16/fp16 network on the CPU); ``guide``: the run is autoguided (a guide network too)."""
     if device.type == "cpu" and expected_images is not None and expected_images < SMALL_CPU_JOB:
         return [load_backend("reference")], []
     classes, skipped = [], []
@@ -116,7 +121,7 @@ def auto_candidates(device: torch.device, expected_images: int | None = None,
         if name != "reference" and _disabled(name):
             skipped.append((name, f"{name}: disabled by EDM_FAST_DISABLE_{name.upper()}=1"))
             continue
-        why = _unsuitable(name, device, dtype)
+        why = _unsuitable(name, device, dtype, guide)
         if why is not None:
             skipped.append((name, why))
             continue

@@ -3,11 +3,13 @@ CUDA graph on CUDA.
 
 The evaluator is the whole denoiser D (preconditioning included: Inductor fuses it around the
 network) through ``torch.compile`` with static shapes; sigma is always a tensor, so every
-evaluation of a run shares one compiled graph per batch size (N, and 2N for guidance). The step
+evaluation of a run shares one compiled graph per batch size (N, and 2N for guidance; an
+autoguidance guide is compiled the same way, a graph of its own at N). The step
 arithmetic (the program's LIN ops) is one fused Triton kernel per op on CUDA (``step_impl``
-'triton', kernels.lincomb) or plain tensor ops ('torch'). On CUDA the executor's whole loop is
-then captured as one CUDA graph with static input/output buffers per (batch, shape, dtype):
-each call is a copy-in, one replay, a copy-out and one host sync for the NaN/Inf flag.
+'triton', kernels.lincomb) or plain tensor ops ('torch'). On CUDA the executor's whole loop (the
+guide's evaluations included) is then captured as one CUDA graph with static input/output
+buffers per (batch, shape, dtype): each call is a copy-in, one replay, a copy-out and one host
+sync for the NaN/Inf flag.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class CompiledBackend:
     (default on CUDA), step_impl ('auto' | 'triton' | 'torch'), compile_mode, net_dtype (the
     network's precision: a copy of the network in bf16/fp16 is compiled), freezing (Inductor
     folds the weights as constants, so that oneDNN packs them once for its AMX/AVX512 kernels;
-    default: on for a bf16/fp16 network on the CPU)."""
+    default: on for a bf16/fp16 network on the CPU), guide (autoguidance's guide denoiser,
+    compiled with the same options and net_dtype)."""
 
     name = "compiled"
 
@@ -57,10 +60,12 @@ class CompiledBackend:
 
     def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *, dtype, device, label_dim,
                  compile: bool = True, cuda_graph: bool | None = None, step_impl: str = "auto",
-                 compile_mode: str | None = None, net_dtype=None, freezing: bool | None = None):
+                 compile_mode: str | None = None, net_dtype=None, freezing: bool | None = None,
+                 guide=None):
         start = time.perf_counter()
         denoiser, self.plan = unwrap_guided(denoiser, plan)
         denoiser = network_in_dtype(denoiser, net_dtype)
+        guide = None if guide is None else network_in_dtype(guide, net_dtype)
         self.dtype, self.device = dtype, torch.device(device)
         self.batch_shape = tuple(batch_shape)
         self.n = self.batch_shape[0]
@@ -91,9 +96,13 @@ class CompiledBackend:
         options = {"freezing": True} if freezing and compile else None
         if options and compile_mode is not None:
             raise ValueError("freezing=True and compile_mode both configure Inductor; pass one")
-        self.denoise = torch.compile(denoiser, dynamic=False, mode=compile_mode,
-                                     options=options) if compile else denoiser
-        self.guidance = Guidance(self.plan.guidance)
+        def compiled(module):
+            return torch.compile(module, dynamic=False, mode=compile_mode,
+                                 options=options) if compile else module
+
+        self.denoise = compiled(denoiser)
+        self.guide = None if guide is None else compiled(guide)
+        self.guidance = Guidance(self.plan.guidance, guide=self.guide)
         self.sigmas = SigmaVectors(self.plan.program, self.n, dtype, self.device)
         self.graph = None
         self._eval_graphs: dict = {}

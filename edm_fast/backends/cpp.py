@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from .. import ops
+from ..errors import EdmFastError
 from ..export import export_aoti, export_torchscript, read_metadata
 from ..guidance import one_hot_labels
 from ..plan import SamplingPlan
@@ -58,6 +59,8 @@ class CppBackend:
         kind: 'aoti' (torch.export + AOTInductor) or 'torchscript' (torch.jit.trace).
         net_dtype: the network's precision inside the export (None: the network's own); an
             exported file passed as the model must already be in it.
+        guide: refused (EdmFastError): the C++ executor runs one network, and autoguidance
+            needs a second one; the reference, compiled, onnx and openvino backends run it.
     """
 
     name = "cpp"
@@ -65,9 +68,13 @@ class CppBackend:
     def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *,
                  dtype: torch.dtype = torch.float32, device="cpu", label_dim: int | None = None,
                  model_path: str | os.PathLike | None = None, kind: str = "aoti",
-                 reuse_model: bool = False, net_dtype=None):
+                 reuse_model: bool = False, net_dtype=None, guide=None):
         from ..precision import network_in_dtype
 
+        if guide is not None:
+            raise EdmFastError("autoguidance (a guide model) runs on the reference, compiled, "
+                               "onnx and openvino backends; the cpp backend's C++ executor runs "
+                               "one network")
         ops.require_cpp()
         if kind not in _SUFFIX:
             raise ValueError(f"kind must be 'aoti' or 'torchscript', got {kind!r}")

@@ -6,7 +6,8 @@ check, session creation and one warm-up evaluation are reported as ``warmup_seco
 then executes ``plan.program`` (backends/executor.py) with the step arithmetic in torch (the
 backend's dtype) on the session's device and one session call per evaluation. The session's
 inputs and outputs are float32 buffers bound once per row count (``OrtEvaluator``);
-classifier-free guidance is one call of 2N rows (``guidance.Guidance``).
+classifier-free guidance is one call of 2N rows (``guidance.Guidance``). An autoguidance
+``guide`` is exported and checked the same way into a session of its own.
 
 Devices: 'cpu' uses the CPU execution provider. 'cuda[:i]' needs onnxruntime-gpu (the CUDA
 execution provider); the session then reads and writes torch's CUDA tensors in place through
@@ -140,6 +141,8 @@ class OnnxBackend:
             no bf16 convolutions). fp16 is meant for CUDA; on the CPU it runs at about float32's
             speed (18.5 vs 17.0 ms per forward, bundled model, batch 16, AVX512 EPYC).
         opset, exporter, check: passed to ``export_onnx``.
+        guide: autoguidance's guide denoiser, exported (always afresh, next to the model) in
+            the same net_dtype and run by a session of its own.
         threads: ONNX Runtime intra-op threads (default torch.get_num_threads()).
         tf32: allow TF32 on the CUDA provider.
 
@@ -162,14 +165,14 @@ class OnnxBackend:
                  dtype: torch.dtype = torch.float32, device="cpu", label_dim: int | None = None,
                  model_path: str | os.PathLike | None = None, reuse_model: bool = False,
                  net_dtype=None, opset: int = 17, exporter: str = "auto", check: bool = True,
-                 threads: int | None = None, tf32: bool = False):
+                 threads: int | None = None, tf32: bool = False, guide=None):
         start = time.perf_counter()
         denoiser, self.plan = unwrap_guided(denoiser, plan)
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
         self.label_dim = int(denoiser.label_dim if label_dim is None else label_dim)
         self.net_dtype = _net_dtype(_own_net_dtype(denoiser) if net_dtype is None else net_dtype)
-        if self.plan.guidance is not None and self.label_dim <= 0:
+        if self.plan.guidance is not None and self.label_dim <= 0 and guide is None:
             raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
         if dtype == torch.float64:
             warnings.warn(f"the onnx backend runs the network in {str(self.net_dtype)[6:]}; only "
@@ -189,7 +192,18 @@ class OnnxBackend:
                                "cuDNN libraries?); the session would run on the CPU")
         self.evaluate = OrtEvaluator(self.session, self.device, self.batch_shape[1:],
                                      self.label_dim)
-        self.guidance = Guidance(self.plan.guidance)
+        self.guide = None
+        if guide is not None:
+            guide_path = os.path.splitext(self.model_path)[0] + "-guide.onnx"
+            guide_dtype = _net_dtype(_own_net_dtype(guide) if net_dtype is None else net_dtype)
+            self.guide_export_report = export_onnx(
+                guide, guide_path, sample_shape=self.batch_shape[1:], label_dim=self.label_dim,
+                opset=opset, dtype=guide_dtype, batch=self.batch_shape[0], check=check,
+                exporter=exporter)
+            self.guide = OrtEvaluator(make_session(guide_path, providers=providers,
+                                                   threads=threads),
+                                      self.device, self.batch_shape[1:], self.label_dim)
+        self.guidance = Guidance(self.plan.guidance, guide=self.guide)
         self.sigmas = SigmaVectorCache(self.plan.program, dtype, self.device)
         self._warmup()
         self.warmup_seconds = time.perf_counter() - start
@@ -213,8 +227,10 @@ class OnnxBackend:
     def _warmup(self) -> None:
         """One evaluation at the run's batch (ORT allocates and, on CUDA, picks kernels)."""
         n = self.batch_shape[0]
-        self.evaluate(torch.zeros(self.batch_shape, device=self.device),
-                      torch.ones(n, device=self.device), None)
+        for evaluate in (self.evaluate, self.guide):
+            if evaluate is not None:
+                evaluate(torch.zeros(self.batch_shape, device=self.device),
+                         torch.ones(n, device=self.device), None)
 
     def _labels(self, class_labels, n: int) -> torch.Tensor | None:
         """(N, L) float32 one-hot or given labels on the device; None when unconditional."""

@@ -17,7 +17,9 @@ compiled for the CPU with:
   ``dynamic_batch=False`` one static-shape compiled model per row count, compiled on first use.
 
 ``run`` executes ``plan.program`` (backends/executor.py) with the step arithmetic in torch (the
-backend's dtype); each evaluation is one synchronous inference of float32 buffers.
+backend's dtype); each evaluation is one synchronous inference of float32 buffers. An
+autoguidance ``guide`` is converted from ``source`` the same way and compiled with the same
+precision into an evaluator of its own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import warnings
 
 import torch
 
-from ..errors import EdmFastError
+from ..errors import BadFileError, EdmFastError
 from ..guidance import Guidance, one_hot_labels
 from ..plan import SamplingPlan
 from .executor import SigmaVectorCache, run_program, unwrap_guided
@@ -56,10 +58,10 @@ def compile_for_cpu(core, model, net_dtype: torch.dtype | None, threads: int | N
     if effective != getattr(ov.Type, hint):
         from ..device import cpu_model
 
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         raise EdmFastError(f"OpenVINO on this CPU ({cpu_model()}) ignores INFERENCE_PRECISION_HINT"
                            f"={hint} and would run {effective.get_type_name()}: its CPU plugin "
-                           f"offers {', '.join(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))}"
-                           f"; choose another net_dtype")
+                           f"offers {', '.join(capabilities)}; choose another net_dtype")
     return compiled
 
 
@@ -119,6 +121,8 @@ class OpenVinoBackend:
         dynamic_batch: one model for every batch size (default) or one static model per size.
         threads: OpenVINO's inference threads (default torch.get_num_threads()).
         opset, exporter, check: passed to ``export_onnx`` (source='onnx').
+        guide: autoguidance's guide denoiser, converted from ``source`` (also when the main
+            model comes from ``model_path``) and compiled as the main model is.
     """
 
     name = "openvino"
@@ -136,7 +140,7 @@ class OpenVinoBackend:
                  net_dtype=None, source: str = "onnx",
                  model_path: str | os.PathLike | None = None, dynamic_batch: bool = True,
                  threads: int | None = None, opset: int = 17, exporter: str = "auto",
-                 check: bool = True):
+                 check: bool = True, guide=None):
         import openvino as ov
 
         from ..precision import parse_net_dtype
@@ -154,7 +158,7 @@ class OpenVinoBackend:
             raise ValueError("the openvino backend takes a resolved net_dtype; Sampler resolves "
                              "'auto'")
         self.net_dtype = parsed
-        if self.plan.guidance is not None and self.label_dim <= 0:
+        if self.plan.guidance is not None and self.label_dim <= 0 and guide is None:
             raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
         if dtype == torch.float64:
             warnings.warn("the openvino backend runs the network in float32 or below; only the "
@@ -167,12 +171,18 @@ class OpenVinoBackend:
         if model_path is not None:
             model = self._read_ir(os.fspath(model_path))
         elif source == "onnx":
-            model = self._from_onnx(denoiser, opset, exporter, check)
+            model, self.export_report = self._from_onnx(denoiser, opset, exporter, check)
         else:
             model = self._from_torch(denoiser)
         self.evaluate = OpenVinoEvaluator(self.core, model, self.net_dtype, threads,
                                           dynamic_batch, self.label_dim)
-        self.guidance = Guidance(self.plan.guidance)
+        self.guide = None
+        if guide is not None:
+            guide_model = (self._from_onnx(guide, opset, exporter, check)[0]
+                           if source == "onnx" else self._from_torch(guide))
+            self.guide = OpenVinoEvaluator(self.core, guide_model, self.net_dtype, threads,
+                                           dynamic_batch, self.label_dim)
+        self.guidance = Guidance(self.plan.guidance, guide=self.guide)
         self.sigmas = SigmaVectorCache(self.plan.program, dtype, self.device)
         self._warmup()
         self.warmup_seconds = time.perf_counter() - start
@@ -183,7 +193,11 @@ class OpenVinoBackend:
 
         if not path.endswith(".xml"):
             raise ValueError(f"model_path of the openvino backend is an IR (.xml), got {path!r}")
-        model = self.core.read_model(path)
+        try:
+            model = self.core.read_model(path)
+        except RuntimeError as exc:  # OpenVINO's parse errors: the file, in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise BadFileError(f"{path} is not a readable OpenVINO IR ({first})") from None
         meta = read_openvino_metadata(model)
         want = {"edm_fast.label_dim": str(self.label_dim),
                 "edm_fast.sample_shape": ",".join(map(str, self.batch_shape[1:]))}
@@ -198,10 +212,10 @@ class OpenVinoBackend:
         workdir = tempfile.mkdtemp(prefix="edm_fast_ov_")
         try:
             path = os.path.join(workdir, "denoiser.onnx")
-            self.export_report = export_onnx(
+            report = export_onnx(
                 denoiser, path, sample_shape=self.batch_shape[1:], label_dim=self.label_dim,
                 opset=opset, batch=self.batch_shape[0], check=check, exporter=exporter)
-            return self.core.read_model(path)  # read into memory: the file can go
+            return self.core.read_model(path), report  # read into memory: the file can go
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -227,7 +241,9 @@ class OpenVinoBackend:
     def _warmup(self) -> None:
         """One evaluation at the run's batch (OpenVINO allocates and picks kernels)."""
         n = self.batch_shape[0]
-        self.evaluate(torch.zeros(self.batch_shape), torch.ones(n), None)
+        for evaluate in (self.evaluate, self.guide):
+            if evaluate is not None:
+                evaluate(torch.zeros(self.batch_shape), torch.ones(n), None)
 
     def _labels(self, class_labels, n: int) -> torch.Tensor | None:
         if self.label_dim <= 0:

@@ -13,16 +13,18 @@ __all__ = ["ReferenceBackend"]
 
 class ReferenceBackend:
     """Runs ``plan.program`` eagerly: every evaluation is one call of the denoiser module
-    (with ``net_dtype``, of a copy whose network runs in that precision)."""
+    (with ``net_dtype``, of a copy whose network runs in that precision); an autoguidance
+    ``guide`` runs the same way."""
 
     name = "reference"
 
     def __init__(self, denoiser, plan: SamplingPlan, batch_shape, *, dtype, device, label_dim,
-                 net_dtype=None):
+                 net_dtype=None, guide=None):
         denoiser, self.plan = unwrap_guided(denoiser, plan)
         self.denoiser = network_in_dtype(denoiser, net_dtype)
+        self.guide = None if guide is None else network_in_dtype(guide, net_dtype)
         self.dtype, self.device = dtype, device
-        self.guidance = Guidance(self.plan.guidance)
+        self.guidance = Guidance(self.plan.guidance, guide=self.guide)
         self.sigmas = SigmaVectorCache(self.plan.program, dtype, device)
         self.warmup_seconds = 0.0
 
