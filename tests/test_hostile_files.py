@@ -52,7 +52,10 @@ DRIVER = textwrap.dedent('''
                 rc = exc.code
             except BaseException as exc:  # what would reach the user as a traceback
                 rc = f"raised {type(exc).__name__}: {str(exc)[:300]}"
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's across exec)
+        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+        peak = (int(hwm[0].split()[1]) if hwm
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) // 1024
         print(json.dumps({"case": case, "argv": argv, "rc": rc, "stdout": out.getvalue(),
                           "stderr": err.getvalue(), "seconds": time.perf_counter() - start,
                           "peak_mb": peak}), flush=True)
