@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from edm_fast.benchmark import bench_model, count_flops, format_table, peak_flops, time_call
-from edm_fast.sampler import _model_shape
+from edm_fast.sampler import model_shape
 
 try:
     from bench.results import append_results, command_line
@@ -73,7 +73,7 @@ def test_forward_rate(model_name, batch):
     den = bench_model(model_name, DEVICE)
     if den.label_dim:
         pytest.skip("forward modes are measured on unconditional nets")
-    x = torch.randn(batch, *_model_shape(den), device=DEVICE)
+    x = torch.randn(batch, *model_shape(den), device=DEVICE)
     sigma = torch.full((batch,), 2.0, device=DEVICE)
     flops = count_flops(den, x, sigma)
     peak = peak_flops(DEVICE)

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edm_fast.benchmark import bench_model, load_k_diffusion_sampling, time_call
 from edm_fast.device import cpu_flags, cpu_model
-from edm_fast.sampler import Sampler, _model_shape
+from edm_fast.sampler import Sampler, model_shape
 
 try:
     from bench.results import append_results, command_line
@@ -131,7 +131,7 @@ def bench_forward(args) -> str:
     rows = []
     for name in args.models:
         den = bench_model(name, CPU)
-        shape = _model_shape(den)
+        shape = model_shape(den)
         for batch in args.batches:
             gen = torch.Generator().manual_seed(batch)
             x = torch.randn((batch, *shape), generator=gen)
@@ -213,7 +213,7 @@ def bench_quality(args) -> str:
     rows, ref = [], None
     for backend, net_dtype in configs:
         start = time.perf_counter()
-        sampler = _sampler(den, _model_shape(den), n, backend, net_dtype)
+        sampler = _sampler(den, model_shape(den), n, backend, net_dtype)
         x = sampler(seeds=seeds, class_labels=labels)
         fd, acc = [], []
         for r in range(sets):

@@ -38,7 +38,7 @@ from .device import synchronize
 from .noise import SeedNoise
 from .plan import SamplingPlan
 from .precond import Denoiser, EDMPrecond
-from .sampler import Sampler, _model_shape, plan_for_model
+from .sampler import Sampler, model_shape, plan_for_model
 
 __all__ = ["COLUMNS", "bench_model", "bench_model_names", "benchmark_case", "check_bench_model",
            "format_header", "format_row", "format_table", "legend", "load_k_diffusion_sampling",
@@ -243,7 +243,7 @@ def time_pair(total_fn, eval_fn, device, repeats: int = 5) -> tuple[float, float
 
 def _case_inputs(model_name: str, batch: int, device):
     den = bench_model(model_name, device)
-    shape = _model_shape(den)
+    shape = model_shape(den)
     latents = SeedNoise(range(batch), shape, device=device).draw()
     sigma = torch.full((batch,), 2.0, device=device)
     labels = (torch.arange(batch) % den.label_dim) if den.label_dim else None

@@ -68,10 +68,10 @@ def _load_models(args) -> dict:
     """The two denoisers, checked to be class-conditional models of one sample shape (for the
     digits: 1x16x16 and 10 classes, what the digits scorer scores)."""
     from .models import load_denoiser
-    from .sampler import _model_shape
+    from .sampler import model_shape
 
     models = {"edm": load_denoiser(args.edm), "ddpm": load_denoiser(args.ddpm)}
-    shapes = {name: (tuple(_model_shape(den)), getattr(den, "label_dim", 0))
+    shapes = {name: (tuple(model_shape(den)), getattr(den, "label_dim", 0))
               for name, den in models.items()}
     for name, (shape, classes) in shapes.items():
         if _digits(args) and (shape != (1, 16, 16) or classes != 10):
@@ -92,11 +92,11 @@ def _scorer(args, models):
     """The digits scorer, or a classifier trained on --data at the models' sample shape."""
     from .compare import DigitsScorer, LabelledDataScorer
     from .data import load_dataset
-    from .sampler import _model_shape
+    from .sampler import model_shape
 
     if _digits(args):
         return DigitsScorer()
-    channels, resolution = _model_shape(models["edm"])[0], _model_shape(models["edm"])[-1]
+    channels, resolution = model_shape(models["edm"])[0], model_shape(models["edm"])[-1]
     label_dim = models["edm"].label_dim
     data = load_dataset(args.data, resolution=resolution, channels=channels, progress=False)
     if data.num_classes != label_dim:

@@ -150,11 +150,11 @@ def _load(args):
     """(Denoiser on the CPU, sample shape) of --ckpt."""
     from .models import load_denoiser
     from .precond import require_denoiser
-    from .sampler import _model_shape
+    from .sampler import model_shape
 
     denoiser = load_denoiser(args.ckpt, device="cpu")
     require_denoiser(denoiser, f"export of {args.ckpt!r}")
-    return denoiser.eval(), _model_shape(denoiser)
+    return denoiser.eval(), model_shape(denoiser)
 
 
 def _export_onnx(args, denoiser, shape) -> str:
@@ -181,10 +181,10 @@ def _export_torch(args, denoiser, shape) -> str:
     import torch
 
     from .export import export_aoti, export_torchscript
-    from .onnx_export import _net_in_dtype
+    from .onnx_export import net_in_dtype
     from .precision import parse_net_dtype
 
-    denoiser = _net_in_dtype(denoiser, parse_net_dtype(args.dtype))
+    denoiser = net_in_dtype(denoiser, parse_net_dtype(args.dtype))
     example = (args.batch or 2, *shape)
     if args.format == "aoti":
         return export_aoti(denoiser, example, device=args.device, dtype=torch.float32,

@@ -51,7 +51,7 @@ from .trusted_exports import record_export
 
 __all__ = [
     "ExportableDenoiser", "export_aoti", "export_torchscript", "read_metadata", "METADATA_FILE",
-    "is_nvlabs_denoiser", "require_exportable",
+    "is_nvlabs_denoiser", "output_file", "require_exportable",
 ]
 
 METADATA_FILE = "edm_fast_metadata.txt"  # TorchScript extra file (csrc/denoiser_runner.h)
@@ -200,7 +200,7 @@ def _prepare(denoiser, example_shape: Sequence[int], label_dim: int | None, devi
     return module, args, label_dim, example_shape[1:], restore
 
 
-def _output_file(path) -> str:
+def output_file(path) -> str:
     """``path`` as a str; IsADirectoryError (an OSError) now, before any tracing, when it is an
     existing folder (torch's writers fail on one only after the export work)."""
     path = os.fspath(path)
@@ -250,7 +250,7 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
 
     Returns the package path. Takes tens of seconds on a CPU (C++ compilation of the kernels).
     """
-    path = _output_file(path)
+    path = output_file(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"an AOTInductor package path must end in '.pt2', got {path!r}")
     module, args, label_dim, sample_shape, restore = _prepare(
@@ -287,7 +287,7 @@ def export_torchscript(denoiser, example_shape: Sequence[int], *, label_dim: int
     batches 1 .. 16 and the guided 2N batch. TorchScript is deprecated upstream; prefer AOTI.
     Missing parent folders of ``path`` are created.
     """
-    path = _output_file(path)
+    path = output_file(path)
     module, args, label_dim, sample_shape, restore = _prepare(
         denoiser, example_shape, label_dim, device, dtype, min_batch=2)
     meta = _metadata(module, sample_shape, label_dim, dtype, device, True, args[0].shape[0])

@@ -57,7 +57,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .export import (ExportableDenoiser, _metadata, _output_file, _prepare, _unwrap,
+from .export import (ExportableDenoiser, _metadata, output_file, _prepare, _unwrap,
                      require_exportable)
 from .images import atomic_save
 from .precond import Denoiser
@@ -65,6 +65,7 @@ from .precond import Denoiser
 __all__ = [
     "CHECK_SIGMAS",
     "NET_DTYPES",
+    "net_in_dtype",
     "OUTPUT_NAME",
     "TOLERANCE",
     "OnnxCheckError",
@@ -272,7 +273,7 @@ def _judge(cases, tolerance: float, where: str, report: OnnxExportReport | None)
 # ------------------------------------------------------------------------------------------
 # Public entry point.
 
-def _net_in_dtype(denoiser, dtype: torch.dtype):
+def net_in_dtype(denoiser, dtype: torch.dtype):
     """The denoiser itself when F already runs in ``dtype``, else a copy with F in ``dtype``
     (a module in NVlabs' form is exported as it is, in float32 only)."""
     require_exportable(denoiser, "ONNX export")
@@ -325,10 +326,10 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
 
     Returns an ``OnnxExportReport`` (max relative error in ``report.max_rel_err``).
     """
-    path, dtype = _output_file(path), _net_dtype(dtype)
+    path, dtype = output_file(path), _net_dtype(dtype)
     if not OPSETS[0] <= opset <= OPSETS[1]:
         raise ValueError(f"opset must be in {OPSETS[0]}..{OPSETS[1]}, got {opset}")
-    denoiser = _net_in_dtype(_unwrap(denoiser), dtype)
+    denoiser = net_in_dtype(_unwrap(denoiser), dtype)
     min_batch = 2 if dynamic_batch else 1
     module, args, label_dim, sample_shape, restore = _prepare(
         denoiser, (int(batch), *sample_shape), label_dim, "cpu", torch.float32, min_batch)

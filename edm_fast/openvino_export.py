@@ -29,10 +29,10 @@ def export_openvino(denoiser, path: str | os.PathLike, *, sample_shape: Sequence
     reference)."""
     import openvino as ov
 
-    from .export import _output_file
+    from .export import output_file
     from .onnx_export import export_onnx, read_onnx_metadata
 
-    path = _output_file(path)
+    path = output_file(path)
     if not path.endswith(".xml"):
         raise ValueError(f"an OpenVINO IR path must end in '.xml', got {path!r}")
     with tempfile.TemporaryDirectory(prefix="edm_fast_ov_") as work:

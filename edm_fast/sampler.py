@@ -26,7 +26,7 @@ from .guidance import one_hot_labels
 from .noise import SeedNoise, parse_seeds
 from .plan import SamplingPlan
 
-__all__ = ["Sampler", "plan_for_model"]
+__all__ = ["Sampler", "model_shape", "plan_for_model"]
 
 
 class Sampler:
@@ -91,7 +91,7 @@ class Sampler:
         self.device = resolve_device(device)
         self.denoiser = _load(model, self.device)
         self.guide = None if guide is None else _load(guide, self.device)
-        self.shape = (_model_shape(self.denoiser) if shape is None
+        self.shape = (model_shape(self.denoiser) if shape is None
                       else _check_shape(self.denoiser, tuple(int(n) for n in shape)))
         if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") \
                 or batch_size < 1:  # 2.5 was silently 2
@@ -346,7 +346,7 @@ def _check_guide(denoiser, guide, guidance) -> None:
                          f"takes {main_labels}: autoguidance needs a guide of the same task "
                          "(same classes, or both unconditional)")
     try:
-        main_shape, guide_shape = _model_shape(denoiser), _model_shape(guide)
+        main_shape, guide_shape = model_shape(denoiser), model_shape(guide)
     except ValueError:
         return  # a model that does not say its shape: the backends' first call will
     if main_shape != guide_shape:
@@ -354,7 +354,7 @@ def _check_guide(denoiser, guide, guidance) -> None:
                          f"model {main_shape}: autoguidance needs a guide of the same task")
 
 
-def _model_shape(denoiser) -> tuple[int, ...]:
+def model_shape(denoiser) -> tuple[int, ...]:
     """(C, H, W) or (D,) from the model's attributes."""
     shape = getattr(denoiser, "sample_shape", None)
     if shape is not None:
@@ -376,7 +376,7 @@ def _check_shape(denoiser, shape: tuple[int, ...]) -> tuple[int, ...]:
     if any(n < 1 for n in shape):
         raise ValueError(f"shape sizes must be >= 1, got {shape}")
     try:
-        native = _model_shape(denoiser)
+        native = model_shape(denoiser)
     except ValueError:
         return shape  # a model that does not say: the caller knows
     if len(shape) != len(native) or shape[0] != native[0]:
