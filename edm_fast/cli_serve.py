@@ -27,7 +27,7 @@ POLICY = (
 def add_serve_command(sub, formatter) -> None:
     """Register ``serve`` on the subparsers ``sub`` (the sampling options shared with sample)."""
     from .cli_sampling import add_sampling_options
-    from .serve.settings import DEFAULT_MAX_COST, MAX_STEPS
+    from .serve.limits import DEFAULT_MAX_COST, MAX_STEPS
 
     p = sub.add_parser(
         "serve", formatter_class=formatter, conflict_handler="resolve",

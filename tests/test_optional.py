@@ -73,3 +73,26 @@ def test_figures_leave_the_backend_alone(monkeypatch, tmp_path):
     assert save_figure(fig, tmp_path / "fig.png").stat().st_size > 0
     assert plot_toy(torch.randn(20, 2), tmp_path / "toy.png").stat().st_size > 0
     assert plt.get_fignums() == open_before
+
+
+def test_sampling_cli_runs_without_the_serve_and_openvino_extras(tmp_path):
+    """`edm-fast sample` (the README's main job) and `--help` of every command build without
+    the optional extras: FastAPI, uvicorn, pydantic, prometheus_client, Ray, OpenVINO, ONNX
+    Runtime absent (blocked in a fresh interpreter); serve then names its extra."""
+    import subprocess
+
+    blocked = ["fastapi", "uvicorn", "pydantic", "prometheus_client", "ray", "openvino",
+               "onnxruntime", "starlette"]
+    code = ("import sys\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "from edm_fast.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "s.png"
+    res = subprocess.run([sys.executable, "-c", code, "sample", "--steps", "2", "--seeds", "0-1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out.exists()
+    res = subprocess.run([sys.executable, "-c", code, "serve"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "edm-fast[serve]" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr

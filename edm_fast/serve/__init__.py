@@ -10,10 +10,20 @@ by every plan), batcher (asyncio batching and fairness), app (HTTP API, pydantic
 See docs/SERVING.md.
 """
 
-from .app import create_app
-from .engine import Engine
-from .server import bind, run
-from .settings import DEFAULT_MAX_COST, MAX_STEPS, ServeSettings, UvicornLimits
+import importlib
+
+from .limits import DEFAULT_MAX_COST, MAX_STEPS
 
 __all__ = ["DEFAULT_MAX_COST", "MAX_STEPS", "Engine", "ServeSettings", "UvicornLimits",
            "bind", "create_app", "run"]
+
+# The rest needs the `serve` extra (FastAPI, uvicorn, pydantic): imported on first use, so that
+# the package (and `edm-fast --help`, `edm-fast sample`) loads without it.
+_LAZY = {"create_app": "app", "Engine": "engine", "bind": "server", "run": "server",
+         "ServeSettings": "settings", "UvicornLimits": "settings"}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

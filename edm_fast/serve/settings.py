@@ -9,14 +9,10 @@ from pydantic import Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 from ..solvers import SOLVERS
+from .limits import DEFAULT_MAX_COST, MAX_GUIDANCE, MAX_STEPS
 
 __all__ = ["DEFAULT_MAX_COST", "MAX_GUIDANCE", "MAX_STEPS", "ServeSettings", "UvicornLimits",
            "checked"]
-
-MAX_STEPS = 256
-# 64 seeds of 256 Heun steps (511 NFE) = 32,704; 256 seeds of 18 guided steps = 17,920.
-DEFAULT_MAX_COST = 32_768
-MAX_GUIDANCE = 100.0  # |w|; larger weights overflow float32 samples (a 5xx, not a request)
 
 
 def bounded(default, lo, hi):
