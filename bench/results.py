@@ -11,22 +11,13 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_description() -> str:
     """One line per fact: CPU, GPU, versions."""
     import torch
 
-    lines = [f"- CPU: {_cpu_model()} ({os.cpu_count()} logical cores), {platform.platform()}"]
+    from edm_fast.device import cpu_model
+
+    lines = [f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores), {platform.platform()}"]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         lines.append(f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
