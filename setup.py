@@ -10,11 +10,9 @@ import os
 import re
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["edm_fast", "edm_fast.nets", "edm_fast.backends", "edm_fast.kernels",
-            "edm_fast.serve"]
-PACKAGE_DIR = {"edm_fast.kernels": "kernels"}
+PACKAGES = find_packages(include=["edm_fast", "edm_fast.*"])
 
 
 def _torch_cxx_standard() -> str:
@@ -66,4 +64,4 @@ def _extension_setup():
 
 
 ext_modules, cmdclass = _extension_setup()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, ext_modules=ext_modules, cmdclass=cmdclass)

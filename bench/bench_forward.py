@@ -6,7 +6,7 @@
 Modes, measured in one run on the same weights and inputs: eager (NCHW), eager channels_last,
 torch.compile (Inductor; on the CPU with freezing), and ONNX Runtime (the exported denoiser).
 FLOPs of one forward come from torch.utils.flop_counter; the peak is the best measured float32
-rate of a large matmul or 3x3 convolution on this device (edm_fast.benchmark.peak_flops).
+rate of a large matmul or 3x3 convolution on this device (edm_fast.eval.benchmark.peak_flops).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import tempfile
 import pytest
 import torch
 
-from edm_fast.benchmark import bench_model, count_flops, format_table, peak_flops, time_call
-from edm_fast.sampler import model_shape
+from edm_fast.eval.benchmark import bench_model, count_flops, format_table, peak_flops, time_call
+from edm_fast.sampling.sampler import model_shape
 
 try:
     from bench.results import append_results, command_line
@@ -45,7 +45,7 @@ def _modes(den, x, sigma):
     compiled = torch.compile(den, dynamic=False)
     modes["compiled (inductor, freezing)"] = lambda: compiled(x, sigma)
     try:
-        from edm_fast.onnx_export import export_onnx, make_session
+        from edm_fast.io.onnx_export import export_onnx, make_session
 
         path = os.path.join(tempfile.mkdtemp(prefix="edm_fwd_"), "d.onnx")
         export_onnx(den, path, sample_shape=tuple(x.shape[1:]), label_dim=den.label_dim,

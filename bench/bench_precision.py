@@ -13,7 +13,7 @@ compiled model of the same ONNX export, in OpenVINO's default precision on this 
 f32), timed over a --peer-steps Heun run and divided by its NFE; our openvino backend runs the
 same run through Sampler, so the two rows differ only in the loop around the same engine.
 
-quality: FD (edm_fast.compare.DigitsScorer: feature-space FD of the digits classifier, not
+quality: FD (edm_fast.eval.compare.DigitsScorer: feature-space FD of the digits classifier, not
 Inception-FID) and classifier accuracy of 4 seed sets x 200 samples, mean +- SE over the sets,
 and the per-image pixel difference from the float32 network's images (same seeds).
 """
@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from edm_fast.benchmark import bench_model, load_k_diffusion_sampling, time_call
+from edm_fast.eval.benchmark import bench_model, load_k_diffusion_sampling, time_call
 from edm_fast.device import cpu_flags, cpu_model
-from edm_fast.sampler import Sampler, model_shape
+from edm_fast.sampling.sampler import Sampler, model_shape
 
 try:
     from bench.results import append_results, command_line
@@ -93,8 +93,8 @@ def _peer(den, shape, batch, x, sigma, labels, steps: int, precision: str | None
     (OpenVINO's default precision when ``precision`` is None), and the effective precision."""
     import openvino as ov
 
-    from edm_fast.onnx_export import export_onnx
-    from edm_fast.sampler import plan_for_model
+    from edm_fast.io.onnx_export import export_onnx
+    from edm_fast.sampling.sampler import plan_for_model
 
     kd = load_k_diffusion_sampling()
     if kd is None:
@@ -194,8 +194,8 @@ def bench_forward(args) -> str:
 # Quality on the bundled digits model.
 
 def bench_quality(args) -> str:
-    from edm_fast.compare import DigitsScorer
-    from edm_fast.metrics import mean_and_se
+    from edm_fast.eval.compare import DigitsScorer
+    from edm_fast.eval.metrics import mean_and_se
 
     scorer = DigitsScorer()
     n, sets = args.samples, args.sets
@@ -233,7 +233,7 @@ def bench_quality(args) -> str:
             "reference fp32 | median per-image max diff |\n|---|---|---|---|---|---|")
     note = (f"\nBundled digits model, 18 Heun steps, {sets} seed sets x {n} samples (seeds 0.."
             f"{n * sets - 1}, labels cycling 0-9); FD = the digits classifier's feature-space FD "
-            "to the real digits (edm_fast.compare.DigitsScorer, not Inception-FID); images in "
+            "to the real digits (edm_fast.eval.compare.DigitsScorer, not Inception-FID); images in "
             f"[-1, 1]. CPU: {cpu_line()}.\n")
     return head + "\n" + "\n".join(rows) + "\n" + note
 

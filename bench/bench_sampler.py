@@ -5,7 +5,7 @@
 
 Models: mlp (toy MLP, where overhead dominates), tiny (a ~0.3M DDPM++), bundled (the packaged
 digits model), cifar10-ddpmpp (the paper's 56M DDPM++ at 32x32). EDM's 18 Heun steps (35 NFE)
-unless EDM_BENCH_STEPS says otherwise. What each column means: edm_fast/benchmark.py. The table
+unless EDM_BENCH_STEPS says otherwise. What each column means: edm_fast/eval/benchmark.py. The table
 is appended to bench/RESULTS.md with machine, date and command.
 """
 
@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from edm_fast.benchmark import benchmark_case, format_table, peak_flops
+from edm_fast.eval.benchmark import benchmark_case, format_table, peak_flops
 
 try:
     from bench.results import append_results, command_line
@@ -43,7 +43,7 @@ CASES = [(m, b) for m in MODELS for b in BATCHES
 @pytest.mark.parametrize("model_name, batch", CASES)
 def test_sampler_backends(benchmark, model_name, batch):
     if model_name == "bundled":
-        from edm_fast.models import bundled_path
+        from edm_fast.io.models import bundled_path
 
         if not bundled_path("default").exists():
             pytest.skip("bundled model not built")

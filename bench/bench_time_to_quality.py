@@ -4,7 +4,7 @@ bundled digits model, and the wall time of a batch of 64 at that NFE.
     OMP_NUM_THREADS=1 python bench/bench_time_to_quality.py            # the full run (tens of minutes)
     OMP_NUM_THREADS=1 python bench/bench_time_to_quality.py --no-append --backends reference,onnx
 
-Quality (edm_fast.compare's digits scorer: feature-space FD to the real digits, NOT Inception-FID,
+Quality (edm_fast.eval.compare's digits scorer: feature-space FD to the real digits, NOT Inception-FID,
 and classifier accuracy): class-conditional samples, label = seed mod 10, on --repeats disjoint
 seed sets of --samples seeds (set r: seeds r*n .. r*n + n - 1), so every solver, ours and
 k-diffusion's, starts from the same per-seed initial noise (edm_fast.noise.SeedNoise); scores are
@@ -20,10 +20,10 @@ mean +- standard error over the sets.
    reference backend (the float32 program executor). Sample sets are cached in --cache.
 3. Timing, batch 64: every solver that reaches the target, at that NFE, on each backend of
    --backends that builds; in the same process NVlabs' edm_sampler-style loop at 35 NFE
-   (edm_fast.benchmark.nvlabs_style_sampler), our reference backend's Heun at 35 NFE, and
+   (edm_fast.eval.benchmark.nvlabs_style_sampler), our reference backend's Heun at 35 NFE, and
    k-diffusion's solvers (all of them in the reference process, its fastest in the others).
    Each backend runs in a fresh process of its own (backends in one process disturb each other,
-   see edm_fast/benchmark.py); within it every sampler is built and warmed up (two untimed
+   see edm_fast/eval/benchmark.py); within it every sampler is built and warmed up (two untimed
    calls), then --rounds rounds time one call of each, in rotating order, and each keeps its
    median. Speed-ups are taken against the baselines timed in the same process, so the host's
    drift between processes cancels; a solver's "fastest backend" is the one with the largest
@@ -48,15 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from results import append_results, command_line
 
-from edm_fast.benchmark import (
+from edm_fast.eval.benchmark import (
     load_k_diffusion_sampling,
     nvlabs_style_sampler,
     sampler_plan,
 )
-from edm_fast.compare import DigitsScorer, reference_row
-from edm_fast.metrics import mean_and_se
+from edm_fast.eval.compare import DigitsScorer, reference_row
+from edm_fast.eval.metrics import mean_and_se
 from edm_fast.noise import SeedNoise
-from edm_fast.sampler import Sampler
+from edm_fast.sampling.sampler import Sampler
 from edm_fast.solvers import SOLVERS
 
 KD_SOLVERS = ("sample_euler", "sample_lms", "sample_dpmpp_2m", "sample_heun",
@@ -155,7 +155,7 @@ class QualitySearch:
         self.args, self.den, self.scorer, self.kd, self.log = args, den, scorer, kd, log
         self.cache = Path(args.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
-        from edm_fast.models import bundled_path
+        from edm_fast.io.models import bundled_path
 
         path = bundled_path(args.model)
         st = path.stat()
@@ -235,7 +235,7 @@ def run_worker(spec: dict) -> dict:
     """Time every sampler of ``spec`` in this process: build, two warm-up calls, then
     ``rounds`` rounds of one call each (rotating order); median ms per sampler."""
     set_threads(spec["threads"])
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     den = load_denoiser(spec["model"], device="cpu")
     batch, backend = spec["batch"], spec["backend"]
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     den = load_denoiser(args.model, device="cpu")
     scorer = DigitsScorer()

@@ -1,4 +1,4 @@
-"""Training memory: the estimate (edm_fast.train_memory) against the measured peak of one step,
+"""Training memory: the estimate (edm_fast.train.memory) against the measured peak of one step,
 and the README's 64x64 example (64px-ddpmpp, batch 128) run for one step with the automatic
 micro-batch. Each measurement runs in a fresh process; its peak RSS comes from getrusage.
 
@@ -25,9 +25,9 @@ from results import append_results, command_line  # noqa: E402
 # measured growth is what a step at the batch adds: the activations and the backward pass.
 PROBE = r"""
 import copy, json, resource, sys, torch
-from edm_fast.checkpoints import build_denoiser, net_spec
+from edm_fast.io.checkpoints import build_denoiser, net_spec
 from edm_fast.losses import make_loss
-from edm_fast.train_memory import estimate_step_memory
+from edm_fast.train.memory import estimate_step_memory
 preset, res, ch, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 den = build_denoiser({"net": net_spec(preset, img_resolution=res, img_channels=ch),
@@ -85,7 +85,7 @@ def readme_example() -> list[str]:
                 "--cond", "--label-dropout", "0.1", "--batch", "128", "--max-steps", "1",
                 "--sample-every", "0", "--no-progress", "--out", f"{tmp}/run", "--device", "cpu"]
         # the step only: the end-of-run sample grid (35 NFE of a 22M net) is switched off
-        cmd = [sys.executable, "-c", "import sys, edm_fast.train as t; from edm_fast.cli "
+        cmd = [sys.executable, "-c", "import sys, edm_fast.train.loop as t; from edm_fast.cli.main "
                "import main; t._sample_grid = lambda *a, **k: None; "
                "sys.exit(main(sys.argv[1:]))", *args]
         start = time.perf_counter()

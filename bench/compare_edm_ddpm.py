@@ -10,7 +10,7 @@ Digits: the two bundled models, ``load_denoiser('default')`` (EDM) and ``'defaul
 epsilon loss). Scores: feature-space FD against the real digits (DigitsClassifier features,
 NOT Inception-FID) and the classifier accuracy of class-conditional samples (label = seed mod 10).
 
-Toy: EDM and DDPM versions of the 'toy-mlp' net trained here with ``edm_fast.train`` on the 2-D
+Toy: EDM and DDPM versions of the 'toy-mlp' net trained here with ``edm_fast.train.loop`` on the 2-D
 ring mixture (same net, data, batch, optimiser and budget), plus the mixture's exact denoiser,
 which isolates the sampler from training error. Scores: sliced W2 to fresh true samples and
 the mean exact log-likelihood under the true mixture. Toy nets already in --work are reused
@@ -26,7 +26,7 @@ Every (net, sampler, NFE) row is scored on --repeats disjoint seed sets of --sam
 reported as mean ± standard error. Outputs (in --out): {digits,toy}_table.md,
 {digits,toy}_quality_vs_nfe.png, {digits,toy}_samples.png, {digits,toy}_results.json,
 loss_curves.png and the trajectory pictures trajectories_1d.{gif,png}, trajectories_2d.png
-(exact denoisers of the 1-D bimodal and 2-D ring mixtures, edm_fast.trajectories).
+(exact denoisers of the 1-D bimodal and 2-D ring mixtures, edm_fast.eval.trajectories).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from edm_fast.compare import (
+from edm_fast.eval.compare import (
     DigitsScorer,
     ToyScorer,
     check_reference_size,
@@ -132,7 +132,7 @@ def headlines(rows, scorer) -> str:
 
 
 def run_digits(args, out: Path) -> None:
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     start = time.perf_counter()
     scorer = DigitsScorer()
@@ -170,7 +170,7 @@ REUSE_KEYS = ("data", "preset", "loss", "kimg", "batch", "lr", "seed")
 
 def toy_config(args, loss: str, run: Path):
     """The TrainConfig of one toy net: the same for EDM and DDPM but for the loss."""
-    from edm_fast.train import TrainConfig
+    from edm_fast.train.loop import TrainConfig
 
     return TrainConfig(data="toy:gmm2d", preset="toy-mlp", loss=loss, kimg=args.toy_kimg,
                        batch=args.toy_batch, lr=1e-3, seed=0, out=str(run), progress=False,
@@ -194,7 +194,7 @@ def reuse_mismatch(meta: dict, cfg) -> str:
 
 def _toy_meta(run: Path) -> dict | None:
     """The metadata of the newest checkpoint in a toy run folder, or None when it has none."""
-    from edm_fast.checkpoints import latest_checkpoint, read_checkpoint
+    from edm_fast.io.checkpoints import latest_checkpoint, read_checkpoint
 
     latest = latest_checkpoint(run)
     return None if latest is None else read_checkpoint(latest, prefixes=())[1]
@@ -203,7 +203,7 @@ def _toy_meta(run: Path) -> dict | None:
 def check_toy_work(args, work: Path) -> list[str]:
     """One message per toy checkpoint in ``work`` that this run would reuse but must not: it
     was trained with another budget or config (reusing it would report the wrong budget)."""
-    from edm_fast.checkpoints import CheckpointError
+    from edm_fast.io.checkpoints import CheckpointError
 
     problems = []
     for loss in TOY_LOSSES:
@@ -239,8 +239,8 @@ def trained_budget(work: Path) -> str:
 def train_toy(args, work: Path) -> dict:
     """EDM and DDPM toy-mlp nets on the 2-D ring mixture, same everything but the loss. Nets
     already in ``work`` are reused; ``check_toy_work`` has made sure they match this run."""
-    from edm_fast.models import load_denoiser
-    from edm_fast.train import train
+    from edm_fast.io.models import load_denoiser
+    from edm_fast.train.loop import train
 
     models = {}
     for loss in TOY_LOSSES:
@@ -257,7 +257,7 @@ def train_toy(args, work: Path) -> dict:
 
 
 def run_toy(args, out: Path, work: Path) -> None:
-    from edm_fast.toy import ring_mixture_2d
+    from edm_fast.nets.toy import ring_mixture_2d
 
     start = time.perf_counter()
     mixture = ring_mixture_2d()
@@ -287,8 +287,8 @@ TRAJECTORY_RUNS = [("edm_heun", 35, "EDM Heun (Alg. 1), 18 steps = 35 NFE"),
 
 def make_trajectories(out: Path, quick: bool) -> None:
     """Paths of three samplers with the exact denoiser over p(x; sigma): 1-D GIF + PNG, 2-D grid."""
-    from edm_fast.toy import bimodal_mixture_1d, ring_mixture_2d
-    from edm_fast.trajectories import (
+    from edm_fast.nets.toy import bimodal_mixture_1d, ring_mixture_2d
+    from edm_fast.eval.trajectories import (
         animate_trajectories_1d,
         plot_frames_2d,
         plot_trajectories_1d,

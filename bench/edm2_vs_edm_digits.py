@@ -7,11 +7,11 @@ the run tracked.
 Both nets are trained here with ``edm-fast train``'s library entry point on the 16x16 digits,
 class-conditional, with the same batch, number of images and seed: ``tiny`` (DDPM++,
 ~0.3M parameters) with EDM's loss, lr 1e-3 and a half-life EMA; ``tiny-edm2`` (the
-magnitude-preserving U-Net, ~0.3M parameters) with the EDM2 recipe of edm_fast.train_edm2 (the
+magnitude-preserving U-Net, ~0.3M parameters) with the EDM2 recipe of edm_fast.train.edm2 (the
 learned-uncertainty loss, the inverse-square-root learning rate, power-function EMAs at
 sigma_rel 0.05 and 0.10). The EDM2 run's snapshots are then reconstructed at --sigma-rel
-values by post-hoc EMA (edm_fast.phema_snapshots, Alg. 3 of the paper), and every net is
-sampled with EDM's Heun sampler at --nfe and scored with edm_fast.compare.DigitsScorer:
+values by post-hoc EMA (edm_fast.train.phema_snapshots, Alg. 3 of the paper), and every net is
+sampled with EDM's Heun sampler at --nfe and scored with edm_fast.eval.compare.DigitsScorer:
 feature-space FD to the real digits (a classifier's features, not Inception-FID) and the
 classifier accuracy of class-conditional samples, mean +- standard error over --repeats
 disjoint seed sets. Training runs already in --out are continued or reused (resume), so a
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from edm_fast.checkpoints import latest_checkpoint, load_denoiser_checkpoint
-from edm_fast.compare import DigitsScorer, compare, format_table, reference_row, runs_for
-from edm_fast.phema import parse_sigma_rels
-from edm_fast.phema_snapshots import reconstruct_snapshots
-from edm_fast.train import TrainConfig, train
+from edm_fast.io.checkpoints import latest_checkpoint, load_denoiser_checkpoint
+from edm_fast.eval.compare import DigitsScorer, compare, format_table, reference_row, runs_for
+from edm_fast.train.phema import parse_sigma_rels
+from edm_fast.train.phema_snapshots import reconstruct_snapshots
+from edm_fast.train.loop import TrainConfig, train
 
 
 def _train(name: str, cfg: TrainConfig) -> tuple[float, dict]:

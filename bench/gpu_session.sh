@@ -31,7 +31,7 @@ setup() {
     EDM_FAST_SKIP_CPP_BUILD=1 python3 -m pip install -q --no-build-isolation --no-deps \
         --no-index -e . || return 1
     (cd / && python3 -c "import edm_fast.kernels") || return 1
-    if ! python3 -c "import torch, edm_fast.ops as o, sys; sys.exit(0 if o.cpp_available() else 1)" 2>/dev/null; then
+    if ! python3 -c "import torch, edm_fast.sampling.cpp_extension as o, sys; sys.exit(0 if o.cpp_available() else 1)" 2>/dev/null; then
         local gxx
         gxx=$(ls /usr/bin/x86_64-linux-gnu-g++-1[0-9] 2>/dev/null | tail -1)
         if [ -n "$gxx" ]; then

@@ -54,7 +54,7 @@ class AotiRunner final : public DenoiserRunner {
       TORCH_CHECK(false, "could not load the AOTInductor package '", path, "' for device ",
                   device, ": ", e.what(),
                   "\nA package only runs on the device type (and a torch of the version) it "
-                  "was compiled with; re-export it with edm_fast.export.export_aoti(..., "
+                  "was compiled with; re-export it with edm_fast.io.export.export_aoti(..., "
                   "device='", device.type() == c10::DeviceType::CUDA ? "cuda" : "cpu", "').");
     }
     const auto metadata = loader_->get_metadata();
@@ -91,7 +91,7 @@ class ScriptRunner final : public DenoiserRunner {
       module_ = torch::jit::load(path, device, extra);
     } catch (const std::exception& e) {
       TORCH_CHECK(false, "could not load the TorchScript file '", path, "' onto ", device, ": ",
-                  e.what(), "\nWrite it with edm_fast.export.export_torchscript(...); an "
+                  e.what(), "\nWrite it with edm_fast.io.export.export_torchscript(...); an "
                   "AOTInductor package must end in '.pt2' (or pass kind='aoti').");
     }
     module_.eval();
@@ -183,7 +183,7 @@ std::unique_ptr<DenoiserRunner> load_denoiser(const std::string& path, const std
   TORCH_CHECK(kind == "aoti" || kind == "torchscript" || kind == "auto",
               "model kind must be 'aoti', 'torchscript' or 'auto', got '", kind, "'");
   TORCH_CHECK(std::ifstream(path).good(), "model file '", path, "' does not exist or cannot be "
-              "read; write it with edm_fast.export.export_aoti(...) (.pt2) or "
+              "read; write it with edm_fast.io.export.export_aoti(...) (.pt2) or "
               "export_torchscript(...)");
   TORCH_CHECK(device.is_cpu() || device.is_cuda(),
               "the edm_fast C++ sampler runs on 'cpu' or 'cuda', got '", device, "'");

@@ -1,5 +1,5 @@
 // The denoiser D(x; sigma, labels) the C++ loop calls: an AOTInductor package (.pt2) or a
-// TorchScript file, both written by edm_fast/export.py.
+// TorchScript file, both written by edm_fast/io/export.py.
 //
 // The exported function is the preconditioned denoiser (EDM Eq. 7), not the raw network F:
 //   D(x: (B, *shape), sigma: (B,)[, class_labels: (B, label_dim)]) -> (B, *shape)

@@ -1,6 +1,6 @@
 // The Python/TorchScript boundary of edm_fast's C++ code: one TORCH_LIBRARY(edm_fast, m) with
 // the seed-noise op and the Sampler class. Python reaches these as torch.ops.edm_fast.<op> and
-// torch.classes.edm_fast.Sampler (wrapped by edm_fast/ops.py).
+// torch.classes.edm_fast.Sampler (wrapped by edm_fast/sampling/cpp_extension.py).
 //
 // The op is registered as a CompositeImplicitAutograd kernel (built from ATen ops), so it runs
 // on every device ATen supports without a separate meta implementation.

@@ -5,7 +5,7 @@
 //   EVAL  r_dst = D(src; sigma, labels)          (guided: whether guidance applies here)
 // A source is a register (index >= 0), the latents (-1), or the k-th injected noise draw
 // (-2 - k). The executor knows no solver: every solver is such a program. It equals
-// edm_fast.backends.executor.run_program for the same latents, noise and labels.
+// edm_fast.sampling.backends.executor.run_program for the same latents, noise and labels.
 #pragma once
 
 #include <ATen/ATen.h>

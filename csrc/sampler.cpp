@@ -59,7 +59,7 @@ at::Tensor Sampler::sample_seeds(const std::vector<int64_t>& seeds, std::vector<
                                  std::optional<double> guidance) {
   const ModelInfo& info = runner_->info();
   TORCH_CHECK(!info.sample_shape.empty(), "sample_seeds: the model '", info.path, "' has no "
-              "edm_fast metadata (sample shape unknown); export it with edm_fast.export");
+              "edm_fast metadata (sample shape unknown); export it with edm_fast.io.export");
   // with no labels they are all zero, and the guided mix of two unconditional outputs is the
   // unconditional output: the weight would silently do nothing (the binary needs --class too)
   TORCH_CHECK(!guidance || class_labels.has_value(), "sample_seeds: guidance needs "

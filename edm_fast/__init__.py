@@ -7,13 +7,13 @@ extension: the public names below are imported lazily on first use.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Sampler": ("edm_fast.sampler", "Sampler"),
+    "Sampler": ("edm_fast.sampling.sampler", "Sampler"),
     "Denoiser": ("edm_fast.precond", "Denoiser"),
     "EDMPrecond": ("edm_fast.precond", "EDMPrecond"),
     "SeedNoise": ("edm_fast.noise", "SeedNoise"),
     "edm_sigmas": ("edm_fast.schedules", "edm_sigmas"),
-    "sample_edm": ("edm_fast.samplers", "sample_edm"),
-    "load_denoiser": ("edm_fast.models", "load_denoiser"),
+    "sample_edm": ("edm_fast.sampling.reference", "sample_edm"),
+    "load_denoiser": ("edm_fast.io.models", "load_denoiser"),
 }
 
 __all__ = sorted(_LAZY)

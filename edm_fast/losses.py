@@ -172,7 +172,7 @@ class EDM2Loss(EDMLoss):
     fixed sigma the optimum u* = ln E[lambda ||D - y||^2] gives the loss 1 + u*, so u tracks
     the log of the (weighted) loss at each noise level and rebalances them.
 
-    The denoiser must be an ``edm_fast.precond_edm2.EDM2Denoiser`` (or a DDP wrapper around one):
+    The denoiser must be an ``edm_fast.nets.edm2_precond.EDM2Denoiser`` (or a DDP wrapper around one):
     it returns (D, u) when called with ``return_logvar=True``. Defaults: the paper's ImageNet-512
     P_mean = -0.4, P_std = 1.0 (ImageNet-64: -0.8, 1.6).
     """
@@ -186,7 +186,7 @@ class EDM2Loss(EDMLoss):
         target = getattr(denoiser, "module", denoiser)  # DistributedDataParallel -> module
         if not callable(getattr(target, "logvar", None)):
             raise ValueError("the EDM2 loss needs an EDM2 denoiser with its log-variance head "
-                             "(edm_fast.precond_edm2.EDM2Denoiser, arch 'edm2')")
+                             "(edm_fast.nets.edm2_precond.EDM2Denoiser, arch 'edm2')")
         if augment_labels is not None:
             raise ValueError("EDM2 networks take no augmentation labels")
         sigma = drawn["sigma"]  # drawn as EDMLoss draws: sigma, then the noise

@@ -36,7 +36,7 @@ class Figures:
     registered with pyplot. Nothing switches matplotlib's backend, so the library works
     headless and an interactive session (Jupyter's inline backend, a GUI window) keeps its own:
     a later ``plt.show()`` still shows. Write a figure with ``fig.savefig`` (or
-    ``edm_fast.images.save_figure``)."""
+    ``edm_fast.io.samples.save_figure``)."""
 
     def __init__(self, matplotlib: ModuleType):
         self.matplotlib = matplotlib

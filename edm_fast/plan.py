@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .program import Program
-from .samplers import check_churn_options, round_positive_sigmas
+from .sampling.reference import check_churn_options, round_positive_sigmas
 from .schedules import edm_sigmas, get_sigmas, validate_sigmas
 from .solvers import ODE_FAMILIES, SOLVERS, plan_solver
 

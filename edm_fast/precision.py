@@ -212,10 +212,10 @@ def network_in_dtype(denoiser, dtype: torch.dtype | None):
         return denoiser
     if isinstance(denoiser, Denoiser):
         return denoiser.with_net_dtype(dtype)
-    from .exported import ExportedDenoiser
+    from .io.exported import ExportedDenoiser
 
     if isinstance(denoiser, ExportedDenoiser):  # its metadata says what it was exported in
-        from .export import read_metadata
+        from .io.export import read_metadata
 
         exported = parse_net_dtype(read_metadata(denoiser.path).get("edm_fast.net_dtype",
                                                                     "float32"))

@@ -4,7 +4,7 @@ Each ``plan_<solver>(b, sigmas, **options)`` writes one sampling run on the grid
 (sigma_0 > ... > sigma_N >= 0, already rounded to the model's levels) with a ProgramBuilder, in
 float64 on the host, and returns the final state. This is the only place in the runtime where
 solver mathematics lives: executors run the program, whatever solver wrote it. The textbook loops
-of samplers.py (and k-diffusion's, NVlabs') are what the tests hold these programs to.
+of sampling/reference.py (and k-diffusion's, NVlabs') are what the tests hold these programs to.
 
 Notation: D_i = D(x_i; sigma_i), d_i = (x_i - D_i) / sigma_i (the EDM ODE's dx/dsigma, Eq. 4
 with Table 1), lambda = -ln(sigma) (the half log-SNR of DPM-Solver++ and UniPC for alpha = 1).
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .program import Expr, ProgramBuilder
-from .samplers import churn_gammas
+from .sampling.reference import churn_gammas
 from .schedules import ScaleFunction, SigmaFunction
 
 __all__ = ["SOLVERS", "SolverInfo", "ODE_FAMILIES", "plan_solver", "solver_help"]

@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 # The digests of the exports the tests write go to a store of their own, not the user's
-# (edm_fast.trusted_exports); subprocesses inherit it.
+# (edm_fast.io.trusted_exports); subprocesses inherit it.
 if "EDM_FAST_TRUSTED_EXPORTS" not in os.environ:
     import tempfile
 

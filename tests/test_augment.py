@@ -1,11 +1,11 @@
-"""Tests for edm_fast.augment: the non-leaking geometric augmentation pipeline."""
+"""Tests for edm_fast.train.augment: the non-leaking geometric augmentation pipeline."""
 
 import math
 
 import pytest
 import torch
 
-from edm_fast.augment import AugmentPipe, _rotate, _translate, _warp
+from edm_fast.train.augment import AugmentPipe, _rotate, _translate, _warp
 
 ONLY = dict(xflip=0, yflip=0, rotate_int=0, translate_int=0, scale=0, rotate_frac=0, aniso=0,
             translate_frac=0)  # everything off; tests switch on what they need

@@ -17,13 +17,13 @@ import itertools
 import pytest
 import torch
 
-from edm_fast.backends import available_backends
+from edm_fast.sampling.backends import available_backends
 from edm_fast.errors import EdmFastError
 from edm_fast.guidance import Guidance
-from edm_fast.models import bundled_path, load_denoiser
+from edm_fast.io.models import bundled_path, load_denoiser
 from edm_fast.noise import SeedNoise
-from edm_fast.sampler import Sampler
-from edm_fast.toy import ring_mixture_2d
+from edm_fast.sampling.sampler import Sampler
+from edm_fast.nets.toy import ring_mixture_2d
 
 SEEDS, LABELS = [3, 11], torch.tensor([2, 7])
 STEPS = 4
@@ -201,7 +201,7 @@ def test_mismatched_or_incomplete_guides_are_refused(main_net):
         Sampler(toy2d, guide=ring_mixture_2d(std=0.1).as_denoiser(), device="cpu")
     with pytest.raises(ValueError, match="needs a guidance weight"):
         Guidance(None, guide=toy2d)
-    from edm_fast.backends.cpp import CppBackend
+    from edm_fast.sampling.backends.cpp import CppBackend
     from edm_fast.plan import SamplingPlan
 
     with pytest.raises(EdmFastError, match="reference, compiled, onnx and openvino"):
@@ -211,7 +211,7 @@ def test_mismatched_or_incomplete_guides_are_refused(main_net):
 
 def test_auto_skips_the_cpp_backend_for_a_guide():
     """'auto' does not try the one-network C++ executor for an autoguided run, and says why."""
-    from edm_fast.backends import auto_candidates
+    from edm_fast.sampling.backends import auto_candidates
 
     plain, _ = auto_candidates(torch.device("cpu"))
     guided, skipped = auto_candidates(torch.device("cpu"), guide=True)
@@ -265,7 +265,7 @@ def test_cli_guide_ckpt(tmp_path, capsys):
     a guide without --guidance is a one-line error (exit 2)."""
     import numpy as np
 
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     guide = str(_guide_checkpoint(tmp_path / "guide.safetensors"))
     out = tmp_path / "auto.npz"

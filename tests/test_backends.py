@@ -17,15 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from edm_fast.backends import resolve_backend
-from edm_fast.backends.compiled import CompiledBackend
+from edm_fast.sampling.backends import resolve_backend
+from edm_fast.sampling.backends.compiled import CompiledBackend
 from edm_fast.plan import SamplingPlan
-from edm_fast.backends.reference import ReferenceBackend
+from edm_fast.sampling.backends.reference import ReferenceBackend
 from edm_fast.noise import SeedNoise
 from edm_fast.precond import Denoiser, EDMPrecond
-from edm_fast.sampler import Sampler
-from edm_fast.samplers import sample_edm
-from edm_fast.toy import ring_mixture_2d
+from edm_fast.sampling.sampler import Sampler
+from edm_fast.sampling.reference import sample_edm
+from edm_fast.nets.toy import ring_mixture_2d
 
 
 class TinyConvNet(nn.Module):
@@ -58,7 +58,7 @@ def make_denoiser(label_dim=3, channels=2):
 def require_backend(name: str) -> None:
     """Skip unless backend ``name`` loads here; with EDM_FAST_REQUIRE_CPP=1 (CI) a cpp backend
     that cannot load fails instead."""
-    from edm_fast.backends import available_backends
+    from edm_fast.sampling.backends import available_backends
 
     reason = available_backends()[name]
     if reason is not None:
@@ -92,8 +92,8 @@ def run_backend(backend_cls, den, plan, shape, dtype, labels, seeds, device="cpu
 def test_guidance_zero_is_the_unconditional_model_on_every_backend():
     """w = 0 in D_u + w (D_c - D_u) is the unconditional output (all-zero labels) on every
     backend, not 'guidance off' (the reference once took 0 as off, unlike the others)."""
-    from edm_fast import ops
-    from edm_fast.backends import available_backends
+    from edm_fast.sampling import cpp_extension as ops
+    from edm_fast.sampling.backends import available_backends
 
     den = make_denoiser(label_dim=3, channels=1)
     opts = {"shape": (1, 5, 5), "batch_size": 3, "num_steps": 4, "device": "cpu"}
@@ -302,8 +302,8 @@ def test_auto_sampler_skips_and_survives_backends_that_cannot_serve_the_job(monk
     """'auto' on the CPU: ONNX Runtime first (float32 only); a backend that loads but fails to
     build for the model is skipped like one that does not load, with one warning that names
     every reason; an explicit request for it raises instead."""
-    from edm_fast.backends import AUTO_ORDER
-    from edm_fast.backends.onnx import OnnxBackend
+    from edm_fast.sampling.backends import AUTO_ORDER
+    from edm_fast.sampling.backends.onnx import OnnxBackend
 
     assert AUTO_ORDER["cpu"][0] == "onnx" and "onnx" not in AUTO_ORDER["cuda"]
     den = make_denoiser(label_dim=3, channels=1)
@@ -341,7 +341,7 @@ def test_auto_warns_only_when_a_better_backend_was_skipped(monkeypatch):
     """A skipped backend ranked below the one 'auto' picks costs nothing, so no warning: a CPU
     install without the C++ extension warned on every Sampler, although ONNX Runtime, the
     first choice there, ran."""
-    from edm_fast.backends.onnx import OnnxBackend
+    from edm_fast.sampling.backends.onnx import OnnxBackend
 
     require_backend("onnx")
     monkeypatch.setenv("EDM_FAST_DISABLE_CPP", "1")
@@ -424,7 +424,7 @@ def test_reference_loop_has_no_host_sync_on_cuda():
     den = make_denoiser(label_dim=0).cuda()
     latents = torch.randn(4, 2, 5, 5, device="cuda")
     sigmas = torch.linspace(10, 0, 9, dtype=torch.float64).tolist()
-    import edm_fast.samplers as S
+    import edm_fast.sampling.reference as S
 
     finish = S._Loop.finish
     seen = {}
@@ -484,12 +484,12 @@ def test_half_precision_network_through_exported_backends(backend, net_dtype):
     require_backend(backend)
     den32, den_half, plan, shape, labels, ref64, own = _half_precision_case(net_dtype)
     if backend == "cpp":
-        from edm_fast.backends.cpp import CppBackend
+        from edm_fast.sampling.backends.cpp import CppBackend
 
         out = run_backend(CppBackend, den_half, plan, shape, torch.float32, labels, range(3),
                           kind="torchscript")
     else:
-        from edm_fast.backends.onnx import OnnxBackend
+        from edm_fast.sampling.backends.onnx import OnnxBackend
 
         out = run_backend(OnnxBackend, den32, plan, shape, torch.float32, labels, range(3),
                           net_dtype="float16")
@@ -501,7 +501,7 @@ def test_every_backend_raises_nonfinite_error_for_a_nan_network(backend):
     """A network with a NaN weight (a bad checkpoint): every backend raises NonFiniteError (a
     FloatingPointError, one line in the CLI), never returns NaN images silently (the compiled
     backend did) or a RuntimeError naming a temporary file (the cpp backend did)."""
-    from edm_fast.samplers import NonFiniteError
+    from edm_fast.sampling.reference import NonFiniteError
 
     require_backend(backend)
     den = make_denoiser(label_dim=0)
@@ -519,7 +519,7 @@ def test_benchmark_runs_the_outside_samplers_on_the_samplers_grid():
     """The NVlabs-style and k-diffusion rows of the benchmark take the grid Sampler builds:
     within the model's sigma range and rounded to a discrete-time net's levels (for the DDPM
     model they ran EDM's plain 0.002 .. 80 grid, a different job than ours)."""
-    from edm_fast.benchmark import bench_model, sampler_plan
+    from edm_fast.eval.benchmark import bench_model, sampler_plan
 
     for name in ("default-ddpm", "default"):
         den = bench_model(name, torch.device("cpu"))

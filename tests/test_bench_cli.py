@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from edm_fast import benchmark
+from edm_fast.eval import benchmark
 from edm_fast import device as device_mod
-from edm_fast.cli import main
+from edm_fast.cli.main import main
 
 
 def _fake_row(model, batch, sampler):
@@ -136,7 +136,7 @@ class _Stop(ValueError):
 
 def _capture_sampler(monkeypatch):
     """Replace Sampler with one that records its arguments and stops the command."""
-    import edm_fast.sampler
+    import edm_fast.sampling.sampler
 
     calls = []
 
@@ -144,7 +144,7 @@ def _capture_sampler(monkeypatch):
         calls.append((torch.get_num_threads(), kwargs))
         raise _Stop("stop here")
 
-    monkeypatch.setattr(edm_fast.sampler, "Sampler", fake)
+    monkeypatch.setattr(edm_fast.sampling.sampler, "Sampler", fake)
     return calls
 
 

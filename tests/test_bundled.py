@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from edm_fast.metrics import DigitsClassifier
-from edm_fast.models import load_denoiser
-from edm_fast.sampler import Sampler
+from edm_fast.eval.metrics import DigitsClassifier
+from edm_fast.io.models import load_denoiser
+from edm_fast.sampling.sampler import Sampler
 
 
 @pytest.fixture(scope="module")

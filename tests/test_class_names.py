@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from edm_fast import Sampler
-from edm_fast.checkpoints import read_checkpoint, save_checkpoint
-from edm_fast.images import save_grid, to_pil_images
-from edm_fast.models import bundled_path
+from edm_fast.io.checkpoints import read_checkpoint, save_checkpoint
+from edm_fast.io.samples import save_grid, to_pil_images
+from edm_fast.io.models import bundled_path
 
 SEEDS = range(4)
 

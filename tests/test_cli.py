@@ -157,9 +157,9 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case, capsys, monke
     """Each mistake gets `edm-fast CMD: error: ...` and exit code 2, before any sampling."""
     import shutil
 
-    from edm_fast.cli import main
-    from edm_fast.models import bundled_path
-    from edm_fast.sampler import Sampler
+    from edm_fast.cli.main import main
+    from edm_fast.io.models import bundled_path
+    from edm_fast.sampling.sampler import Sampler
 
     args, message = BAD_INVOCATIONS[case]
     (tmp_path / "afile").write_text("")
@@ -181,7 +181,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, case, capsys, monke
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
 def test_export_to_a_missing_device_is_a_user_error(tmp_path, capsys):
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     code = main(["export", "--format", "torchscript", "--device", "cuda", "--out",
                  str(tmp_path / "a.ts")])
@@ -193,7 +193,7 @@ def test_help_states_defaults_once():
     import contextlib
     import io
 
-    from edm_fast.cli import build_parser
+    from edm_fast.cli.main import build_parser
 
     for command in ("sample", "train", "export", "bench", "serve", "convert", "compare"):
         buffer = io.StringIO()
@@ -211,9 +211,9 @@ def test_help_states_defaults_once():
 def test_outputs_keep_float64_and_grids_stay_viewable(tmp_path, monkeypatch):
     from PIL import Image
 
-    from edm_fast import images
-    from edm_fast.images import save_grid, save_samples
-    from edm_fast.models import load_denoiser
+    from edm_fast.io import samples as images
+    from edm_fast.io.samples import save_grid, save_samples
+    from edm_fast.io.models import load_denoiser
 
     x = torch.linspace(-1, 1, 2 * 16 * 16, dtype=torch.float64).reshape(2, 1, 16, 16)
     path = save_samples(x, tmp_path / "golden.NPZ", seeds=[0, 1])
@@ -231,8 +231,8 @@ def test_outputs_keep_float64_and_grids_stay_viewable(tmp_path, monkeypatch):
 
 def test_interrupted_folder_run_keeps_finished_batches(tmp_path, monkeypatch, capsys):
     """`--out FOLDER` writes each batch as it finishes; Ctrl-C in the 2nd batch keeps the 1st."""
-    from edm_fast.cli import main
-    from edm_fast.sampler import Sampler
+    from edm_fast.cli.main import main
+    from edm_fast.sampling.sampler import Sampler
 
     calls, sample = [], Sampler.__call__
 
@@ -255,8 +255,8 @@ def test_class_by_folder_name_and_guidance_warning(tmp_path, capsys):
     model trained without label dropout warns that its unconditional branch is untrained."""
     from data_fixtures import make_image_folder
 
-    from edm_fast.cli import main
-    from edm_fast.train import TrainConfig, train
+    from edm_fast.cli.main import main
+    from edm_fast.train.loop import TrainConfig, train
 
     make_image_folder(tmp_path / "pets")
     train(TrainConfig(data=str(tmp_path / "pets"), out=str(tmp_path / "run"), preset="tiny",
@@ -279,7 +279,7 @@ def test_nan_options_and_a_nan_checkpoint_are_one_line_errors(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from edm_fast.models import bundled_path
+    from edm_fast.io.models import bundled_path
 
     res = _run(["sample", "--steps", "4", "--seeds", "0-1", "--S-churn", "nan",
                 "--out", str(tmp_path / "a.png")])
@@ -302,7 +302,7 @@ def test_rank_device_gives_each_torchrun_rank_its_own_gpu(monkeypatch):
     """Under torchrun a CUDA job runs rank r on cuda:LOCAL_RANK (a bare 'cuda' put every rank
     on GPU 0); more ranks than GPUs is an error; CPU and single-process runs are unchanged.
     (Logic only: torch.device('cuda', i) is built without touching CUDA.)"""
-    from edm_fast.distributed import rank_device
+    from edm_fast.train.distributed import rank_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -328,8 +328,8 @@ def test_cli_leaves_the_process_group_it_joined(monkeypatch, tmp_path):
 
     import torch.distributed as dist
 
-    from edm_fast import distributed
-    from edm_fast.cli import main
+    from edm_fast.train import distributed
+    from edm_fast.cli.main import main
 
     with socket.socket() as s:  # a free port for the one-process rendezvous
         s.bind(("127.0.0.1", 0))
@@ -379,7 +379,7 @@ def test_output_kinds_of_odd_paths(tmp_path, monkeypatch):
     """An empty --out and a bare '.png' are refused (they wrote into the current folder or a
     hidden folder named '.png'); a trailing '/' makes a dotted name a folder; an existing
     dotted folder is a folder; other suffixes are refused."""
-    from edm_fast.images import check_output, output_kind
+    from edm_fast.io.samples import check_output, output_kind
 
     monkeypatch.chdir(tmp_path)
     for bad, match in (("", "empty"), ("  ", "empty"), (".png", "no file name"),
@@ -402,9 +402,9 @@ def test_plan_command_writes_the_plan_sample_runs(tmp_path, capsys):
     """`edm-fast plan` writes the program Sampler builds for the same model and options (the
     model's sigma range and rounding included), readable by program_file; a solver option the
     solver does not read is one error line naming it."""
-    from edm_fast.cli import main
-    from edm_fast.program_file import read_program_file
-    from edm_fast.sampler import Sampler
+    from edm_fast.cli.main import main
+    from edm_fast.io.program_file import read_program_file
+    from edm_fast.sampling.sampler import Sampler
 
     out = tmp_path / "plan.txt"
     assert main(["plan", "--ckpt", "default-ddpm", "--solver", "dpmpp_2m", "--steps", "7",

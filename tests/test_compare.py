@@ -1,4 +1,4 @@
-"""edm_fast.compare and edm_fast.trajectories: NFE bookkeeping, seed-paired sampling, scores,
+"""edm_fast.eval.compare and edm_fast.eval.trajectories: NFE bookkeeping, seed-paired sampling, scores,
 a small EDM-versus-DDPM comparison on the exact toy denoiser, and the written reports."""
 
 import dataclasses
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edm_fast.compare import (
+from edm_fast.eval.compare import (
     DigitsScorer,
     RunSpec,
     ToyScorer,
@@ -29,10 +29,10 @@ from edm_fast.compare import (
     steps_for_nfe,
     write_report,
 )
-from edm_fast.metrics import DigitsClassifier
+from edm_fast.eval.metrics import DigitsClassifier
 from edm_fast.precond import DDPMPrecond
-from edm_fast.toy import bimodal_mixture_1d, ring_mixture_2d
-from edm_fast.trajectories import (
+from edm_fast.nets.toy import bimodal_mixture_1d, ring_mixture_2d
+from edm_fast.eval.trajectories import (
     animate_trajectories_1d,
     plot_frames_2d,
     plot_trajectories_1d,
@@ -181,14 +181,14 @@ def test_trajectories_record_every_state_and_draw(tmp_path):
 
 def _no_heavy_work(monkeypatch):
     """Make model loading, classifier fitting and sampling fail loudly if they are reached."""
-    import edm_fast.compare
-    import edm_fast.models
+    import edm_fast.eval.compare
+    import edm_fast.io.models
 
     def reached(*_, **__):
         raise AssertionError("loaded, fitted or sampled before the error")
 
-    monkeypatch.setattr(edm_fast.compare, "sample_at_nfe", reached)
-    monkeypatch.setattr(edm_fast.models, "load_denoiser", reached)
+    monkeypatch.setattr(edm_fast.eval.compare, "sample_at_nfe", reached)
+    monkeypatch.setattr(edm_fast.io.models, "load_denoiser", reached)
     monkeypatch.setattr(DigitsClassifier, "fit", reached)
 
 
@@ -207,7 +207,7 @@ COMPARE_MISTAKES = {
 def test_compare_command_checks_inputs_before_sampling(tmp_path, case, capsys, monkeypatch):
     """`edm-fast compare` rejects what would fail after minutes of sampling at once, with the
     CLI's one-line error and exit code 2, before loading models or fitting the classifier."""
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     args, message = COMPARE_MISTAKES[case]
     (tmp_path / "afile").write_text("")
@@ -221,7 +221,7 @@ def test_compare_command_checks_inputs_before_sampling(tmp_path, case, capsys, m
 
 def test_compare_command_rejects_an_unwritable_out(tmp_path, capsys, monkeypatch):
     """A folder without write permission (faked for os.access: root may write anywhere)."""
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     locked, real_access = tmp_path / "locked", os.access
     locked.mkdir()
@@ -255,8 +255,8 @@ def test_small_sample_fd_warns_and_notes_the_report(digits_scorer, tmp_path, cap
                                                     monkeypatch):
     """Below 64 samples per seed set (the feature dimension) the FD is mostly bias: compare()
     warns before sampling, and `edm-fast compare` says so on stderr and in the written table."""
-    import edm_fast.compare
-    from edm_fast.cli import main
+    import edm_fast.eval.compare
+    from edm_fast.cli.main import main
 
     assert digits_scorer.feature_dim == 64
     with pytest.warns(UserWarning, match="20 samples per seed set .* small-sample bias"):
@@ -268,7 +268,7 @@ def test_small_sample_fd_warns_and_notes_the_report(digits_scorer, tmp_path, cap
     assert "fd_pooled over all 80 samples is less affected" in digits_scorer.bias_note(20, 4)
 
     monkeypatch.setattr(DigitsClassifier, "fit", lambda *_, **__: digits_scorer.classifier)
-    monkeypatch.setattr(edm_fast.compare, "sample_at_nfe",  # real sampling takes minutes
+    monkeypatch.setattr(edm_fast.eval.compare, "sample_at_nfe",  # real sampling takes minutes
                         lambda den, sampler, nfe, seeds, shape, **_: torch.zeros(len(seeds),
                                                                                  *shape))
     with pytest.warns(UserWarning, match="small-sample bias"):  # stderr, one line, outside pytest
@@ -291,8 +291,8 @@ def bench():
 def _fake_toy_checkpoint(bench, run, args, loss="edm", steps=None):
     """A checkpoint whose metadata is what train() records for the script's toy net at ``args``
     (no real net)."""
-    from edm_fast.checkpoints import save_checkpoint
-    from edm_fast.train import TrainConfig
+    from edm_fast.io.checkpoints import save_checkpoint
+    from edm_fast.train.loop import TrainConfig
 
     cfg = TrainConfig(data="toy:gmm2d", preset="toy-mlp", loss=loss, kimg=args.toy_kimg,
                       batch=args.toy_batch, lr=1e-3, seed=0, out=str(run), progress=False,
@@ -333,13 +333,13 @@ BENCH_MISTAKES = {
 def test_bench_checks_before_training_or_sampling(bench, tmp_path, case, capsys, monkeypatch):
     """The script refuses at once (exit 2, one line) instead of training, sampling or reusing
     toy nets of another budget, and writes nothing."""
-    import edm_fast.train
+    import edm_fast.train.loop
 
     args, message = BENCH_MISTAKES[case]
     work, out = tmp_path / "work", tmp_path / "out"
     _fake_toy_checkpoint(bench, work / "edm", bench.parse_args(["--quick"]))
     _no_heavy_work(monkeypatch)
-    monkeypatch.setattr(edm_fast.train, "train", lambda *_, **__: pytest.fail("trained"))
+    monkeypatch.setattr(edm_fast.train.loop, "train", lambda *_, **__: pytest.fail("trained"))
     assert bench.main([*args, "--work", str(work), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("compare_edm_ddpm.py: error: ") and message in err[-1]
@@ -360,7 +360,7 @@ def _labelled_images(n_per_class=40, seed=0):
 
 @pytest.fixture(scope="module")
 def labelled_scorer():
-    from edm_fast.compare import LabelledDataScorer
+    from edm_fast.eval.compare import LabelledDataScorer
 
     images, labels = _labelled_images()
     return LabelledDataScorer(images, labels, 3, steps=150)
@@ -390,7 +390,7 @@ def test_labelled_data_scorer_tells_real_from_wrong_images(labelled_scorer):
 
 
 def test_labelled_data_scorer_needs_images_of_every_class():
-    from edm_fast.compare import LabelledDataScorer
+    from edm_fast.eval.compare import LabelledDataScorer
 
     images, labels = _labelled_images(n_per_class=2)
     labels[0:2] = 1  # class 0 keeps no image
@@ -408,8 +408,8 @@ def test_compare_command_on_a_labelled_folder(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from edm_fast.cli import main
-    from edm_fast.train import TrainConfig, train
+    from edm_fast.cli.main import main
+    from edm_fast.train.loop import TrainConfig, train
 
     images, labels = _labelled_images(n_per_class=6)
     for i, (x, y) in enumerate(zip(images, labels)):

@@ -1,5 +1,5 @@
 """The C++ extension edm_fast._C (csrc/): seed noise and the generic program executor against
-the Python executor (edm_fast.backends.executor.run_program) for every solver's program, the
+the Python executor (edm_fast.sampling.backends.executor.run_program) for every solver's program, the
 'cpp' backend, export of NVlabs-form denoisers, and the standalone CMake binary (--plan files).
 
 Tests that need the extension skip only when it is missing AND EDM_FAST_REQUIRE_CPP != "1"
@@ -21,16 +21,16 @@ import pytest
 import torch
 from torch import nn
 
-from edm_fast import ops
-from edm_fast.backends.cpp import CppBackend
-from edm_fast.backends.executor import run_program
-from edm_fast.export import export_aoti, export_torchscript
+from edm_fast.sampling import cpp_extension as ops
+from edm_fast.sampling.backends.cpp import CppBackend
+from edm_fast.sampling.backends.executor import run_program
+from edm_fast.io.export import export_aoti, export_torchscript
 from edm_fast.guidance import Guidance, GuidedDenoiser
 from edm_fast.noise import SeedNoise
 from edm_fast.plan import SamplingPlan
 from edm_fast.precond import Denoiser, EDMPrecond, NotADenoiserError, VEPrecond
-from edm_fast.program_file import read_program_file, write_program_file
-from edm_fast.samplers import NonFiniteError
+from edm_fast.io.program_file import read_program_file, write_program_file
+from edm_fast.sampling.reference import NonFiniteError
 from edm_fast.solvers import SOLVERS
 
 REQUIRE_CPP = os.environ.get("EDM_FAST_REQUIRE_CPP", "0") == "1"
@@ -132,7 +132,7 @@ def test_disable_env_turns_cpp_off(monkeypatch):
 
 
 def test_import_edm_fast_does_not_load_extension():
-    code = ("import sys, edm_fast, edm_fast.ops, edm_fast.export, edm_fast.backends.cpp; "
+    code = ("import sys, edm_fast, edm_fast.sampling.cpp_extension, edm_fast.io.export, edm_fast.sampling.backends.cpp; "
             "assert 'edm_fast._C' not in sys.modules, 'loaded eagerly'")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
@@ -162,7 +162,7 @@ def test_seed_noise_bit_exact(shape):
 # Every solver's program: the C++ executor against the Python executor on the same noise.
 
 def reference(denoiser, plan, latents, noise, labels, dtype=torch.float64):
-    """edm_fast.backends.executor.run_program with the eager ``denoiser`` in ``dtype``."""
+    """edm_fast.sampling.backends.executor.run_program with the eager ``denoiser`` in ``dtype``."""
     def cast(t):
         return None if t is None else t.to(dtype)
     return run_program(plan.program, lambda x, sigma, lab: denoiser(x, sigma, lab),
@@ -504,7 +504,7 @@ def test_nvlabs_form_denoiser_samples_on_cpp(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Program files (edm_fast.program_file): what the standalone binary reads.
+# Program files (edm_fast.io.program_file): what the standalone binary reads.
 
 @pytest.mark.parametrize("case", ["heun_churn", "dpmpp_2m_guided_interval", "ddpm"])
 def test_program_file_round_trip(tmp_path, case):

@@ -1,4 +1,4 @@
-"""Tests for edm_fast.data: IDX parsing, image folders, digits, toy data, the infinite loader."""
+"""Tests for edm_fast.train.data: IDX parsing, image folders, digits, toy data, the infinite loader."""
 
 import gzip
 import warnings
@@ -9,7 +9,7 @@ import pytest
 import torch
 from data_fixtures import fake_mnist, idx_bytes, make_image_folder, write_mnist
 
-from edm_fast import data
+from edm_fast.train import data
 
 #----------------------------------------------------------------------------
 # MNIST IDX files, written byte by byte by data_fixtures (independently of the parser).

@@ -1,5 +1,5 @@
 """EDM2's magnitude-preserving U-Net, its preconditioning and loss (edm_fast.nets.edm2,
-edm_fast.precond_edm2, edm_fast.losses.EDM2Loss).
+edm_fast.nets.edm2_precond, edm_fast.losses.EDM2Loss).
 
 The official key/shape lists (tests/data/official_edm2_state_dict_keys.txt, built from
 NVlabs/edm2's networks_edm2.py) are matched on the ``meta`` device, so the 1.5e9-parameter
@@ -18,7 +18,7 @@ from edm_fast.nets import build_net
 from edm_fast.nets.edm2 import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 from edm_fast.nets.presets import PRESETS
 from edm_fast.precond import Denoiser, EDMPrecond
-from edm_fast.precond_edm2 import EDM2Denoiser, bake_for_inference, make_edm2_denoiser
+from edm_fast.nets.edm2_precond import EDM2Denoiser, bake_for_inference, make_edm2_denoiser
 
 KEYS_FILE = Path(__file__).parent / "data" / "official_edm2_state_dict_keys.txt"
 
@@ -247,7 +247,7 @@ def test_unconditional_and_default_labels():
 def test_tiny_samples_through_the_reference_backend(bake):
     """The Sampler runs EDM2 nets like any Denoiser; baked and unbaked give the same images
     (to 1e-4: 8 Heun steps compound the 1e-6 differences of single calls)."""
-    from edm_fast.sampler import Sampler
+    from edm_fast.sampling.sampler import Sampler
 
     def images(bake):
         den = EDM2Denoiser(_tiny())
@@ -266,8 +266,8 @@ def test_tiny_samples_through_the_reference_backend(bake):
 def test_checkpoint_roundtrip_loads_baked(tmp_path):
     """An edm2 checkpoint (config in its metadata) loads through load_denoiser, baked, and
     gives the outputs of the network it was saved from."""
-    from edm_fast.checkpoints import net_spec, save_checkpoint
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.checkpoints import net_spec, save_checkpoint
+    from edm_fast.io.models import load_denoiser
 
     net = _tiny()
     meta = {"net": net_spec("tiny-edm2", img_resolution=16, img_channels=1, label_dim=10),
@@ -433,8 +433,8 @@ def _official_tiny(label_dim=10):
 
 
 def test_official_edm2_snapshot_loads_without_running_its_code(tmp_path, monkeypatch):
-    from edm_fast.models import load_denoiser
-    from edm_fast.official import read_official
+    from edm_fast.io.models import load_denoiser
+    from edm_fast.io.official import read_official
 
     net = _official_tiny()
     path = tmp_path / "edm2-img16-tiny-0000004-0.050.pkl"
@@ -460,8 +460,8 @@ def test_official_edm2_snapshot_loads_without_running_its_code(tmp_path, monkeyp
 
 
 def test_official_edm2_convert_roundtrip(tmp_path, monkeypatch):
-    from edm_fast.cli import main
-    from edm_fast.models import load_denoiser
+    from edm_fast.cli.main import main
+    from edm_fast.io.models import load_denoiser
 
     net = _official_tiny(label_dim=0)
     src = tmp_path / "edm2-tiny.pkl"
@@ -481,7 +481,7 @@ def test_official_edm2_hostile_variants_are_refused(tmp_path, monkeypatch, capsy
     file: refused in one line / never executed."""
     import numpy as np
 
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     evil = tmp_path / "evil.pkl"
     with monkeypatch.context() as m:
@@ -495,7 +495,7 @@ def test_official_edm2_hostile_variants_are_refused(tmp_path, monkeypatch, capsy
     with monkeypatch.context() as m:
         _write_official_edm2(src, _official_tiny(), m,
                              module_src=f"open({str(marker)!r}, 'w').write('x')\n")
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     load_denoiser(src)
     assert not marker.exists()
@@ -510,7 +510,7 @@ def test_onnx_export_of_tiny_edm2(tmp_path, bake):
     """ONNX Runtime against PyTorch on the export's own check cases (tolerance: the exporter's
     float32 default, 1e-4 relative)."""
     pytest.importorskip("onnxruntime")
-    from edm_fast.onnx_export import export_onnx
+    from edm_fast.io.onnx_export import export_onnx
 
     den = EDM2Denoiser(_tiny()).eval()
     if bake:
@@ -523,7 +523,7 @@ def test_onnx_export_of_tiny_edm2(tmp_path, bake):
 def test_compiled_backend_matches_reference_on_tiny_edm2():
     """torch.compile of the baked net against the reference loop: 1e-4 of the image scale
     (fused kernels reorder float32 sums; 8 Heun steps compound them)."""
-    from edm_fast.sampler import Sampler
+    from edm_fast.sampling.sampler import Sampler
 
     den = bake_for_inference(EDM2Denoiser(_tiny()).eval())
     images = {}

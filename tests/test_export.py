@@ -1,4 +1,4 @@
-"""edm_fast.export: the branch-free D(x, sigma[, labels]) and its AOTInductor / TorchScript files.
+"""edm_fast.io.export: the branch-free D(x, sigma[, labels]) and its AOTInductor / TorchScript files.
 
 The exported function must equal ``precond.Denoiser`` for every batch size (dynamic batch),
 carry the edm_fast metadata the C++ loader checks, and follow the labels convention (a labels
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from edm_fast import ops
-from edm_fast.export import (
+from edm_fast.sampling import cpp_extension as ops
+from edm_fast.io.export import (
     METADATA_FILE, ExportableDenoiser, export_aoti, export_torchscript, read_metadata,
 )
 from edm_fast.guidance import GuidedDenoiser
@@ -240,7 +240,7 @@ def test_export_torchscript_creates_missing_folders_and_refuses_a_folder(tmp_pat
 # `edm-fast bench --models`: the names it takes, all checked before any run.
 
 def test_bench_model_names_and_aliases():
-    from edm_fast.benchmark import bench_model, bench_model_names
+    from edm_fast.eval.benchmark import bench_model, bench_model_names
 
     with pytest.raises(ValueError) as info:
         bench_model("nope", "cpu")
@@ -255,8 +255,8 @@ def test_bench_model_names_and_aliases():
 
 
 def test_bench_cli_checks_every_model_before_running(monkeypatch, capsys):
-    from edm_fast import benchmark
-    from edm_fast.cli import main
+    from edm_fast.eval import benchmark
+    from edm_fast.cli.main import main
 
     def no_run(*_, **__):
         raise AssertionError("benchmarked before the --models check")
@@ -273,7 +273,7 @@ def test_interrupted_export_leaves_the_old_file_and_no_partial_one(tmp_path, mon
     """Exports are written to a temporary file and renamed: an export cut short (Ctrl-C, a full
     disk) after it began writing leaves the previous file at the path untouched and no partial
     or temporary file beside it (the backends' reuse_model would load a torn one)."""
-    from edm_fast import onnx_export
+    from edm_fast.io import onnx_export
 
     path = tmp_path / ("d.ts" if fmt == "torchscript" else "d.onnx")
     path.write_bytes(b"the previous export")
@@ -300,15 +300,15 @@ def test_interrupted_export_leaves_the_old_file_and_no_partial_one(tmp_path, mon
 
 
 # ------------------------------------------------------------------------------------------
-# Exported files loaded back into Python (edm_fast.exported).
+# Exported files loaded back into Python (edm_fast.io.exported).
 
 def test_exported_aoti_package_samples_from_python_and_in_cpp(aoti_package, aoti_device):
     """A .pt2 loads as a denoiser in NVlabs' form: the Python executor samples with it what the
     original module gives (any solver, guided), and the cpp backend runs the same file without
     exporting it again."""
-    from edm_fast.exported import ExportedDenoiser
-    from edm_fast.models import load_denoiser
-    from edm_fast.sampler import Sampler
+    from edm_fast.io.exported import ExportedDenoiser
+    from edm_fast.io.models import load_denoiser
+    from edm_fast.sampling.sampler import Sampler
 
     loaded = load_denoiser(aoti_package)
     assert isinstance(loaded, ExportedDenoiser) and loaded.sample_shape == (DIM,)
@@ -329,9 +329,9 @@ def test_exported_torchscript_keeps_the_discrete_levels(tmp_path):
     """A TorchScript export of a DDPM-preconditioned net rounds sigma to the same trained
     levels (round_sigma from its metadata), so its plan is the original's; a static batch is
     refused by name, and a file without edm_fast metadata is refused."""
-    from edm_fast.exported import ExportedDenoiser
+    from edm_fast.io.exported import ExportedDenoiser
     from edm_fast.precond import DDPMPrecond
-    from edm_fast.sampler import Sampler
+    from edm_fast.sampling.sampler import Sampler
 
     den = make_denoiser(precond=DDPMPrecond())
     path = export_torchscript(den, (2, DIM), path=tmp_path / "ddpm.ts")
@@ -353,9 +353,9 @@ def test_exported_torchscript_keeps_the_discrete_levels(tmp_path):
 def test_exports_carry_the_class_names(tmp_path):
     """The checkpoint's class names travel in the exported metadata (label i is name i), so a
     loaded export samples a class by name like the checkpoint; ONNX files carry them too."""
-    from edm_fast.models import load_denoiser
-    from edm_fast.onnx_export import export_onnx, read_onnx_metadata
-    from edm_fast.sampler import Sampler
+    from edm_fast.io.models import load_denoiser
+    from edm_fast.io.onnx_export import export_onnx, read_onnx_metadata
+    from edm_fast.sampling.sampler import Sampler
 
     den = load_denoiser("default")
     names = [str(k) for k in range(10)]

@@ -1,5 +1,5 @@
-"""Offline FID / FD_DINOv2 / precision-recall (edm_fast.fid, edm_fast.feature_nets,
-edm_fast.metric_images, ``edm-fast metrics``).
+"""Offline FID / FD_DINOv2 / precision-recall (edm_fast.eval.fid, edm_fast.eval.feature_nets,
+edm_fast.eval.metric_images, ``edm-fast metrics``).
 
 The real weights cannot be downloaded here, so the networks are checked against the published
 architectures (state-dict key names and shapes, the input resizing) and the pipeline runs with
@@ -14,9 +14,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from edm_fast.cli import main
+from edm_fast.cli.main import main
 from edm_fast.errors import BadFileError
-from edm_fast.feature_nets import (
+from edm_fast.eval.feature_nets import (
     DinoV2ViT,
     InceptionV3Features,
     MissingWeightsError,
@@ -24,7 +24,7 @@ from edm_fast.feature_nets import (
     load_inception,
     tf1_bilinear_resize,
 )
-from edm_fast.fid import (
+from edm_fast.eval.fid import (
     feature_statistics,
     frechet_distance_from_stats,
     frechet_distance_to_stats,
@@ -33,7 +33,7 @@ from edm_fast.fid import (
     precision_recall,
     save_reference_stats,
 )
-from edm_fast.metric_images import compute_features, image_batches
+from edm_fast.eval.metric_images import compute_features, image_batches
 
 TINY_VIT = dict(embed_dim=32, depth=2, num_heads=4)  # test-sized DINOv2 variant, same key names
 
@@ -369,7 +369,7 @@ def test_bad_weight_files_are_refused_in_one_line(weights, tmp_path):
 
 
 def _write_images(folder, images):
-    from edm_fast.images import save_per_seed
+    from edm_fast.io.samples import save_per_seed
 
     save_per_seed(images, range(len(images)), folder)
 
@@ -380,7 +380,7 @@ def _images(seed, n=6, channels=3, size=8):
 
 
 def test_npz_and_folder_give_the_same_images(tmp_path):
-    from edm_fast.images import save_npz
+    from edm_fast.io.samples import save_npz
 
     samples = _images(0, n=5, channels=1)
     _write_images(tmp_path / "png", samples)
@@ -407,7 +407,7 @@ def image_sets(tmp_path_factory):
 @pytest.fixture
 def tiny_dinov2(monkeypatch):
     """The CLI builds the full ViT-L/14; here it builds the test-sized variant."""
-    from edm_fast import feature_nets
+    from edm_fast.eval import feature_nets
 
     full = feature_nets.load_dinov2
     monkeypatch.setattr(feature_nets, "load_dinov2",

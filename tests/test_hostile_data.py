@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from data_fixtures import fake_mnist, idx_bytes, write_mnist
 
-from edm_fast import data
+from edm_fast.train import data
 from edm_fast.errors import BadFileError
 
 AS_LIMIT = 2 << 30
@@ -67,7 +67,7 @@ def small_png(path: Path, level=128, size=(8, 8)) -> Path:
 _CHILD = textwrap.dedent("""
     import json, resource, sys, warnings
     resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-    from edm_fast import data
+    from edm_fast.train import data
     out = {{}}
     for name, call in [
         ("label_2_31", lambda: data.load_mnist(sys.argv[1])),

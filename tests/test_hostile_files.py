@@ -3,8 +3,8 @@
 one error line naming the file, no traceback, and no output file, in a process capped at 2 GB
 of address space (resource.RLIMIT_AS).
 
-One subprocess runs every case in-process through ``edm_fast.cli.main`` (torch starts once);
-a few cases also run as real ``python -m edm_fast.cli`` processes under the same cap.
+One subprocess runs every case in-process through ``edm_fast.cli.main.main`` (torch starts once);
+a few cases also run as real ``python -m edm_fast.cli.main`` processes under the same cap.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _env():
 
 DRIVER = textwrap.dedent('''
     import contextlib, io, json, resource, sys, time
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     for line in sys.stdin:
         case, argv = json.loads(line)
@@ -134,7 +134,7 @@ def test_real_cli_processes(corpus, tmp_path, name, command):
     """The installed entry point, as a user runs it, under the same cap."""
     path = corpus[name]
     argv = _commands(name, path, tmp_path)[0 if command == "convert" else 1]
-    entry = "import sys; from edm_fast.cli import main; sys.exit(main())"
+    entry = "import sys; from edm_fast.cli.main import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", entry, *argv], preexec_fn=_cap, env=_env(),
                           capture_output=True, text=True, timeout=120, check=False)
     result = {"case": name, "argv": argv, "rc": proc.returncode, "stdout": proc.stdout,
@@ -145,9 +145,9 @@ def test_real_cli_processes(corpus, tmp_path, name, command):
 def test_refusals_are_bad_file_errors_and_the_parameter_limit_is_a_keyword(corpus):
     """In-process API: each refusal is an edm_fast.errors.BadFileError (a ValueError) naming
     the file; max_params= lowers or raises the network-size limit."""
-    from edm_fast.checkpoints import DEFAULT_MAX_PARAMS, load_denoiser_checkpoint
+    from edm_fast.io.checkpoints import DEFAULT_MAX_PARAMS, load_denoiser_checkpoint
     from edm_fast.errors import BadFileError
-    from edm_fast.official import read_official
+    from edm_fast.io.official import read_official
     from hostile_files import DIGITS
 
     for name in ("stride0-view.pkl", "set-growth.pkl", "length-2e62.pkl", "zipbomb-pickle.pt"):
@@ -167,7 +167,7 @@ def test_the_parameter_limit_is_an_environment_setting_for_every_command(monkeyp
     import subprocess
     import sys
 
-    from edm_fast.checkpoints import load_denoiser_checkpoint
+    from edm_fast.io.checkpoints import load_denoiser_checkpoint
     from edm_fast.errors import BadFileError
     from hostile_files import DIGITS
 
@@ -192,7 +192,7 @@ def test_weight_files_for_the_metric_networks_get_the_same_bounds(corpus, tmp_pa
     import torch
 
     from edm_fast.errors import BadFileError
-    from edm_fast.official import read_state_dict
+    from edm_fast.io.official import read_state_dict
 
     for name in ("stride0-view.pkl", "set-growth.pkl", "zipbomb-pickle.pt", "length-2e62.pkl"):
         with pytest.raises(BadFileError) as info:

@@ -1,4 +1,4 @@
-"""edm_fast.official: official NVlabs/edm snapshots, read without executing their code.
+"""edm_fast.io.official: official NVlabs/edm snapshots, read without executing their code.
 
 No network and no real official file: a subprocess writes snapshots in the official format with
 a test double of ``torch_utils.persistence`` (same pickle structure: every network object reduces
@@ -6,7 +6,7 @@ to ``_reconstruct_persistent_obj(meta)`` with ``module_src``, ``class_name`` and
 tensors reduce as torch's ``Tensor.__reduce_ex__`` does, storages through
 ``torch.storage._load_from_bytes``) and official-like EDM/VP/VE/iDDPM wrappers around
 edm-fast's SongUNet/DhariwalUNet, which are state-dict compatible with the official nets. A fresh
-subprocess, where ``torch_utils`` cannot be imported, then reads them with edm_fast.official.
+subprocess, where ``torch_utils`` cannot be imported, then reads them with edm_fast.io.official.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ LOAD = '''
 import importlib.util, json, os, sys
 import torch
 from safetensors.torch import load_file, save_file
-from edm_fast.official import load_official, read_official
+from edm_fast.io.official import load_official, read_official
 
 out, names, evil = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 report = {"torch_utils_importable": importlib.util.find_spec("torch_utils") is not None,
@@ -460,7 +460,7 @@ def test_torch_utils_never_imported(snapshots):
 
 
 def _convert(*argv: str) -> int:
-    from edm_fast.cli_convert import add_convert_command
+    from edm_fast.cli.convert import add_convert_command
 
     parser = argparse.ArgumentParser(prog="edm-fast")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -472,8 +472,8 @@ def _convert(*argv: str) -> int:
 @pytest.mark.parametrize("name", ["edm-ddpmpp-cond", "iddpm-adm-cond"])
 def test_convert_cli_round_trip(snapshots, tmp_path, name, capsys):
     """(e) convert writes ema.* + config; the .safetensors and the .pkl give the same D."""
-    from edm_fast.checkpoints import read_checkpoint
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.checkpoints import read_checkpoint
+    from edm_fast.io.models import load_denoiser
 
     out, _ = snapshots
     src, dst = out / f"{name}.pkl", tmp_path / "model.safetensors"
@@ -499,7 +499,7 @@ def test_convert_cli_round_trip(snapshots, tmp_path, name, capsys):
 def test_convert_sample_both_ways(snapshots, tmp_path):
     """`edm-fast sample --ckpt model.safetensors` and `--ckpt official.pkl` give the same
     images (reference backend, 2 Heun steps)."""
-    from edm_fast.sampler import Sampler
+    from edm_fast.sampling.sampler import Sampler
 
     out, _ = snapshots
     src, dst = out / "edm-adm-cond.pkl", tmp_path / "adm.safetensors"
@@ -510,7 +510,7 @@ def test_convert_sample_both_ways(snapshots, tmp_path):
 
 
 def test_convert_refuses_malicious(snapshots, tmp_path):
-    from edm_fast.official import UnsafePickleError
+    from edm_fast.io.official import UnsafePickleError
 
     out, _ = snapshots
     with pytest.raises(UnsafePickleError, match="refusing to load global os.system"):
@@ -536,8 +536,8 @@ CORRUPT = {
 def test_corrupt_snapshot_is_a_checkpoint_error_naming_the_file(tmp_path, kind, suffix):
     """A file that is no pickle (text, cut short) is a CheckpointError that names it, in one
     line: `invalid literal for int() with base 10: 'arbage'` alone named nothing."""
-    from edm_fast.checkpoints import CheckpointError
-    from edm_fast.official import read_official
+    from edm_fast.io.checkpoints import CheckpointError
+    from edm_fast.io.official import read_official
 
     path = tmp_path / f"snapshot{suffix}"
     path.write_bytes(CORRUPT[kind])
@@ -552,8 +552,8 @@ def test_corrupt_snapshot_is_a_checkpoint_error_naming_the_file(tmp_path, kind, 
 def test_a_pickle_that_is_not_a_snapshot_names_the_file(tmp_path):
     import pickle
 
-    from edm_fast.checkpoints import CheckpointError
-    from edm_fast.official import OfficialFormatError, read_official
+    from edm_fast.io.checkpoints import CheckpointError
+    from edm_fast.io.official import OfficialFormatError, read_official
 
     path = tmp_path / "list.pkl"
     path.write_bytes(pickle.dumps([1, 2, 3]))
@@ -563,7 +563,7 @@ def test_a_pickle_that_is_not_a_snapshot_names_the_file(tmp_path):
 
 
 def test_convert_cli_corrupt_snapshot_is_one_line(tmp_path, capsys):
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     src, dst = tmp_path / "g.pkl", tmp_path / "g.safetensors"
     src.write_text("garbage\n")
@@ -601,7 +601,7 @@ def test_convert_says_what_it_reads(tmp_path, monkeypatch):
 def test_convert_checks_out_before_reading(tmp_path, monkeypatch, out, message):
     """`convert ... --out cv.onnx` wrote a safetensors file that `sample` then refused as an
     ONNX export; --out is checked as `export` checks it, before SRC is read."""
-    from edm_fast import checkpoints, official
+    from edm_fast.io import checkpoints, official
 
     def no_read(*_, **__):
         raise AssertionError("read SRC before the --out check")

@@ -29,16 +29,16 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from edm_fast.backends import available_backends, resolve_backend
-from edm_fast.backends.onnx import OnnxBackend
+from edm_fast.sampling.backends import available_backends, resolve_backend
+from edm_fast.sampling.backends.onnx import OnnxBackend
 from edm_fast.plan import SamplingPlan
-from edm_fast.backends.reference import ReferenceBackend
-from edm_fast.cli_export import add_export_command
-from edm_fast.export import read_metadata
+from edm_fast.sampling.backends.reference import ReferenceBackend
+from edm_fast.cli.export import add_export_command
+from edm_fast.io.export import read_metadata
 from edm_fast.guidance import GuidedDenoiser
 from edm_fast.nets import build_net
 from edm_fast.noise import SeedNoise
-from edm_fast.onnx_export import (
+from edm_fast.io.onnx_export import (
     OnnxCheckError,
     _worst,
     check_onnx,
@@ -47,8 +47,8 @@ from edm_fast.onnx_export import (
     read_onnx_metadata,
 )
 from edm_fast.precond import Denoiser, EDMPrecond
-from edm_fast.sampler import Sampler
-from edm_fast.samplers import NonFiniteError
+from edm_fast.sampling.sampler import Sampler
+from edm_fast.sampling.reference import NonFiniteError
 
 LABEL_DIM = 3
 IMAGE = (1, 8, 8)
@@ -251,7 +251,7 @@ def test_dynamo_exporter(tmp_path):
 def test_auto_exporter_does_not_retry_a_file_it_cannot_write(monkeypatch):
     """An OSError (missing folder, no permission, full disk) is raised as it is: the dynamo
     exporter could not write the file either."""
-    from edm_fast import onnx_export
+    from edm_fast.io import onnx_export
 
     def unwritable(*_):
         raise PermissionError(13, "Permission denied", "x.onnx")
@@ -266,7 +266,7 @@ def test_auto_exporter_does_not_retry_a_file_it_cannot_write(monkeypatch):
 
 
 def test_export_onnx_creates_missing_folders_and_refuses_a_folder(tmp_path, monkeypatch):
-    from edm_fast import onnx_export
+    from edm_fast.io import onnx_export
 
     path = tmp_path / "new" / "sub" / "mlp.onnx"
     report = export_onnx(make_denoiser("mlp"), path, sample_shape=(2,), check=False)
@@ -499,7 +499,7 @@ def test_cli_export_torchscript(tmp_path):
     assert export_cli("--format", "torchscript", "--out", str(out)) == 0
     module = torch.jit.load(str(out))
     x, sigma, labels = case_inputs(3, (1, 16, 16), label_dim=10)
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     ref = torch_denoise(load_denoiser("default"), x, sigma, labels)
     assert rel_max(module(x, sigma, labels), ref) <= 1e-5
@@ -507,7 +507,7 @@ def test_cli_export_torchscript(tmp_path):
 
 
 def test_cli_export_safetensors(tmp_path):
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     out = tmp_path / "new" / "digits16.safetensors"
     assert export_cli("--format", "safetensors", "--out", str(out), "--dtype", "float16") == 0
@@ -530,7 +530,7 @@ def test_cli_rejects_toy_models(tmp_path):
 @pytest.fixture
 def no_export(monkeypatch):
     """Loading the model or exporting fails the test: --out is checked before either."""
-    from edm_fast import cli_export
+    from edm_fast.cli import export as cli_export
 
     def fail(*_, **__):
         raise AssertionError("loaded or exported before the --out check")
@@ -544,8 +544,8 @@ def test_cli_export_refuses_a_folder_or_an_unwritable_place_up_front(tmp_path, f
                                                                      capsys):
     """One behaviour for every format, decided before the model is loaded (aoti compiled for
     tens of seconds before torch failed on an existing folder)."""
-    from edm_fast.cli import main
-    from edm_fast.cli_export import SUFFIXES
+    from edm_fast.cli.main import main
+    from edm_fast.cli.export import SUFFIXES
 
     suffix = SUFFIXES[fmt][0]
     folder = tmp_path / f"folder{suffix}"
@@ -599,8 +599,8 @@ def test_cli_export_refuses_a_suffix_of_another_format(tmp_path, fmt, out, messa
 def test_cli_export_suffixes_the_loaders_know(tmp_path):
     """Every accepted suffix is one `edm-fast sample` recognises as that export (and refuses
     to sample from), or the checkpoint suffix; the C++ loader takes .pt2 as AOTInductor."""
-    from edm_fast.cli_export import SUFFIXES, check_out_file
-    from edm_fast.models import EXPORT_SUFFIXES
+    from edm_fast.cli.export import SUFFIXES, check_out_file
+    from edm_fast.io.models import EXPORT_SUFFIXES
 
     names = {"onnx": "ONNX", "aoti": "AOTInductor", "torchscript": "TorchScript",
              "openvino": "OpenVINO"}
@@ -625,7 +625,7 @@ def test_cli_export_aoti(tmp_path):
     assert export_cli("--format", "aoti", "--out", str(out)) == 0
     runner = torch._inductor.aoti_load_package(str(out))
     x, sigma, labels = case_inputs(3, (1, 16, 16), label_dim=10)
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     ref = torch_denoise(load_denoiser("default"), x, sigma, labels)
     assert rel_max(runner(x, sigma, labels), ref) <= 1e-4

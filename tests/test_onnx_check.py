@@ -1,4 +1,4 @@
-"""ONNX files with external data are checked before ONNX Runtime opens them (onnx_check.py)."""
+"""ONNX files with external data are checked before ONNX Runtime opens them (edm_fast/io/onnx_check.py)."""
 
 import os
 
@@ -11,8 +11,8 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from edm_fast.errors import BadFileError  # noqa: E402
-from edm_fast.onnx_check import check_onnx_file  # noqa: E402
-from edm_fast.onnx_export import make_session  # noqa: E402
+from edm_fast.io.onnx_check import check_onnx_file  # noqa: E402
+from edm_fast.io.onnx_export import make_session  # noqa: E402
 
 
 def _model_with_external(folder, location="w.bin", *, offset=0, length=None, data_bytes=None,

@@ -1,4 +1,4 @@
-"""The openvino backend (edm_fast/backends/openvino.py) against the reference loop, its precision
+"""The openvino backend (edm_fast/sampling/backends/openvino.py) against the reference loop, its precision
 hint (set from net_dtype, read back, refused when ignored), threads, static and dynamic batch,
 and `edm-fast export --format openvino`.
 
@@ -23,7 +23,7 @@ pytest.importorskip("onnx")
 
 from edm_fast.errors import EdmFastError
 from edm_fast.precond import Denoiser, EDMPrecond
-from edm_fast.sampler import Sampler
+from edm_fast.sampling.sampler import Sampler
 
 FP32_TOL = 1e-4
 BF16_BOUNDS = (0.1, 0.01)  # tests/test_precision.py: max |diff|, relative L2
@@ -93,7 +93,7 @@ def test_an_unconditional_model_with_churn_matches_the_reference():
 
 
 def test_threads_follow_the_option_and_torch(fp32_sampler):
-    from edm_fast.backends.openvino import compile_for_cpu
+    from edm_fast.sampling.backends.openvino import compile_for_cpu
 
     evaluate = fp32_sampler.backend.evaluate
     default = evaluate.compiled.get_property("INFERENCE_NUM_THREADS")
@@ -130,7 +130,7 @@ def test_a_precision_the_cpu_ignores_is_refused():
 def test_the_read_back_refuses_any_ignored_hint():
     """The same check with a stand-in core whose compiled model reports f32 for a bf16 hint,
     so that it is exercised on every CPU."""
-    from edm_fast.backends.openvino import compile_for_cpu
+    from edm_fast.sampling.backends.openvino import compile_for_cpu
 
     class Compiled:
         def get_property(self, name):
@@ -150,7 +150,7 @@ def test_the_read_back_refuses_any_ignored_hint():
 
 
 def test_auto_puts_openvino_first_for_a_bf16_network_on_the_cpu():
-    from edm_fast.backends import auto_candidates
+    from edm_fast.sampling.backends import auto_candidates
 
     classes, _ = auto_candidates(torch.device("cpu"), None, torch.float32, torch.bfloat16)
     assert classes[0].name == "openvino"
@@ -162,8 +162,8 @@ def test_auto_puts_openvino_first_for_a_bf16_network_on_the_cpu():
 def test_export_format_openvino_round_trip(tmp_path, fp32_images, capsys):
     """`edm-fast export --format openvino` writes the IR with the model's metadata; the backend
     loads it (model_path) and samples the reference images; a mismatching IR is refused."""
-    from edm_fast.cli import main
-    from edm_fast.openvino_export import read_openvino_metadata
+    from edm_fast.cli.main import main
+    from edm_fast.io.openvino_export import read_openvino_metadata
 
     out = tmp_path / "ir" / "digits.xml"
     assert main(["export", "--format", "openvino", "--no-check", "--out", str(out)]) == 0
@@ -187,8 +187,8 @@ def test_export_format_openvino_round_trip(tmp_path, fp32_images, capsys):
 def test_a_garbage_ir_is_one_line(tmp_path):
     """A model_path that is not an OpenVINO IR is refused as a bad file, naming it."""
     from edm_fast.errors import BadFileError
-    from edm_fast.models import load_denoiser
-    from edm_fast.sampler import Sampler
+    from edm_fast.io.models import load_denoiser
+    from edm_fast.sampling.sampler import Sampler
 
     bad = tmp_path / "m.xml"
     bad.write_text("<net><layers><layer id='0' type='Nope'")

@@ -28,7 +28,7 @@ def test_pyplot_missing_is_a_missing_dependency(monkeypatch):
 
 
 def test_digits_without_sklearn(monkeypatch):
-    from edm_fast.data import load_digits
+    from edm_fast.train.data import load_digits
 
     _block(monkeypatch, "sklearn", "sklearn.datasets")
     with pytest.raises(MissingDependency, match="scikit-learn"):
@@ -38,7 +38,7 @@ def test_digits_without_sklearn(monkeypatch):
 def test_cli_toy_plot_without_matplotlib_fails_before_sampling(monkeypatch, tmp_path, capsys):
     """A toy .png needs matplotlib: exit 2 with the pip command, and nothing sampled or written;
     the same run to .npz needs nothing more and works."""
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     _block(monkeypatch, "matplotlib", "matplotlib.pyplot")
     args = ["sample", "--model", "toy-gmm", "--steps", "4", "--seeds", "0-3"]
@@ -58,7 +58,7 @@ def test_figures_leave_the_backend_alone(monkeypatch, tmp_path):
     import matplotlib.pyplot as plt
     import torch
 
-    from edm_fast.images import plot_toy, save_figure
+    from edm_fast.io.samples import plot_toy, save_figure
     from edm_fast.optional import figures
 
     def refuse(*args, **kwargs):
@@ -85,7 +85,7 @@ def test_sampling_cli_runs_without_the_serve_and_openvino_extras(tmp_path):
                "onnxruntime", "starlette"]
     code = ("import sys\n"
             f"for name in {blocked!r}: sys.modules[name] = None\n"
-            "from edm_fast.cli import main\n"
+            "from edm_fast.cli.main import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "s.png"
     res = subprocess.run([sys.executable, "-c", code, "sample", "--steps", "2", "--seeds", "0-1",

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_does_not_initialise_cuda_or_load_extension():
-    code = ("import sys, torch, edm_fast, edm_fast.samplers, edm_fast.precond, edm_fast.sampler; "
+    code = ("import sys, torch, edm_fast, edm_fast.sampling.reference, edm_fast.precond, edm_fast.sampling.sampler; "
             "assert not torch.cuda.is_initialized(); "
             "assert 'edm_fast._C' not in sys.modules; assert 'triton' not in sys.modules; "
             "print('ok')")

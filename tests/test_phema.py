@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc reconstruction (edm_fast.phema) against closed forms."""
+"""Power-function EMA and post-hoc reconstruction (edm_fast.train.phema) against closed forms."""
 
 import math
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 from scipy.integrate import quad
 
 from edm_fast.errors import EdmFastError
-from edm_fast.phema import (
+from edm_fast.train.phema import (
     MAX_SIGMA_REL,
     PowerEMA,
     Snapshot,
@@ -164,9 +164,9 @@ def test_parse_sigma_rels():
 def _tracked_run(folder, steps=40, dt=64, every=5):
     """A synthetic tiny-edm2 run: weights drifting smoothly plus noise, power EMAs tracked at
     0.05 and 0.10 (saved every ``every`` steps) and at 0.07 (the reference, not saved)."""
-    from edm_fast.checkpoints import net_spec
+    from edm_fast.io.checkpoints import net_spec
     from edm_fast.nets import build_net
-    from edm_fast.phema_snapshots import save_snapshot
+    from edm_fast.train.phema_snapshots import save_snapshot
     from edm_fast.precond import EDMPrecond
 
     torch.manual_seed(0)
@@ -186,10 +186,10 @@ def _tracked_run(folder, steps=40, dt=64, every=5):
 
 
 def test_phema_cli_reconstructs_a_run(tmp_path, capsys):
-    from edm_fast.checkpoints import read_inference_weights
-    from edm_fast.cli import main
-    from edm_fast.models import load_denoiser
-    from edm_fast.phema_snapshots import list_snapshots
+    from edm_fast.io.checkpoints import read_inference_weights
+    from edm_fast.cli.main import main
+    from edm_fast.io.models import load_denoiser
+    from edm_fast.train.phema_snapshots import list_snapshots
 
     run = tmp_path / "run"
     ema = _tracked_run(run)
@@ -227,7 +227,7 @@ def test_phema_cli_reconstructs_a_run(tmp_path, capsys):
     (["--ckpt", "{run}", "--sigma-rel", "0.1", "--out", "{run}"], "snapshot folder"),
 ])
 def test_phema_cli_errors_are_one_line(tmp_path, capsys, argv, message):
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     run = tmp_path / "run"
     if "{run}" in " ".join(argv):
@@ -248,8 +248,8 @@ def test_phema_reads_nvlabs_raw_snapshots(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_edm2 import _official_tiny, _write_official_edm2
 
-    from edm_fast.checkpoints import read_inference_weights
-    from edm_fast.phema_snapshots import kimg_to_nimg, reconstruct_snapshots
+    from edm_fast.io.checkpoints import read_inference_weights
+    from edm_fast.train.phema_snapshots import kimg_to_nimg, reconstruct_snapshots
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -272,10 +272,10 @@ def test_phema_reads_nvlabs_raw_snapshots(tmp_path, monkeypatch):
 def test_power_ema_snapshots_of_a_network_load_as_checkpoints(tmp_path):
     """What a training loop does: track the parameters, save every profile with the buffers
     (EDM2's Fourier features), and load a snapshot back as a denoiser."""
-    from edm_fast.checkpoints import net_spec
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.checkpoints import net_spec
+    from edm_fast.io.models import load_denoiser
     from edm_fast.nets import build_net
-    from edm_fast.phema_snapshots import list_snapshots, save_power_ema_snapshots
+    from edm_fast.train.phema_snapshots import list_snapshots, save_power_ema_snapshots
     from edm_fast.precond import EDMPrecond
 
     net = build_net("tiny-edm2")

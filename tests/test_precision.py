@@ -26,7 +26,7 @@ from edm_fast.precision import (
     parse_net_dtype,
     resolve_net_dtype,
 )
-from edm_fast.sampler import Sampler
+from edm_fast.sampling.sampler import Sampler
 
 # (max |pixel diff|, relative L2 diff) against the float32 network's images; see the docstring
 BOUNDS = {"bf16": (0.1, 0.01), "fp16": (0.01, 0.002)}
@@ -47,7 +47,7 @@ def fp32_images():
 
 
 def _require_backend(name: str) -> None:
-    from edm_fast.backends import available_backends
+    from edm_fast.sampling.backends import available_backends
 
     reason = available_backends()[name]
     if reason is not None:
@@ -75,7 +75,7 @@ def test_an_unknown_precision_is_refused_naming_the_choices(spec):
 
 def test_onnx_export_reads_the_same_spellings():
     """The onnx exporter's dtype goes through the same reader; bf16 is refused, naming why."""
-    from edm_fast.onnx_export import _net_dtype
+    from edm_fast.io.onnx_export import _net_dtype
 
     assert _net_dtype("fp16") == _net_dtype("float16") == _net_dtype(torch.float16) \
         == torch.float16
@@ -173,7 +173,7 @@ def test_net_dtype_given_twice_is_refused():
 
 def test_the_users_network_is_not_changed():
     """A reduced precision runs on a copy: the loaded denoiser keeps its float32 weights."""
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.models import load_denoiser
 
     den = load_denoiser("default", device="cpu")
     half = network_in_dtype(den, torch.bfloat16)
@@ -224,7 +224,7 @@ def test_cpp_backend_exports_the_network_in_net_dtype(fp32_images, net_dtype, tm
     """The C++ loop over a TorchScript export whose network is in net_dtype: its metadata says
     so (a re-used file must match it), and the images hold the same bound."""
     _require_backend("cpp")
-    from edm_fast.export import read_metadata
+    from edm_fast.io.export import read_metadata
 
     path = tmp_path / "d.ts"
     with warnings.catch_warnings():
@@ -244,9 +244,9 @@ def test_an_export_in_another_precision_is_refused(tmp_path):
     """An exported file runs in the precision it was exported in; asking another is an error
     naming the export option, not a silent fp32 run."""
     _require_backend("cpp")
-    from edm_fast.export import export_torchscript
-    from edm_fast.exported import ExportedDenoiser
-    from edm_fast.models import load_denoiser
+    from edm_fast.io.export import export_torchscript
+    from edm_fast.io.exported import ExportedDenoiser
+    from edm_fast.io.models import load_denoiser
 
     path = tmp_path / "d32.ts"
     export_torchscript(load_denoiser("default", device="cpu"), (2, 1, 16, 16), path=path)
@@ -260,7 +260,7 @@ def test_onnx_backend_refuses_bf16_and_auto_skips_it(fp32_images):
     """ONNX Runtime has no bf16 convolutions: an explicit request is one clear error; 'auto'
     with a bf16 network never tries the onnx backend."""
     _require_backend("onnx")
-    from edm_fast.backends import auto_candidates
+    from edm_fast.sampling.backends import auto_candidates
 
     with pytest.raises(ValueError, match="no bf16 convolutions"):
         Sampler("default", batch_size=2, device="cpu", backend="onnx", net_dtype="bf16")
@@ -272,8 +272,8 @@ def test_onnx_backend_refuses_bf16_and_auto_skips_it(fp32_images):
 # The CLI: --net-dtype reaches the Sampler under the same name.
 
 def test_cli_net_dtype_option_reaches_the_sampler():
-    from edm_fast.cli import build_parser
-    from edm_fast.cli_sampling import sampling_options
+    from edm_fast.cli.main import build_parser
+    from edm_fast.cli.sampling_options import sampling_options
 
     parser = build_parser()
     assert parser.parse_args(["sample"]).net_dtype is None  # the network as loaded
@@ -288,7 +288,7 @@ def test_cli_net_dtype_option_reaches_the_sampler():
 
 
 def test_cli_samples_in_bf16(tmp_path, capsys):
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     out = tmp_path / "x.npz"
     assert main(["sample", "--seeds", "0-3", "--class", "3", "--backend", "reference",

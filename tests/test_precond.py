@@ -10,7 +10,7 @@ from edm_fast.precond import (
     DDPMPrecond, Denoiser, EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond, make_precond,
     vp_sigma, vp_sigma_inv,
 )
-from edm_fast.toy import GaussianMixture
+from edm_fast.nets.toy import GaussianMixture
 
 SIGMAS = torch.logspace(math.log10(0.002), math.log10(80), 25, dtype=torch.float64)
 
@@ -142,7 +142,7 @@ def test_iddpm_u_recursion_and_rounding():
     assert p.coefficients(low)[3].tolist() == [-1.0, 0.0]
     # a sampler grid must not step to 0 early (it would divide by t = 0): refused, clearly
     from edm_fast.plan import SamplingPlan
-    from edm_fast.samplers import sample_edm
+    from edm_fast.sampling.reference import sample_edm
     from edm_fast.schedules import edm_sigmas
 
     den = Denoiser(lambda x, c_noise, labels=None, augment_labels=None: x, p)

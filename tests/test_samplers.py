@@ -11,7 +11,7 @@ import torch
 
 from edm_fast.plan import SamplingPlan
 from edm_fast.noise import SeedNoise
-from edm_fast.samplers import (
+from edm_fast.sampling.reference import (
     NonFiniteError,
     churn_gammas,
     sample_ddim,
@@ -31,7 +31,7 @@ from edm_fast.schedules import (
     ve_sigmas,
     vp_sigmas,
 )
-from edm_fast.toy import GaussianMixture, solve_probability_flow
+from edm_fast.nets.toy import GaussianMixture, solve_probability_flow
 
 F64 = torch.float64
 
@@ -385,7 +385,7 @@ def test_dpmpp_2m_matches_k_diffusion(mixture):
 
     if importlib.util.find_spec("k_diffusion") is None:
         pytest.skip("k-diffusion is not installed")
-    from edm_fast.benchmark import load_k_diffusion_sampling
+    from edm_fast.eval.benchmark import load_k_diffusion_sampling
 
     K = load_k_diffusion_sampling()
     den = mixture.as_denoiser()

@@ -31,8 +31,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
-from edm_fast.images import to_uint8
-from edm_fast.sampler import Sampler
+from edm_fast.io.samples import to_uint8
+from edm_fast.sampling.sampler import Sampler
 from edm_fast.serve import Engine, ServeSettings, UvicornLimits, create_app
 from edm_fast.serve.batcher import Batcher, Job
 from edm_fast.serve.server import bind, make_server
@@ -487,7 +487,7 @@ def test_auto_engine_on_the_cpu_is_onnx_and_equals_the_sampler():
     ("--graceful-timeout", "-1", "graceful_timeout_s must be"),
 ])
 def test_cli_serve_refuses_bad_options_in_one_line(option, value, words, capsys):
-    from edm_fast.cli import main
+    from edm_fast.cli.main import main
 
     rc = main(["serve", "--ckpt", "toy-gmm", "--device", "cpu", "--port", "0", option, value])
     err = capsys.readouterr().err.strip()

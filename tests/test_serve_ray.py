@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 
-from edm_fast.sampler import Sampler
+from edm_fast.sampling.sampler import Sampler
 from edm_fast.serve import ServeSettings
 
 STEPS = 4

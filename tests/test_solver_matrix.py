@@ -17,13 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from edm_fast.backends import available_backends
-from edm_fast.backends.compiled import CompiledBackend
-from edm_fast.backends.reference import ReferenceBackend
+from edm_fast.sampling.backends import available_backends
+from edm_fast.sampling.backends.compiled import CompiledBackend
+from edm_fast.sampling.backends.reference import ReferenceBackend
 from edm_fast.noise import SeedNoise
 from edm_fast.plan import SamplingPlan
 from edm_fast.precond import Denoiser, EDMPrecond
-from edm_fast.sampler import Sampler
+from edm_fast.sampling.sampler import Sampler
 from edm_fast.solvers import SOLVERS
 
 LABEL_DIM = 3
@@ -193,7 +193,7 @@ def onnx_models(tmp_path_factory):
 @pytest.mark.parametrize("name, solver, opts, batch, image, guidance, interval", CASES, ids=IDS)
 def test_onnx_executor_matches_reference(references, onnx_models, name, solver, opts, batch,
                                          image, guidance, interval):
-    from edm_fast.backends.onnx import OnnxBackend
+    from edm_fast.sampling.backends.onnx import OnnxBackend
 
     check_backend(references, (name, solver, opts, batch, image, guidance, interval),
                   OnnxBackend, model_path=onnx_models(image), reuse_model=True)

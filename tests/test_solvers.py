@@ -2,7 +2,7 @@
 
 Each program is run by the Python executor (backends/executor.py) in float64 on the exact
 Gaussian-mixture denoiser and compared with a loop written without the planner: the textbook
-samplers of samplers.py, NVlabs' ``edm_sampler`` (transcribed below), k-diffusion's sample_*
+samplers of edm_fast/sampling/reference.py, NVlabs' ``edm_sampler`` (transcribed below), k-diffusion's sample_*
 functions, and a transcription of UniPC (Zhao et al. 2023) from diffusers' scheduler. The
 injected noise is the same in both: the program reads draws noise[k] in order; the loops get
 them replayed through ``randn=`` / ``noise_sampler=`` and must consume exactly plan.num_noise.
@@ -22,12 +22,12 @@ import warnings
 import pytest
 import torch
 
-from edm_fast.backends.executor import run_program
+from edm_fast.sampling.backends.executor import run_program
 from edm_fast.guidance import Guidance
 from edm_fast.plan import SamplingPlan
 from edm_fast.precond import DDPMPrecond, iDDPMPrecond
 from edm_fast.program import EVAL, LATENTS, LIN, Op, Program, ProgramBuilder, noise_source
-from edm_fast.samplers import (
+from edm_fast.sampling.reference import (
     round_positive_sigmas,
     sample_ddim,
     sample_ddpm,
@@ -40,7 +40,7 @@ from edm_fast.samplers import (
 )
 from edm_fast.schedules import edm_sigmas
 from edm_fast.solvers import SOLVERS
-from edm_fast.toy import GaussianMixture, solve_probability_flow
+from edm_fast.nets.toy import GaussianMixture, solve_probability_flow
 
 F64 = torch.float64
 BATCH = 32
@@ -68,7 +68,7 @@ def draws(k, seed=100, n=BATCH):
 
 
 class Replay:
-    """Hands out noise[0], noise[1], ... in order: ``randn(x)`` for samplers.py, and
+    """Hands out noise[0], noise[1], ... in order: ``randn(x)`` for sampling/reference.py, and
     ``noise_sampler(sigma, sigma_next)`` for k-diffusion. ``used`` counts the draws taken."""
 
     def __init__(self, noise):
@@ -117,7 +117,7 @@ GRIDS = [pytest.param(grid_to_zero(1), id="1step"), pytest.param(grid_to_zero(2)
 CHURN = dict(S_churn=30.0, S_min=0.05, S_max=50.0, S_noise=1.007)
 
 
-# (id, plan options, reference loop of samplers.py taking (den, latents, sigmas, randn))
+# (id, plan options, reference loop of sampling/reference.py taking (den, latents, sigmas, randn))
 TEXTBOOK = [
     ("euler", dict(solver="euler"), lambda d, x, s, r: sample_euler(d, x, s, randn=r)),
     ("heun", dict(solver="heun"), lambda d, x, s, r: sample_heun(d, x, s, randn=r)),
@@ -158,7 +158,7 @@ TEXTBOOK = [
 @pytest.mark.parametrize("sigmas", GRIDS)
 @pytest.mark.parametrize("name, options, reference", TEXTBOOK, ids=[t[0] for t in TEXTBOOK])
 def test_programs_equal_textbook_loops(den, name, options, reference, sigmas):
-    """Each program equals its samplers.py loop on the same latents and draws, to 1e-12
+    """Each program equals its sampling/reference.py loop on the same latents and draws, to 1e-12
     relative in float64 (module docstring; measured <= 1.8e-13, <= 8e-15 on 7 steps). The loop
     consumes exactly the plan's num_noise draws, in the program's order.
 
@@ -178,7 +178,7 @@ def test_programs_equal_textbook_loops(den, name, options, reference, sigmas):
 
 
 class Rounded(torch.nn.Module):
-    """The mixture's exact denoiser presented as a discrete-time net: samplers.py reads
+    """The mixture's exact denoiser presented as a discrete-time net: sampling/reference.py reads
     ``round_sigma`` off the denoiser (EDM Table 1's nearest trained level)."""
 
     def __init__(self, den, precond):
@@ -318,7 +318,7 @@ INSTALL_K = ("pip install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffe
 @pytest.fixture(scope="module")
 def k_sampling():
     """k_diffusion.sampling; a skip only off CI: with CI set, a missing k-diffusion fails."""
-    from edm_fast.benchmark import load_k_diffusion_sampling
+    from edm_fast.eval.benchmark import load_k_diffusion_sampling
 
     module = load_k_diffusion_sampling()
     if module is None:
@@ -581,7 +581,7 @@ class ClassMixture(torch.nn.Module):
 def test_guidance_interval_equals_guided_loop(mixture, solver, options, interval):
     """A plan with guidance w = 2.5 (and a guidance interval) equals a loop whose denoiser is
     D_u + w (D_c - D_u) for sigma in [lo, hi] and the plain conditional D_c outside, to 1e-12
-    (float64, module docstring). The reference loops: samplers.py for heun/dpmpp_2m/ancestral,
+    (float64, module docstring). The reference loops: sampling/reference.py for heun/dpmpp_2m/ancestral,
     the UniPC transcription above. The interval must act: the unguided-outside run differs
     from guiding everywhere by > 1e-3."""
     net = ClassMixture(mixture)
@@ -767,9 +767,9 @@ def test_sampling_options_are_declared_once():
     import inspect
     from dataclasses import fields
 
-    from edm_fast.cli import build_parser
+    from edm_fast.cli.main import build_parser
     from edm_fast.plan import SamplingOptions
-    from edm_fast.sampler import Sampler
+    from edm_fast.sampling.sampler import Sampler
 
     declared = {f.name: f.default for f in fields(SamplingOptions)}
     build = {k: p.default for k, p in inspect.signature(SamplingPlan.build).parameters.items()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from edm_fast.toy import GaussianMixture
+from edm_fast.nets.toy import GaussianMixture
 
 
 @pytest.fixture

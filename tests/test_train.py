@@ -12,12 +12,12 @@ import pytest
 import torch
 from data_fixtures import make_image_folder
 
-from edm_fast.checkpoints import (
+from edm_fast.io.checkpoints import (
     CheckpointError, latest_checkpoint, load_denoiser_checkpoint, read_checkpoint,
     save_checkpoint,
 )
 from edm_fast.losses import EDMLoss
-from edm_fast.train import EMA, TrainConfig, TrainingDiverged, train
+from edm_fast.train.loop import EMA, TrainConfig, TrainingDiverged, train
 
 TOY = dict(data="toy:gmm2d", preset="toy-mlp", loss="edm", batch=64, lr=1e-3,
            lr_rampup_kimg=0.2, sample_every_kimg=0, progress=False, log_every=4)
@@ -38,7 +38,7 @@ def _fixed_loss(den, images, labels):
 def test_short_digits_training_lowers_edm_loss(tmp_path):
     """40 steps of a tiny DDPM++ on the real digits (8x8, class-conditional) lower the EDM loss
     on a fixed batch with fixed noise; bound: at least -25%."""
-    from edm_fast.data import load_dataset
+    from edm_fast.train.data import load_dataset
 
     ds = load_dataset("digits:8")
     images = torch.stack([ds[i][0] for i in range(0, 1797, 9)])
@@ -48,7 +48,7 @@ def test_short_digits_training_lowers_edm_loss(tmp_path):
                       lr_rampup_kimg=0.1, kimg=40 * 32 / 1000, out=str(tmp_path),
                       sample_every_kimg=0, progress=False, log_every=10, dropout=0.0,
                       net_overrides=small)
-    from edm_fast.checkpoints import build_denoiser, net_spec
+    from edm_fast.io.checkpoints import build_denoiser, net_spec
 
     spec = net_spec("tiny", img_resolution=8, img_channels=1, label_dim=10, dropout=0.0, **small)
     torch.manual_seed(cfg.seed * 1000)  # the same initial weights train() will draw
@@ -181,7 +181,7 @@ def _global_grad_norms_at_each_step(run):
 def test_train_updates_the_ema_with_the_images_before_each_batch(tmp_path, monkeypatch):
     """train() passes EMA.update the images trained on before the batch, 0, B, 2B (NVlabs'
     cur_nimg), so the first update copies the weights (the class itself is tested above)."""
-    from edm_fast import train as training
+    from edm_fast.train import loop as training
 
     calls = []
     update = training.EMA.update
@@ -360,7 +360,7 @@ def test_signals_that_are_ignored_or_come_after_the_last_step_do_not_stop(tmp_pa
     the final sample grid, after the last step, does not turn the finished run into an
     interrupted one."""
     from edm_fast import losses
-    from edm_fast import train as train_module
+    from edm_fast.train import loop as train_module
 
     real_loss, calls = losses.EDMLoss.__call__, {"n": 0}
 
@@ -415,7 +415,7 @@ def test_resume_guards(tmp_path):
 
 def test_resume_from_an_inference_file_gives_clear_error(tmp_path):
     """A file written by convert/export in place of the latest training checkpoint."""
-    from edm_fast.checkpoints import export_inference_checkpoint
+    from edm_fast.io.checkpoints import export_inference_checkpoint
 
     train(_toy(tmp_path, 4))
     latest = latest_checkpoint(tmp_path)
@@ -426,7 +426,7 @@ def test_resume_from_an_inference_file_gives_clear_error(tmp_path):
 
 
 def test_checkpoints_get_the_mode_of_other_new_files(tmp_path):
-    from edm_fast.checkpoints import save_checkpoint
+    from edm_fast.io.checkpoints import save_checkpoint
 
     save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(2)}, {"note": "x"})
     (tmp_path / "plain.txt").write_text("")
@@ -609,9 +609,9 @@ def test_batch_gpu_accumulates_the_full_batch_gradient(loss_name):
     """--batch-gpu: the loss's random numbers are drawn for the whole batch, then slices of at
     most batch_gpu images accumulate their share; the gradient equals the full batch's to
     float32 rounding (bound 1e-5 relative: only the summation order differs)."""
-    from edm_fast.checkpoints import build_denoiser, net_spec
+    from edm_fast.io.checkpoints import build_denoiser, net_spec
     from edm_fast.losses import make_loss
-    from edm_fast.train import _accumulate_gradients
+    from edm_fast.train.loop import _accumulate_gradients
 
     torch.manual_seed(0)
     spec = net_spec("tiny", img_resolution=8, img_channels=1, label_dim=3)
@@ -633,7 +633,7 @@ def test_batch_gpu_accumulates_the_full_batch_gradient(loss_name):
 
 
 def test_xflip_mirrors_about_half_and_is_reproducible(tmp_path):
-    from edm_fast.train import _mirror_half
+    from edm_fast.train.loop import _mirror_half
 
     images = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 1, 6, 4).repeat(400, 1, 1, 1)
     out = _mirror_half(images, seed=0, step=7, rank=0)

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from edm_fast.checkpoints import latest_checkpoint, load_denoiser_checkpoint, read_checkpoint
-from edm_fast.cli import main
-from edm_fast.phema_snapshots import list_snapshots
-from edm_fast.precond_edm2 import EDM2Denoiser
-from edm_fast.train import TrainConfig, train
-from edm_fast.train_edm2 import PowerEMATracker, edm2_learning_rate
+from edm_fast.io.checkpoints import latest_checkpoint, load_denoiser_checkpoint, read_checkpoint
+from edm_fast.cli.main import main
+from edm_fast.train.phema_snapshots import list_snapshots
+from edm_fast.nets.edm2_precond import EDM2Denoiser
+from edm_fast.train.loop import TrainConfig, train
+from edm_fast.train.edm2 import PowerEMATracker, edm2_learning_rate
 
 # tiny-edm2 on the 8x8 digits: a fast real-data run. Snapshots every 2 steps (32 images), a
 # ramp-up over 4 steps and a decay time of 3 batches, so that both parts act within 8 steps.
@@ -29,7 +29,7 @@ def _cfg(out, steps, **kw):
 def _no_sample_grid(patch):
     """The end-of-run sample grid (64 images, 35 NFE: most of a short run's time here) is left
     out where a test does not look at it; test_cli_edm2_training_options_... keeps it."""
-    import edm_fast.train as train_module
+    import edm_fast.train.loop as train_module
 
     patch.setattr(train_module, "_sample_grid", lambda *args, **kwargs: None)
 
@@ -157,7 +157,7 @@ def test_nonfinite_gradient_entries_are_zeroed_and_the_step_taken(tmp_path, monk
                                                                   no_grid):
     """EDM2 (NVlabs' force_finite): a NaN in one parameter's gradient is set to 0 and the step
     still updates the rest; the step counts in nonfinite_total."""
-    import edm_fast.train as train_module
+    import edm_fast.train.loop as train_module
 
     original = train_module._accumulate_gradients
     calls = []

@@ -1,9 +1,9 @@
-"""The training-step memory estimate and the automatic micro-batch (train_memory.py)."""
+"""The training-step memory estimate and the automatic micro-batch (edm_fast/train/memory.py)."""
 
 import pytest
 import torch
 
-from edm_fast.train_memory import (
+from edm_fast.train.memory import (
     BACKWARD_FACTOR, RUNTIME_BYTES, STATE_COPIES, MemoryEstimate, estimate_step_memory,
     fitting_micro_batch,
 )
@@ -37,8 +37,8 @@ def test_micro_batch_is_the_largest_that_fits():
 def test_training_takes_a_micro_batch_when_the_batch_does_not_fit(tmp_path, monkeypatch):
     """With little memory available the run says so in one line and accumulates gradients;
     with none at all it stops with a one-line error before the first step."""
-    import edm_fast.train_memory as train_memory
-    from edm_fast.train import TrainConfig, train
+    import edm_fast.train.memory as train_memory
+    from edm_fast.train.loop import TrainConfig, train
 
     cfg = TrainConfig(data="digits", preset="tiny", batch=32, kimg=0.032, out=str(tmp_path / "a"),
                       sample_every_kimg=0, progress=False)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from edm_fast.errors import BadFileError
-from edm_fast.export import export_torchscript, read_metadata
-from edm_fast.exported import ExportedDenoiser
-from edm_fast.models import load_denoiser
-from edm_fast.trusted_exports import UntrustedExportError, check_trusted, file_digest, store_path
+from edm_fast.io.export import export_torchscript, read_metadata
+from edm_fast.io.exported import ExportedDenoiser
+from edm_fast.io.models import load_denoiser
+from edm_fast.io.trusted_exports import UntrustedExportError, check_trusted, file_digest, store_path
 
 
 @pytest.fixture(scope="module")

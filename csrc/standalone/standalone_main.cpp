@@ -1,7 +1,7 @@
 // edm_fast_sample: diffusion sampling without Python.
 //
-// Loads a denoiser exported by edm_fast/export.py (AOTInductor .pt2 or TorchScript) and a
-// sampling program written by edm_fast/program_file.py (--plan; the format is documented
+// Loads a denoiser exported by edm_fast/io/export.py (AOTInductor .pt2 or TorchScript) and a
+// sampling program written by edm_fast/io/program_file.py (--plan; the format is documented
 // there), draws per-seed noise (bit-identical to edm_fast.noise.SeedNoise), runs the program with
 // the generic executor (program_executor.h) and writes the samples as a float32 .npy of shape
 // (N, *sample_shape). Built by CMakeLists.txt at the repository root.
@@ -36,11 +36,11 @@ constexpr const char* kUsage = R"(usage: edm_fast_sample --model PATH --plan FIL
 
 Sample images from an exported denoiser with a sampling plan written by
   edm-fast plan --ckpt CHECKPOINT --solver dpmpp_2m --steps 10 --out plan.txt
-(or from Python: edm_fast.program_file.write_program_file). The plan file holds the sampling program (noise levels, solver, injected noise) and the
+(or from Python: edm_fast.io.program_file.write_program_file). The plan file holds the sampling program (noise levels, solver, injected noise) and the
 guidance weight; this binary draws the noise per seed and runs the program.
 
-  --model PATH         .pt2 from edm_fast.export.export_aoti, or a TorchScript file
-  --plan FILE          program file from `edm-fast plan` (edm_fast.program_file)
+  --model PATH         .pt2 from edm_fast.io.export.export_aoti, or a TorchScript file
+  --plan FILE          program file from `edm-fast plan` (edm_fast.io.program_file)
   --kind K             auto | aoti | torchscript                       [auto: by suffix]
   --seeds LIST         e.g. 0-7 or 1,5,9 or 0-3,10 (one image per seed)  [0-7]
   --batch B            images per denoiser batch (results do not depend on it)
@@ -208,7 +208,7 @@ T parse_number(const std::string& text, const std::string& where, const char* wh
   }
 }
 
-// The program file of edm_fast/program_file.py (its docstring documents the format). The
+// The program file of edm_fast/io/program_file.py (its docstring documents the format). The
 // arrays are validated by run_program; this checks the syntax and names the line of an error.
 edm_fast::ProgramArrays read_program_file(const std::string& path,
                                           std::optional<double>& guidance) {
@@ -230,7 +230,7 @@ edm_fast::ProgramArrays read_program_file(const std::string& path,
     if (!magic) {
       TORCH_CHECK(f.size() == 2 && f[0] == "edm-fast-program" && f[1] == "1", "--plan '", path,
                   "' is not an edm-fast program file (version 1): its first line must be "
-                  "'edm-fast-program 1'; write it with edm_fast.program_file.write_program_file");
+                  "'edm-fast-program 1'; write it with edm_fast.io.program_file.write_program_file");
       magic = true;
     } else if (ops < 0) {  // the header
       if (f[0] == "info") continue;

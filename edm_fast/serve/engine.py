@@ -25,12 +25,12 @@ import warnings
 
 import torch
 
-from ..backends import auto_candidates, load_backend
-from ..backends.executor import SigmaVectorCache, run_program
+from ..sampling.backends import auto_candidates, load_backend
+from ..sampling.backends.executor import SigmaVectorCache, run_program
 from ..guidance import Guidance
 from ..noise import SeedNoise
 from ..program import EVAL
-from ..sampler import Sampler, plan_for_model
+from ..sampling.sampler import Sampler, plan_for_model
 
 __all__ = ["SERVER_ORDER", "Engine", "ServedPlan", "pow2_sizes"]
 

@@ -26,7 +26,7 @@ def render(rows: torch.Tensor, meta: dict, fmt: str) -> tuple[str, bytes, dict]:
     if fmt == "json":
         body = {**meta, "shape": list(rows.shape[1:]), "samples": rows.float().tolist()}
         return "application/json", json.dumps(body).encode(), {}
-    from ..images import to_uint8
+    from ..io.samples import to_uint8
 
     pngs = [_png(a) for a in to_uint8(rows)]
     if len(pngs) == 1:

@@ -1,0 +1,61 @@
+"""``edm-fast phema``: post-hoc EMA reconstruction (Karras et al. 2024, Sec. 3, Alg. 3).
+
+Examples:
+    edm-fast phema --ckpt runs/edm2 --sigma-rel 0.05,0.1 --out phema/
+    edm-fast phema --ckpt raw-snapshots/edm2-img512-xs --sigma-rel 0.135 --out xs-0.135.safetensors
+    edm-fast phema --ckpt runs/edm2 --sigma-rel 0.01,0.02,...,0.25 --kimg 2048 --out sweep/
+
+--ckpt is a folder of power-EMA snapshots: an edm-fast run's phema-NIMG-SIGMA.safetensors, or
+NVlabs' raw EDM2 snapshots PREFIX-KIMG-SIGMA.pkl (read without running their code). Each
+reconstruction is written as an edm-fast inference checkpoint: --out FOLDER gets
+phema-NIMG-SIGMA.safetensors per value, --out FILE.safetensors takes a single value. Every
+sigma_rel lies in (0, 0.2887); 'a,b,...,c' is an evenly spaced range, as in NVlabs'
+reconstruct_phema.py.
+"""
+
+from __future__ import annotations
+
+__all__ = ["add_phema_command", "cmd_phema"]
+
+
+def add_phema_command(sub, formatter) -> None:
+    """Register ``phema`` on the subparsers ``sub`` (argparse) with help ``formatter``."""
+    p = sub.add_parser("phema", formatter_class=formatter, description=__doc__,
+                       help="reconstruct any EMA length after training (post-hoc EMA)")
+    p.add_argument("--ckpt", required=True, metavar="RUN",
+                   help="folder of power-EMA snapshots (an edm-fast run or NVlabs' raw EDM2 "
+                   "snapshots)")
+    p.add_argument("--sigma-rel", required=True, metavar="LIST",
+                   help="EMA lengths to reconstruct, e.g. 0.05,0.1 or 0.01,0.02,...,0.25")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="a folder (one checkpoint per value), or FILE.safetensors for one value")
+    p.add_argument("--kimg", type=int, default=None, metavar="KIMG",
+                   help="training time of the reconstruction: the latest snapshot within this "
+                   "kimg (default: the latest snapshot)")
+    p.add_argument("--in-sigma-rel", default=None, metavar="LIST",
+                   help="use only the snapshots of these tracked sigma_rel (default: all)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the written weights (the reconstruction runs in float32)")
+    p.set_defaults(func=cmd_phema)
+
+
+def cmd_phema(args) -> int:
+    import torch
+
+    from ..train.phema import parse_sigma_rels
+    from ..train.phema_snapshots import kimg_to_nimg, list_snapshots, reconstruct_snapshots
+
+    sigma_rels = parse_sigma_rels(args.sigma_rel)
+    in_sigma_rels = None if args.in_sigma_rel is None else parse_sigma_rels(args.in_sigma_rel)
+    nimg = None
+    if args.kimg is not None:
+        if args.kimg < 1:
+            raise ValueError(f"--kimg must be >= 1, got {args.kimg}")
+        files = list_snapshots(args.ckpt, sigma_rels=in_sigma_rels)
+        exact = [s.nimg for s in files if s.nimg // 1000 == args.kimg]
+        nimg = max(exact) if exact else kimg_to_nimg(args.kimg)
+    paths = reconstruct_snapshots(args.ckpt, sigma_rels, args.out, nimg=nimg,
+                                  in_sigma_rels=in_sigma_rels, dtype=getattr(torch, args.dtype))
+    for sigma_rel, path in zip(sigma_rels, paths):
+        print(f"sigma_rel {sigma_rel:.3f} -> {path}")
+    return 0

@@ -1,0 +1,17 @@
+"""Files in and out: everything that reads or writes a model, a program or a sample.
+
+    checkpoints.py       edm-fast .safetensors checkpoints (weights + config), atomic writes
+    official.py          NVlabs EDM snapshots (.pkl/.pt) read without running their code
+    official_edm2.py     NVlabs EDM2 snapshots, on the same restricted reader
+    models.py            a model name or path -> a ready denoiser and its model card
+    export.py            AOTInductor (.pt2) and TorchScript exports with their metadata
+    onnx_export.py       ONNX export; onnx_check.py checks an ONNX file's external data
+    openvino_export.py   OpenVINO IR export
+    exported.py          an exported .pt2/.ts file loaded back as a denoiser
+    trusted_exports.py   the record of exports this user wrote (loading one runs it)
+    program_file.py      a sampling program as a text file (the standalone binary's --plan)
+    samples.py           writing samples: grids, per-seed PNGs, .npz, plots; the atomic writer
+
+May import: the core (top-level modules of ``edm_fast``) and ``nets``. Never imports
+``sampling``, ``train``, ``eval``, ``serve`` or ``cli``.
+"""
