@@ -110,7 +110,7 @@ def frechet_distance_to_stats(features, mu2, sigma2) -> float:
 
 def save_reference_stats(path, mu, sigma, **extra) -> Path:
     """Write ``mu`` and ``sigma`` (float64) as NVlabs/edm's fid.py does, plus named extras."""
-    from ..io.samples import atomic_save
+    from ..io.files import atomic_write
 
     path = Path(path)
     if path.suffix != ".npz":
@@ -122,7 +122,7 @@ def save_reference_stats(path, mu, sigma, **extra) -> Path:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    atomic_save(save, path)
+    atomic_write(path, save)
     return path
 
 

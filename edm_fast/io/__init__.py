@@ -10,7 +10,8 @@
     exported.py          an exported .pt2/.ts file loaded back as a denoiser
     trusted_exports.py   the record of exports this user wrote (loading one runs it)
     program_file.py      a sampling program as a text file (the standalone binary's --plan)
-    samples.py           writing samples: grids, per-seed PNGs, .npz, plots; the atomic writer
+    samples.py           writing samples: grids, per-seed PNGs, .npz, plots
+    files.py             the one atomic file writer
 
 May import: the core (top-level modules of ``edm_fast``) and ``nets``. Never imports
 ``sampling``, ``train``, ``eval``, ``serve`` or ``cli``.

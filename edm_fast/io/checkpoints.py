@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadFileError
+from .files import atomic_write
 
 __all__ = [
     "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint", "class_names",
@@ -44,34 +45,6 @@ class UnreadableCheckpointError(CheckpointError):
     """A file that safetensors cannot read: truncated (a copy cut short) or corrupt."""
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # the mode open() gives a new file here (0644 with umask 022)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        try:
-            write(tmp)
-        except Exception as exc:  # safetensors reports a full disk as its own error type
-            if type(exc).__name__ != "SafetensorError":
-                raise
-            raise OSError(f"could not write {path}: {exc}") from exc
-        os.chmod(tmp, _FILE_MODE)  # safetensors writes 0600; give the mode of every other output
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Atomically write ``tensors`` (CPU copies are made) and ``meta`` (JSON) to ``path``."""
     from safetensors.torch import save_file
@@ -79,7 +52,8 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     path = Path(path)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     doc = json.dumps({"format_version": FORMAT_VERSION, **meta}, sort_keys=True)
-    _atomic_write(path, lambda p: save_file(cpu, str(p), metadata={"edm_fast": doc}))
+    atomic_write(path, lambda p: save_file(cpu, str(p), metadata={"edm_fast": doc}),
+                 durable=True)
     return path
 
 
@@ -111,13 +85,14 @@ def list_checkpoints(folder) -> list[Path]:
 
 
 def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete the hidden .ckpt-*.tmp<pid> files of writes that a killed process (SIGKILL, power
-    loss) never finished or cleaned up, when no process <pid> runs; returns them."""
+    """Delete the hidden .ckpt-*.tmp<pid>[.safetensors] files (io/files.py) of writes that a
+    killed process (SIGKILL, power loss) never finished or cleaned up, when no process <pid>
+    runs; returns them."""
     folder = Path(folder)
     stale = []
     for p in sorted(folder.glob(".ckpt-*.safetensors.tmp*")) if folder.is_dir() else []:
-        pid = p.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and _process_exists(int(pid)):
+        pid = re.search(r"\.tmp(\d+)", p.name)
+        if pid and _process_exists(int(pid.group(1))):
             continue
         p.unlink(missing_ok=True)
         stale.append(p)

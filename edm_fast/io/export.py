@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import BadFileError
-from .samples import atomic_save
+from .files import atomic_write
 from ..precond import Denoiser, NotADenoiserError
 from .trusted_exports import record_export
 
@@ -266,8 +266,8 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
     try:
         with torch.no_grad():
             program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-            atomic_save(lambda tmp: torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp), inductor_configs=configs), path)
+            atomic_write(path, lambda tmp: torch._inductor.aoti_compile_and_package(
+                program, package_path=str(tmp), inductor_configs=configs))
     finally:
         restore()
     record_export(path)  # a program edm-fast wrote: loaders may run it (trusted_exports)
@@ -297,8 +297,8 @@ def export_torchscript(denoiser, example_shape: Sequence[int], *, label_dim: int
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(module, args)
             text = "".join(f"{k}={v}\n" for k, v in meta.items())
-            atomic_save(lambda tmp: torch.jit.save(traced, str(tmp),
-                                                   _extra_files={METADATA_FILE: text}), path)
+            atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp),
+                                                          _extra_files={METADATA_FILE: text}))
     finally:
         restore()
     record_export(path)

@@ -59,7 +59,7 @@ import torch
 
 from .export import (ExportableDenoiser, _metadata, output_file, _prepare, _unwrap,
                      require_exportable)
-from .samples import atomic_save
+from .files import atomic_write
 from ..precond import Denoiser
 
 __all__ = [
@@ -355,7 +355,7 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
                               providers, TOLERANCE[dtype] if tolerance is None else tolerance)
             reports.append(report)
 
-        atomic_save(write, path)
+        atomic_write(path, write)
     finally:
         restore()
     return reports[0]

@@ -34,7 +34,7 @@ import math
 import os
 from pathlib import Path
 
-from .samples import atomic_save
+from .files import atomic_write
 from ..plan import SamplingPlan
 from ..program import EVAL, LIN, Op, Program
 
@@ -76,7 +76,7 @@ def write_program_file(path: str | os.PathLike, plan: SamplingPlan) -> str:
     path = os.fspath(path)
     text = format_program(plan)
 
-    atomic_save(lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

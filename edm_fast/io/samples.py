@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 __all__ = ["to_uint8", "to_pil_images", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy",
-           "save_figure", "atomic_save"]
+           "save_figure"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -44,27 +46,13 @@ def to_pil_images(samples: torch.Tensor) -> list:
     return [_pil(array) for array in to_uint8(samples)]
 
 
-def atomic_save(save, path: Path) -> None:
-    """``save(tmp)`` to a temporary file in the same folder (same suffix), then rename it to
-    ``path``: a crash or Ctrl-C never leaves a partial file there. Creates missing folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_figure(fig, path) -> Path:
     """Write a matplotlib figure as PNG (atomically, creating the folder) and close it. Neither
     imports pyplot nor changes its backend (see ``edm_fast.optional.figures``)."""
     from ..optional import Figures
 
     path = Path(path)
-    atomic_save(lambda p: fig.savefig(p, format="png"), path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     Figures.close(fig)
     return path
 
@@ -96,7 +84,7 @@ def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: i
         from PIL import Image
 
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    atomic_save(lambda p: img.save(p, format="PNG"), path)
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
     return path
 
 
@@ -106,7 +94,7 @@ def save_per_seed(images: torch.Tensor, seeds, folder) -> list[Path]:
     paths = []
     for array, seed in zip(to_uint8(images), seeds):
         p = folder / f"seed{int(seed):06d}.png"
-        atomic_save(lambda q, a=array: _pil(a).save(q, format="PNG"), p)
+        atomic_write(p, lambda q, a=array: _pil(a).save(q, format="PNG"))
         paths.append(p)
     return paths
 
@@ -123,7 +111,7 @@ def save_npz(samples: torch.Tensor, path, **arrays) -> Path:
         with open(tmp, "wb") as f:  # closed (flushed) before the rename
             np.savez(f, samples=data, **extra)
 
-    atomic_save(save, path)
+    atomic_write(path, save)
     return path
 
 
