@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .program import Program
-from .sampling.reference import check_churn_options, round_positive_sigmas
-from .schedules import edm_sigmas, get_sigmas, validate_sigmas
+from .schedules import (check_churn_options, edm_sigmas, get_sigmas, round_positive_sigmas,
+                        validate_sigmas)
 from .solvers import ODE_FAMILIES, SOLVERS, plan_solver
 
 __all__ = ["SamplingOptions", "SamplingPlan", "SCHEDULES", "logsnr_sigmas"]

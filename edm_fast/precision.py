@@ -33,7 +33,7 @@ import torch
 from .errors import EdmFastError
 
 __all__ = ["AUTO_CPU_MIN_GFLOP", "NET_DTYPE_CHOICES", "NetPrecision", "bf16_hardware",
-           "fp16_hardware", "gflop_per_image", "network_in_dtype", "parse_net_dtype",
+           "fp16_hardware", "gflop_per_image", "parse_net_dtype",
            "resolve_net_dtype", "short_name"]
 
 NET_DTYPE_CHOICES = ("fp32", "bf16", "fp16", "auto")
@@ -199,33 +199,3 @@ def gflop_per_image(denoiser, shape, device) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         denoiser(x, torch.ones(1, device=device), labels)
     return counter.get_total_flops() / 1e9
-
-
-def network_in_dtype(denoiser, dtype: torch.dtype | None):
-    """``denoiser`` with its network running in ``dtype`` (None: unchanged): a
-    ``precond.Denoiser`` gives ``Denoiser.with_net_dtype`` (a copy when the dtype changes); an
-    exported file must have been exported in ``dtype``; any other module (a denoiser in NVlabs'
-    form, an exact toy denoiser) runs only in its own precision, and a reduced one is refused."""
-    from .precond import Denoiser
-
-    if dtype is None:
-        return denoiser
-    if isinstance(denoiser, Denoiser):
-        return denoiser.with_net_dtype(dtype)
-    from .io.exported import ExportedDenoiser
-
-    if isinstance(denoiser, ExportedDenoiser):  # its metadata says what it was exported in
-        from .io.export import read_metadata
-
-        exported = parse_net_dtype(read_metadata(denoiser.path).get("edm_fast.net_dtype",
-                                                                    "float32"))
-        if exported != dtype:
-            raise EdmFastError(f"{denoiser.path} was exported with its network in "
-                               f"{short_name(exported)}; net_dtype {short_name(dtype)} needs an "
-                               f"export in that precision (edm-fast export --dtype)")
-        return denoiser
-    if dtype == torch.float32:
-        return denoiser
-    raise EdmFastError(f"net_dtype {short_name(dtype)} needs an edm_fast Denoiser (a network with "
-                       f"its preconditioning); {type(denoiser).__name__} runs only in its own "
-                       "precision: use net_dtype fp32")

@@ -28,7 +28,7 @@ from .precond import ddpm_alpha_bars, iDDPMPrecond, vp_sigma, vp_sigma_inv
 __all__ = [
     "edm_sigmas", "vp_sigmas", "ve_sigmas", "iddpm_sigmas", "ddpm_sigmas", "SIGMA_SCHEDULES",
     "get_sigmas", "SigmaFunction", "ScaleFunction", "sigma_function", "scale_function",
-    "validate_sigmas",
+    "validate_sigmas", "round_positive_sigmas", "check_churn_options", "churn_gammas",
 ]
 
 
@@ -210,3 +210,40 @@ def sigma_function(name: str, **kwargs) -> SigmaFunction:
 
 def scale_function(name: str, sigma: SigmaFunction) -> ScaleFunction:
     return ScaleFunction(name, sigma)
+
+
+def round_positive_sigmas(values: list[float], round_sigma) -> list[float]:
+    """``round_sigma`` (a discrete-time net's nearest trained level, EDM Table 1) of every
+    positive sigma; 0 stays 0. A positive sigma that rounds to 0 (iDDPM's u_M = 0, below half its
+    smallest positive level) is refused: stepping to t = 0 early divides by zero."""
+    if round_sigma is None:
+        return list(values)
+    rounded = torch.as_tensor(round_sigma(torch.tensor(values, dtype=torch.float64)))
+    out = [float(r) if v > 0 else 0.0 for v, r in zip(values, rounded.tolist())]
+    too_small = [v for v, r in zip(values, out) if v > 0 and r <= 0]
+    if too_small:
+        raise ValueError(f"sigma={min(too_small):g} rounds to 0 on this model's discrete noise "
+                         "levels; use sigma_min >= the model's sigma_min")
+    return out
+
+
+def check_churn_options(S_churn: float, S_min: float, S_max: float,
+                        S_noise: float = 1.0) -> None:
+    """Alg. 2's options, refused when NaN (which would silently turn churn off, or fill every
+    image with NaN) or out of range: S_churn, S_noise finite and >= 0; S_min, S_max not NaN
+    (S_max may be +inf: churn up to the top of the grid; S_min > S_max: churn on no step)."""
+    if not 0 <= S_churn < math.inf:
+        raise ValueError(f"S_churn must be a finite number >= 0, got {S_churn}")
+    if not 0 <= S_noise < math.inf:
+        raise ValueError(f"S_noise must be a finite number >= 0, got {S_noise}")
+    if math.isnan(S_min) or math.isnan(S_max):
+        raise ValueError(f"S_min and S_max must be numbers, got {S_min} and {S_max}")
+
+
+def churn_gammas(sigmas: list[float], S_churn: float, S_min: float, S_max: float) -> list[float]:
+    """gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= t_i <= S_max else 0 (the gamma_i of
+    Alg. 2's caption)."""
+    check_churn_options(S_churn, S_min, S_max)
+    num_steps = len(sigmas) - 1
+    gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
+    return [gamma if S_min <= t <= S_max else 0.0 for t in sigmas[:-1]]

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .program import Expr, ProgramBuilder
-from .sampling.reference import churn_gammas
-from .schedules import ScaleFunction, SigmaFunction
+from .schedules import ScaleFunction, SigmaFunction, churn_gammas
 
 __all__ = ["SOLVERS", "SolverInfo", "ODE_FAMILIES", "plan_solver", "solver_help"]
 

@@ -20,12 +20,8 @@ import pytest
 import torch
 
 from edm_fast.errors import EdmFastError
-from edm_fast.precision import (
-    AUTO_CPU_MIN_GFLOP,
-    network_in_dtype,
-    parse_net_dtype,
-    resolve_net_dtype,
-)
+from edm_fast.precision import AUTO_CPU_MIN_GFLOP, parse_net_dtype, resolve_net_dtype
+from edm_fast.sampling.network_precision import network_in_dtype
 from edm_fast.sampling.sampler import Sampler
 
 # (max |pixel diff|, relative L2 diff) against the float32 network's images; see the docstring
@@ -75,7 +71,7 @@ def test_an_unknown_precision_is_refused_naming_the_choices(spec):
 
 def test_onnx_export_reads_the_same_spellings():
     """The onnx exporter's dtype goes through the same reader; bf16 is refused, naming why."""
-    from edm_fast.io.onnx_export import _net_dtype
+    from edm_fast.io.onnx_export import onnx_net_dtype as _net_dtype
 
     assert _net_dtype("fp16") == _net_dtype("float16") == _net_dtype(torch.float16) \
         == torch.float16

@@ -5,6 +5,7 @@
     sampler.py        ``Sampler``: options -> plan -> backend; per-seed noise; guidance
     backends/         the executors and evaluators behind ``Sampler`` (reference, compiled,
                       cpp, onnx, openvino) and the rule that picks one
+    network_precision.py  a denoiser with its network in the precision asked for
     cpp_extension.py  lazy loading of the C++ extension ``edm_fast._C``
 
 May import: the core (top-level modules of ``edm_fast``), ``nets``, ``kernels`` and ``io``.

@@ -30,7 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..schedules import ScaleFunction, SigmaFunction, validate_sigmas
+from ..schedules import (ScaleFunction, SigmaFunction, check_churn_options, churn_gammas,
+                         round_positive_sigmas, validate_sigmas)
 
 __all__ = [
     "sample_edm", "run_edm_plan", "sample_euler", "sample_heun", "sample_general",
@@ -55,21 +56,6 @@ def check_finite_samples(x: torch.Tensor, message: str = NONFINITE_SAMPLES) -> t
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(message)
     return x
-
-
-def round_positive_sigmas(values: list[float], round_sigma) -> list[float]:
-    """``round_sigma`` (a discrete-time net's nearest trained level, EDM Table 1) of every
-    positive sigma; 0 stays 0. A positive sigma that rounds to 0 (iDDPM's u_M = 0, below half its
-    smallest positive level) is refused: stepping to t = 0 early divides by zero."""
-    if round_sigma is None:
-        return list(values)
-    rounded = torch.as_tensor(round_sigma(torch.tensor(values, dtype=torch.float64)))
-    out = [float(r) if v > 0 else 0.0 for v, r in zip(values, rounded.tolist())]
-    too_small = [v for v, r in zip(values, out) if v > 0 and r <= 0]
-    if too_small:
-        raise ValueError(f"sigma={min(too_small):g} rounds to 0 on this model's discrete noise "
-                         "levels; use sigma_min >= the model's sigma_min")
-    return out
 
 
 class _Loop:
@@ -118,28 +104,6 @@ class _Loop:
             raise NonFiniteError(f"the denoiser returned NaN/Inf (evaluation {first} of "
                                  f"{len(self.bad_steps)}); check the checkpoint and inputs")
         return x
-
-
-def check_churn_options(S_churn: float, S_min: float, S_max: float,
-                        S_noise: float = 1.0) -> None:
-    """Alg. 2's options, refused when NaN (which would silently turn churn off, or fill every
-    image with NaN) or out of range: S_churn, S_noise finite and >= 0; S_min, S_max not NaN
-    (S_max may be +inf: churn up to the top of the grid; S_min > S_max: churn on no step)."""
-    if not 0 <= S_churn < math.inf:
-        raise ValueError(f"S_churn must be a finite number >= 0, got {S_churn}")
-    if not 0 <= S_noise < math.inf:
-        raise ValueError(f"S_noise must be a finite number >= 0, got {S_noise}")
-    if math.isnan(S_min) or math.isnan(S_max):
-        raise ValueError(f"S_min and S_max must be numbers, got {S_min} and {S_max}")
-
-
-def churn_gammas(sigmas: list[float], S_churn: float, S_min: float, S_max: float) -> list[float]:
-    """gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= t_i <= S_max else 0 (the gamma_i of
-    Alg. 2's caption)."""
-    check_churn_options(S_churn, S_min, S_max)
-    num_steps = len(sigmas) - 1
-    gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
-    return [gamma if S_min <= t <= S_max else 0.0 for t in sigmas[:-1]]
 
 
 def _randn_or_default(randn):

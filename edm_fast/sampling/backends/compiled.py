@@ -21,7 +21,7 @@ import torch
 
 from ...guidance import Guidance
 from ...plan import SamplingPlan
-from ...precision import network_in_dtype
+from ..network_precision import network_in_dtype
 from ..reference import NonFiniteError
 from .executor import SigmaVectors, execute, lincomb_torch, unwrap_guided
 

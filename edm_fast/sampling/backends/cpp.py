@@ -69,7 +69,7 @@ class CppBackend:
                  dtype: torch.dtype = torch.float32, device="cpu", label_dim: int | None = None,
                  model_path: str | os.PathLike | None = None, kind: str = "aoti",
                  reuse_model: bool = False, net_dtype=None, guide=None):
-        from ...precision import network_in_dtype
+        from ..network_precision import network_in_dtype
 
         if guide is not None:
             raise EdmFastError("autoguidance (a guide model) runs on the reference, compiled, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ...guidance import Guidance
 from ...plan import SamplingPlan
-from ...precision import network_in_dtype
+from ..network_precision import network_in_dtype
 from .executor import SigmaVectorCache, run_program, unwrap_guided
 
 __all__ = ["ReferenceBackend"]
