@@ -60,11 +60,7 @@ import triton.testing  # noqa: E402  (only once Triton is known to be there)
 
 SIZES = {"64x3x32x32": (64, 3, 32, 32), "1024x3x64x64": (1024, 3, 64, 64)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Arguments of each op in signature order: element tensors, per-sample (N,) scalars, floats.
-OP_ARGS = {
-    "precond_in": (("x",), ("c_in",), ()),
-    "precond_out": (("x", "F_x"), ("c_skip", "c_out"), ()),
-}
+OP_ARGS = K.OP_ARGS  # each per-sample op's arguments (lincomb has its own tests/rows)
 # lincomb rows: name -> number of sources; the op takes (srcs, coefs).
 LINCOMB_SOURCES = {"lincomb N=2": 2, "lincomb N=4": 4, "lincomb N=8": 8}
 OPS = list(OP_ARGS) + list(LINCOMB_SOURCES)

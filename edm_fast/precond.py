@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import EdmFastError
+
 __all__ = [
     "Precond", "EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "DDPMPrecond",
     "Denoiser", "PRECONDS", "make_precond", "vp_sigma", "vp_sigma_inv", "ddpm_alpha_bars",
@@ -350,9 +352,8 @@ class Denoiser(nn.Module):
         return c_skip * x + c_out * F_x.to(x.dtype)
 
 
-class NotADenoiserError(TypeError, ValueError):
-    """A model that is not a ``Denoiser`` where an exportable network is needed. Also a
-    ValueError, so that the CLI reports it as a user error in one line."""
+class NotADenoiserError(EdmFastError, TypeError):
+    """A model that is not a ``Denoiser`` where an exportable network is needed."""
 
 
 def require_denoiser(model, purpose: str) -> None:

@@ -59,12 +59,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 SHAPES = [(1, 1, 1, 1), (3, 1, 17, 17), (7, 3, 5, 9), (2, 2), (5, 1000), (5, 2500)]
 SIGMA_DATA = 0.5
 
-# Arguments of each per-sample op in signature order: element tensors, per-sample (N,) scalars.
-# (lincomb takes (srcs, coefs) and has its own tests below.)
-OP_ARGS = {
-    "precond_in": (("x",), ("c_in",), ()),
-    "precond_out": (("x", "F_x"), ("c_skip", "c_out"), ()),
-}
+OP_ARGS = K.OP_ARGS  # each per-sample op's arguments (lincomb has its own tests/rows)
 
 KERNEL_DEVICES = [d for d in ("cpu", "cuda") if K.triton_available(d)]
 

@@ -27,5 +27,12 @@ OPS = {
     "lincomb": (lincomb, lincomb_ref),
 }
 
-__all__ = ["HAS_TRITON", "MAX_SOURCES", "OPS", "triton_available",
+# The per-sample ops' arguments in signature order: (element tensors (N, ...), per-sample (N,)
+# scalars, plain floats). lincomb takes (srcs, coefs) instead.
+OP_ARGS = {
+    "precond_in": (("x",), ("c_in",), ()),
+    "precond_out": (("x", "F_x"), ("c_skip", "c_out"), ()),
+}
+
+__all__ = ["HAS_TRITON", "MAX_SOURCES", "OPS", "OP_ARGS", "triton_available",
            *(n for pair in OPS.values() for n in (pair[0].__name__, pair[1].__name__))]
