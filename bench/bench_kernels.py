@@ -38,10 +38,7 @@ import time
 import pytest
 import torch
 
-try:
-    import edm_fast.kernels as K
-except ImportError:  # the source tree, not installed
-    import kernels as K
+import edm_fast.kernels as K
 
 try:
     from bench.results import append_results

@@ -47,10 +47,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    import edm_fast.kernels as K
-except ImportError:  # the source tree, not installed: kernels/ is importable from the repo root
-    import kernels as K
+import edm_fast.kernels as K
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
