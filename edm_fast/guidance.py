@@ -36,7 +36,7 @@ def one_hot_labels(labels, label_dim: int, *, batch: int, device=None, dtype=tor
                              f"{labels.min().item()}..{labels.max().item()}")
         labels = nn.functional.one_hot(labels.long(), label_dim)
     if labels.shape != (batch, label_dim):
-        raise ValueError(f"class labels must be ({batch},) ints or ({batch}, {label_dim}) floats, "
+        raise ValueError(f"class_labels must be ({batch},) ints or ({batch}, {label_dim}) floats, "
                          f"got {given}")
     return labels.to(dtype)
 

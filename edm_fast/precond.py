@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import EdmFastError
+from .guidance import one_hot_labels
 
 __all__ = [
     "Precond", "EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "DDPMPrecond",
@@ -316,22 +317,9 @@ class Denoiser(nn.Module):
         return param.dtype if param is not None else x.dtype
 
     def labels(self, class_labels, batch: int, device, dtype) -> torch.Tensor | None:
-        """Normalise labels to (N, label_dim) float: ints become one-hot, None becomes zeros."""
-        if self.label_dim == 0:
-            if class_labels is not None:
-                raise ValueError("this denoiser is unconditional; class_labels must be None")
-            return None
-        if class_labels is None:
-            return torch.zeros(batch, self.label_dim, device=device, dtype=dtype)
-        labels = torch.as_tensor(class_labels, device=device)
-        if labels.ndim == 1 and not labels.is_floating_point():
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
-                raise ValueError(f"class labels must lie in [0, {self.label_dim})")
-            labels = nn.functional.one_hot(labels.long(), self.label_dim)
-        if labels.shape != (batch, self.label_dim):
-            raise ValueError(f"class_labels must be ({batch},) ints or ({batch}, {self.label_dim}) "
-                             f"floats, got shape {tuple(labels.shape)}")
-        return labels.to(dtype)
+        """Labels as the network takes them: (N, label_dim) float, ints one-hot, None zeros."""
+        return one_hot_labels(class_labels, self.label_dim, batch=batch, device=device,
+                              dtype=dtype)
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None):
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1)
