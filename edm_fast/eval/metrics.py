@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["DigitsClassifier", "ImageClassifier", "frechet_distance", "feature_stats", "sliced_wasserstein",
-           "mean_and_se"]
+__all__ = ["DigitsClassifier", "ImageClassifier", "frechet_distance", "feature_stats",
+           "sliced_wasserstein", "mean_and_se"]
 
 
 class DigitsClassifier(nn.Module):

@@ -10,7 +10,8 @@ x_t). Then y ~ N(0, 1) at sigma_max and y = x at sigma = 0, and the density tran
 p_y(y; sigma) = p(y / s; sigma) / s^D. The time axis is u = sigma^(1/rho), rho = 7, the variable
 in which EDM's steps are uniform (Eq. 5), with sigma_max on the left.
 
-- ``record_trajectories``: the state after every step of a named sampler (edm_fast.eval.compare).
+- ``record_trajectories``: the state after every step of a named sampler
+  (``edm_fast.eval.samplers_at_nfe``).
 - ``plot_trajectories_1d`` / ``animate_trajectories_1d``: 1-D paths over the density, as a PNG
   or an animated GIF (Pillow) with a side panel comparing the samples' histogram with p(x; sigma).
 - ``plot_frames_2d``: for 2-D data, a grid of frames (rows = samplers, columns = sigma levels).
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .compare import SAMPLER_LABELS, sample_at_nfe, sigma_grid, steps_for_nfe
+from .samplers_at_nfe import SAMPLER_LABELS, sample_at_nfe, sigma_grid, steps_for_nfe
 from ..io.samples import save_figure
 from ..noise import SeedNoise
 

@@ -1,7 +1,12 @@
-"""Writing samples: image grids, per-seed PNGs, .npz arrays, and toy-data scatter plots."""
+"""Writing samples: image grids, per-seed PNGs, .npz arrays, and toy-data scatter plots.
+
+Holds the package's one image-grid tiler (``tile_images``) and its one PNG encoder
+(``png_bytes``); the comparison's sample sheets and the server's PNG responses use them too.
+"""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -12,8 +17,8 @@ import torch
 
 from .files import atomic_write
 
-__all__ = ["to_uint8", "to_pil_images", "save_grid", "save_per_seed", "save_npz", "save_samples", "plot_toy",
-           "save_figure"]
+__all__ = ["to_uint8", "to_pil_images", "tile_images", "png_bytes", "save_grid", "save_per_seed",
+           "save_npz", "save_samples", "plot_toy", "save_figure"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -46,6 +51,33 @@ def to_pil_images(samples: torch.Tensor) -> list:
     return [_pil(array) for array in to_uint8(samples)]
 
 
+def png_bytes(array: np.ndarray) -> bytes:
+    """(H, W, C) uint8, C = 1 or 3, as ``to_uint8`` gives one image -> PNG bytes (greyscale
+    for C = 1, RGB for C = 3)."""
+    buf = io.BytesIO()
+    _pil(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tile_images(images: torch.Tensor, ncol: int, *, padding: int = 1,
+                background: float = -1.0) -> torch.Tensor:
+    """Images (N, C, H, W) -> one float32 image (C, H', W'): ``ncol`` per row in order,
+    ``padding`` pixels of ``background`` between and around them (-1 is black and 1 white for
+    images in [-1, 1]). The values are copied as they are, not clipped."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(images.shape)}")
+    images = images.detach().float().cpu()
+    n, c, h, w = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = torch.full((c, nrow * (h + padding) + padding, ncol * (w + padding) + padding),
+                      float(background))
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        y, x = padding + r * (h + padding), padding + q * (w + padding)
+        grid[:, y:y + h, x:x + w] = images[k]
+    return grid
+
+
 def save_figure(fig, path) -> Path:
     """Write a matplotlib figure as PNG (atomically, creating the folder) and close it. Neither
     imports pyplot nor changes its backend (see ``edm_fast.optional.figures``)."""
@@ -62,29 +94,22 @@ MAX_GRID_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: larger PNGs d
 
 def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 1,
               scale: int | None = None) -> Path:
-    """Tile (N, C, H, W) images into one PNG, nrow per row (default: a square-ish grid)."""
+    """Tile (N, C, H, W) images into one PNG, nrow per row (default: a square-ish grid), on
+    black padding."""
     path = Path(path)
-    arr = to_uint8(images)
-    n, h, w, c = arr.shape
+    n = len(images)
     nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
-    for k in range(n):
-        r, col = divmod(k, nrow)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y:y + h, x:x + w] = arr[k]
-    img = _pil(grid)
+    grid = to_uint8(tile_images(images, nrow, padding=padding)[None])[0]
+    h, w = images.shape[-2:]
     # small tiles are enlarged for viewing, but the grid's longer side stays within 4096 px
     scale = scale or max(1, min(256 // max(h, w), 4096 // max(grid.shape[:2])))
     if grid.shape[0] * grid.shape[1] * scale**2 > MAX_GRID_PIXELS:
-        warnings.warn(f"a grid of {n} images is {img.width * scale} x {img.height * scale} px, "
-                      "more than image viewers open; write a folder or an .npz instead",
-                      stacklevel=2)
+        warnings.warn(f"a grid of {n} images is {grid.shape[1] * scale} x "
+                      f"{grid.shape[0] * scale} px, more than image viewers open; write a "
+                      "folder or an .npz instead", stacklevel=2)
     if scale > 1:
-        from PIL import Image
-
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    atomic_write(path, lambda p: img.save(p, format="PNG"))
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest-neighbour
+    atomic_write(path, lambda p: p.write_bytes(png_bytes(grid)))
     return path
 
 
@@ -94,7 +119,7 @@ def save_per_seed(images: torch.Tensor, seeds, folder) -> list[Path]:
     paths = []
     for array, seed in zip(to_uint8(images), seeds):
         p = folder / f"seed{int(seed):06d}.png"
-        atomic_write(p, lambda q, a=array: _pil(a).save(q, format="PNG"))
+        atomic_write(p, lambda q, a=array: q.write_bytes(png_bytes(a)))
         paths.append(p)
     return paths
 

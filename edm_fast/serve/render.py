@@ -26,19 +26,11 @@ def render(rows: torch.Tensor, meta: dict, fmt: str) -> tuple[str, bytes, dict]:
     if fmt == "json":
         body = {**meta, "shape": list(rows.shape[1:]), "samples": rows.float().tolist()}
         return "application/json", json.dumps(body).encode(), {}
-    from ..io.samples import to_uint8
+    from ..io.samples import png_bytes, to_uint8
 
-    pngs = [_png(a) for a in to_uint8(rows)]
+    pngs = [png_bytes(a) for a in to_uint8(rows)]
     if len(pngs) == 1:
         return "image/png", pngs[0], seeds_header
     body = {**meta, "images": [base64.b64encode(p).decode("ascii") for p in pngs]}
     return "application/json", json.dumps(body).encode(), {}
 
-
-def _png(array: np.ndarray) -> bytes:
-    """(H, W, C) uint8 -> PNG bytes (greyscale for C = 1)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
-    return buf.getvalue()
