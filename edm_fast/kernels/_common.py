@@ -80,21 +80,21 @@ def require_triton(op: str, device: torch.device) -> None:
 # Checks run by every launcher (and by the fake implementations used while tracing).
 
 
-def _is_sample_major(x: torch.Tensor) -> bool:
+def is_sample_major(x: torch.Tensor) -> bool:
     """Each sample is one contiguous run of memory: contiguous, or channels_last when 4-D."""
     if x.is_contiguous():
         return True
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same element order in memory (strides of size-1 dims do not matter)."""
     if a.stride() == b.stride():
         return True
     return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
-def _check_float_tensor(op: str, name: str, t) -> None:
+def check_float_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPES:
@@ -109,27 +109,27 @@ def check_inputs(op: str, tensors: dict, scalars: dict) -> None:
     device or memory layout, each naming the argument and what to do about it.
     """
     (x_name, x), *others = tensors.items()
-    _check_float_tensor(op, x_name, x)
+    check_float_tensor(op, x_name, x)
     if x.dim() < 1:
         raise ValueError(f"{op}: {x_name} must have a batch dimension, shape (N, ...); got a 0-d "
                          "tensor")
-    if not _is_sample_major(x):
+    if not is_sample_major(x):
         raise ValueError(f"{op}: {x_name} is not contiguous (strides {tuple(x.stride())}); call "
                          ".contiguous() on it (4-D channels_last is also accepted)")
     for name, t in others:
-        _check_float_tensor(op, name, t)
-        _check_device(op, name, t, x_name, x)
+        check_float_tensor(op, name, t)
+        check_device(op, name, t, x_name, x)
         if t.shape != x.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {x_name} has shape "
                              f"{tuple(x.shape)}; they must match")
-        if not _same_layout(t, x):
+        if not same_layout(t, x):
             raise ValueError(f"{op}: {name} (strides {tuple(t.stride())}) must have the memory "
                              f"layout of {x_name} (strides {tuple(x.stride())}); call "
                              ".contiguous() on both")
     n = x.shape[0]
     for name, s in scalars.items():
-        _check_float_tensor(op, name, s)
-        _check_device(op, name, s, x_name, x)
+        check_float_tensor(op, name, s)
+        check_device(op, name, s, x_name, x)
         if s.shape != (n,):
             raise ValueError(f"{op}: {name} must have shape (N,) = ({n},), one value per sample; "
                              f"got {tuple(s.shape)}. For one shared value t use "
@@ -148,14 +148,14 @@ def check_outs(op: str, x_name: str, x: torch.Tensor, outs: dict) -> None:
         if t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; outputs have {x_name}'s dtype, "
                             f"{x.dtype}")
-        _check_device(op, name, t, x_name, x)
-        if t.shape != x.shape or not _same_layout(t, x):
+        check_device(op, name, t, x_name, x)
+        if t.shape != x.shape or not same_layout(t, x):
             raise ValueError(f"{op}: {name} must have {x_name}'s shape {tuple(x.shape)} and "
                              f"strides {tuple(x.stride())}; got {tuple(t.shape)} and "
                              f"{tuple(t.stride())} (allocate it with torch.empty_like)")
 
 
-def _check_device(op, name, t, x_name, x) -> None:
+def check_device(op, name, t, x_name, x) -> None:
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {x_name} is on {x.device}; move it "
                          f"with .to({x_name}.device)")

@@ -26,10 +26,10 @@ import torch
 from ._common import (
     HAS_TRITON,
     NAMESPACE,
-    _check_device,
-    _check_float_tensor,
-    _is_sample_major,
-    _same_layout,
+    check_device,
+    check_float_tensor,
+    is_sample_major,
+    same_layout,
     check_outs,
     compute_dtype,
     finish,
@@ -73,21 +73,21 @@ def check_lincomb(op: str, srcs, coefs, out=None) -> None:
         if not math.isfinite(c):
             raise ValueError(f"{op}: coefs[{j}] is {c}; coefficients must be finite")
     x = srcs[0]
-    _check_float_tensor(op, "srcs[0]", x)
-    if not _is_sample_major(x):
+    check_float_tensor(op, "srcs[0]", x)
+    if not is_sample_major(x):
         raise ValueError(f"{op}: srcs[0] is not contiguous (strides {tuple(x.stride())}); call "
                          ".contiguous() on it (4-D channels_last is also accepted)")
     for j, t in enumerate(srcs[1:], start=1):
         name = f"srcs[{j}]"
-        _check_float_tensor(op, name, t)
+        check_float_tensor(op, name, t)
         if t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but srcs[0] has {x.dtype}; all "
                             "sources must have one dtype")
-        _check_device(op, name, t, "srcs[0]", x)
+        check_device(op, name, t, "srcs[0]", x)
         if t.shape != x.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but srcs[0] has shape "
                              f"{tuple(x.shape)}; they must match")
-        if not _same_layout(t, x):
+        if not same_layout(t, x):
             raise ValueError(f"{op}: {name} (strides {tuple(t.stride())}) must have the memory "
                              f"layout of srcs[0] (strides {tuple(x.stride())}); call "
                              ".contiguous() on both")
