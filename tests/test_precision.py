@@ -71,12 +71,12 @@ def test_an_unknown_precision_is_refused_naming_the_choices(spec):
 
 def test_onnx_export_reads_the_same_spellings():
     """The onnx exporter's dtype goes through the same reader; bf16 is refused, naming why."""
-    from edm_fast.io.onnx_export import onnx_net_dtype as _net_dtype
+    from edm_fast.io.onnx_export import onnx_net_dtype
 
-    assert _net_dtype("fp16") == _net_dtype("float16") == _net_dtype(torch.float16) \
+    assert onnx_net_dtype("fp16") == onnx_net_dtype("float16") == onnx_net_dtype(torch.float16) \
         == torch.float16
     with pytest.raises(ValueError, match="no bf16 convolutions"):
-        _net_dtype("bf16")
+        onnx_net_dtype("bf16")
 
 
 # ------------------------------------------------------------------------------------------

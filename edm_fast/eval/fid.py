@@ -128,15 +128,16 @@ def save_reference_stats(path, mu, sigma, **extra) -> Path:
 
 def _read_edm2_pickle(path: Path) -> dict[str, np.ndarray]:
     """NVlabs/edm2's reference statistics (``img512.pkl``, ``img64.pkl``): a pickle of
-    {'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}, ...}, read by edm_fast.io.official's
+    {'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}, ...}, read by edm_fast.io.official_pickle's
     restricted unpickler (plain containers and numpy arrays of numbers only; no code runs)."""
-    from ..io.official import _PARSE_ERRORS, _ArrayRecord, _read_file
+    from ..io.official_pickle import read_pickle_file
+    from ..io.official_records import PARSE_ERRORS, ArrayRecord
 
     try:
-        root = _read_file(path)
+        root = read_pickle_file(path)
     except BadFileError as exc:
         raise BadFileError(f"{path}: {exc}") from None
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise BadFileError(f"{path} is not a readable pickle of statistics ({exc})") from None
     arrays = {}
     for metric, prefix in (("fid", ""), ("fd_dinov2", "dinov2_")):
@@ -145,7 +146,7 @@ def _read_edm2_pickle(path: Path) -> dict[str, np.ndarray]:
             continue
         for name in ("mu", "sigma"):
             value = stats.get(name)
-            if not isinstance(value, _ArrayRecord) or value.array is None:
+            if not isinstance(value, ArrayRecord) or value.array is None:
                 raise BadFileError(f"{path}: '{metric}' has no numeric array '{name}'")
             arrays[prefix + name] = value.array.astype(np.float64)
     return arrays

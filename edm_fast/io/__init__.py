@@ -1,8 +1,10 @@
 """Files in and out: everything that reads or writes a model, a program or a sample.
 
     checkpoints.py       edm-fast .safetensors checkpoints (weights + config), atomic writes
-    official.py          NVlabs EDM snapshots (.pkl/.pt) read without running their code
-    official_edm2.py     NVlabs EDM2 snapshots, on the same restricted reader
+    official.py          NVlabs EDM/EDM2 snapshots (.pkl/.pt) -> config, Denoiser, checkpoint
+    official_edm2.py     the config of an NVlabs EDM2 snapshot (Precond + encoder records)
+    official_pickle.py   the restricted unpickler: .pkl/.pt/.pth files read without running code
+    official_records.py  what it builds (inert module/tensor/numpy records) and its cost bounds
     models.py            a model name or path -> a ready denoiser and its model card
     export.py            AOTInductor (.pt2) and TorchScript exports with their metadata
     onnx_export.py       ONNX export; onnx_check.py checks an ONNX file's external data

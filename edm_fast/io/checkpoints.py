@@ -28,7 +28,7 @@ from .files import atomic_write
 __all__ = [
     "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint", "class_names",
     "list_checkpoints", "remove_stale_temporaries", "UnreadableCheckpointError",
-    "build_denoiser", "load_denoiser_checkpoint", "net_spec", "load_official",
+    "build_denoiser", "load_denoiser_checkpoint", "net_spec",
     "export_inference_checkpoint", "check_config", "check_weights", "read_inference_weights",
     "FORMAT_VERSION", "DEFAULT_MAX_PARAMS", "MAX_SAMPLE_VALUES", "max_params_limit",
 ]
@@ -237,8 +237,8 @@ def check_config(meta, path, *, max_params: int | None = None) -> torch.nn.Modul
     """Check a checkpoint's metadata before anything is allocated and return its network built
     on the ``meta`` device (no memory for weights): a known arch with bounded plain kwargs, at
     most ``max_params`` parameters (default: max_params_limit()), a known precond with
-    finite values, a positive ``sample_shape`` of at most MAX_SAMPLE_VALUES values. CheckpointError (a BadFileError)
-    naming ``path`` otherwise."""
+    finite values, a positive ``sample_shape`` of at most MAX_SAMPLE_VALUES values.
+    CheckpointError (a BadFileError) naming ``path`` otherwise."""
     from ..nets.presets import ARCHS
 
     if not isinstance(meta, dict):
@@ -427,10 +427,3 @@ def export_inference_checkpoint(src, dst, *, dtype: torch.dtype | None = None,
             for k, v in state.items()}
     meta = {k: v for k, v in meta.items() if k not in ("optimizer", "stream")}
     return save_checkpoint(dst, keep, meta)
-
-
-def load_official(path, *, device="cpu"):
-    """Load an official NVlabs EDM snapshot (.pkl) without executing its embedded code."""
-    from .official import load_official as _load
-
-    return _load(path, device=device)

@@ -51,7 +51,8 @@ from .trusted_exports import record_export
 
 __all__ = [
     "ExportableDenoiser", "export_aoti", "export_torchscript", "read_metadata", "METADATA_FILE",
-    "is_nvlabs_denoiser", "output_file", "require_exportable",
+    "is_nvlabs_denoiser", "output_file", "require_exportable", "unwrap_guidance",
+    "prepare_for_export", "export_metadata",
 ]
 
 METADATA_FILE = "edm_fast_metadata.txt"  # TorchScript extra file (csrc/denoiser_runner.h)
@@ -153,7 +154,9 @@ class ExportableDenoiser(nn.Module):
         return c_skip.reshape(shape) * x + c_out.reshape(shape) * F_x.to(x.dtype)
 
 
-def _unwrap(denoiser):
+def unwrap_guidance(denoiser):
+    """The denoiser a ``GuidedDenoiser`` wraps (exports hold one network, unguided), else the
+    denoiser itself."""
     inner = getattr(denoiser, "denoiser", None)  # GuidedDenoiser -> its denoiser
     exportable = isinstance(inner, Denoiser) or is_nvlabs_denoiser(inner)
     return inner if exportable and not isinstance(denoiser, Denoiser) else denoiser
@@ -168,10 +171,11 @@ def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(module).to(device)
 
 
-def _prepare(denoiser, example_shape: Sequence[int], label_dim: int | None, device, dtype,
-             min_batch: int):
-    """(module in eval mode, example args, label_dim, sample shape, restore-training callback)."""
-    denoiser = _unwrap(denoiser)
+def prepare_for_export(denoiser, example_shape: Sequence[int], label_dim: int | None, device,
+                       dtype, min_batch: int):
+    """What every exporter traces: (``ExportableDenoiser`` in eval mode, example args,
+    label_dim, sample shape, restore-training callback)."""
+    denoiser = unwrap_guidance(denoiser)
     device = torch.device(device)
     example_shape = tuple(int(n) for n in example_shape)
     if len(example_shape) < 2 or min(example_shape) < 1:
@@ -209,8 +213,10 @@ def output_file(path) -> str:
     return path
 
 
-def _metadata(module: ExportableDenoiser, sample_shape, label_dim: int, dtype, device,
-              dynamic_batch: bool, batch: int) -> dict[str, str]:
+def export_metadata(module: ExportableDenoiser, sample_shape, label_dim: int, dtype, device,
+                    dynamic_batch: bool, batch: int) -> dict[str, str]:
+    """The ``edm_fast.*`` metadata every exported file carries (read back by ``read_metadata``
+    and the loaders): format, label_dim, sample shape, dtypes, device, batch."""
     return {
         "edm_fast.format": METADATA_FORMAT,
         "edm_fast.label_dim": str(label_dim),
@@ -253,15 +259,15 @@ def export_aoti(denoiser, example_shape: Sequence[int], *, label_dim: int | None
     path = output_file(path)
     if not path.endswith(".pt2"):
         raise ValueError(f"an AOTInductor package path must end in '.pt2', got {path!r}")
-    module, args, label_dim, sample_shape, restore = _prepare(
+    module, args, label_dim, sample_shape, restore = prepare_for_export(
         denoiser, example_shape, label_dim, device, dtype, min_batch=2 if dynamic_batch else 1)
     batch = args[0].shape[0]
     dynamic_shapes = None
     if dynamic_batch:
         dim = torch.export.Dim("batch", min=1)
         dynamic_shapes = tuple({0: dim} for _ in args)
-    configs = {"aot_inductor.metadata": _metadata(module, sample_shape, label_dim, dtype, device,
-                                                  dynamic_batch, batch)}
+    configs = {"aot_inductor.metadata": export_metadata(module, sample_shape, label_dim, dtype,
+                                                        device, dynamic_batch, batch)}
     configs.update(inductor_configs or {})
     try:
         with torch.no_grad():
@@ -288,9 +294,9 @@ def export_torchscript(denoiser, example_shape: Sequence[int], *, label_dim: int
     Missing parent folders of ``path`` are created.
     """
     path = output_file(path)
-    module, args, label_dim, sample_shape, restore = _prepare(
+    module, args, label_dim, sample_shape, restore = prepare_for_export(
         denoiser, example_shape, label_dim, device, dtype, min_batch=2)
-    meta = _metadata(module, sample_shape, label_dim, dtype, device, True, args[0].shape[0])
+    meta = export_metadata(module, sample_shape, label_dim, dtype, device, True, args[0].shape[0])
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -73,7 +73,7 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
                          "with the .safetensors checkpoint it was exported from, or an "
                          "AOTInductor (.pt2) or TorchScript (.ts) export")
     if path.suffix in (".pkl", ".pt"):  # official snapshot / training-state archive
-        from .checkpoints import load_official
+        from .official import load_official
 
         return _for_inference(load_official(path, device=device))
     from .checkpoints import load_denoiser_checkpoint

@@ -1,6 +1,8 @@
 """Official NVlabs/edm2 snapshots (``edm2-img512-*.pkl``, ``edm2-img64-*.pkl``, EMA-reconstructed
-or raw ``*-KIMG-SIGMA.pkl``), read by edm_fast.io.official's restricted unpickler, which never runs
-their code.
+or raw ``*-KIMG-SIGMA.pkl``) as edm-fast configs, from the inert records that
+edm_fast.io.official_pickle's restricted unpickler reads (it never runs their code);
+edm_fast.io.official dispatches here and checks and loads the result
+(``official.read_official_edm2``).
 
 A snapshot is a pickle of ``{'ema': Precond, 'encoder': StabilityVAEEncoder |
 StandardRGBEncoder, 'dataset_kwargs', 'loss_fn'}``. ``Precond`` (EDM preconditioning, sigma_data
@@ -17,11 +19,9 @@ import inspect
 import math
 from pathlib import Path
 
-import torch
+from .official_records import ModuleRecord, OfficialFormatError, plain_value, record_arg, short_text
 
-from .official import ModuleRecord, OfficialFormatError, _arg, _checked, _plain, _short
-
-__all__ = ["edm2_config", "read_official_edm2", "EDM2_ENCODERS"]
+__all__ = ["edm2_config", "EDM2_ENCODERS"]
 
 EDM2_ENCODERS = ("StabilityVAEEncoder", "StandardRGBEncoder")
 _PRECOND_ARGS = {"img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data",
@@ -42,12 +42,12 @@ def _encoder(root) -> dict | None:
     if not isinstance(record, ModuleRecord):
         return None
     if record.class_name not in EDM2_ENCODERS:
-        raise OfficialFormatError(f"unsupported encoder class {_short(record.class_name)}; "
+        raise OfficialFormatError(f"unsupported encoder class {short_text(record.class_name)}; "
                                   f"expected one of {', '.join(EDM2_ENCODERS)}")
     info = {"class": record.class_name}
     for key in ("vae_name", "scale", "bias", "batch_size"):
         if key in record.attrs:
-            info[key] = _plain(record.attrs[key])
+            info[key] = plain_value(record.attrs[key])
     for key in ("scale", "bias"):
         value = info.get(key)
         if value is not None and not (isinstance(value, list) and all(
@@ -62,24 +62,26 @@ def edm2_config(wrapper: ModuleRecord, root, path: Path, source: str) -> dict:
     and the ``official`` block (classes, kwargs, use_fp16, encoder, dataset_kwargs)."""
     kwargs = dict(wrapper.init_kwargs)
     for name in ("img_resolution", "img_channels"):
-        if not isinstance(_arg(wrapper, name), int) or isinstance(_arg(wrapper, name), bool):
+        value = record_arg(wrapper, name)
+        if not isinstance(value, int) or isinstance(value, bool):
             raise OfficialFormatError(f"Precond has no integer {name}")
-    channels = int(_arg(wrapper, "img_channels"))
-    resolution = int(_arg(wrapper, "img_resolution"))
+    channels = int(record_arg(wrapper, "img_channels"))
+    resolution = int(record_arg(wrapper, "img_resolution"))
     unet_kwargs = {k: v for k, v in kwargs.items() if k not in _PRECOND_ARGS}
     unknown = sorted(set(unet_kwargs) - _edm2_net_args())
     if unknown:
-        raise OfficialFormatError(f"EDM2 U-Net argument(s) {[_short(k) for k in unknown]} are "
+        raise OfficialFormatError(f"EDM2 U-Net argument(s) {[short_text(k) for k in unknown]} are "
                                   "not supported")
-    sigma_data = _arg(wrapper, "sigma_data", 0.5)
+    sigma_data = record_arg(wrapper, "sigma_data", 0.5)
     if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) \
             or not 0 < sigma_data < math.inf:
-        raise OfficialFormatError(f"Precond sigma_data {_short(repr(sigma_data))} is not a "
+        raise OfficialFormatError(f"Precond sigma_data {short_text(repr(sigma_data))} is not a "
                                   "positive number")
-    net_kwargs = {**_plain(unet_kwargs), "img_resolution": resolution, "in_channels": channels,
-                  "out_channels": channels, "label_dim": _plain(_arg(wrapper, "label_dim", 0)),
+    net_kwargs = {**plain_value(unet_kwargs), "img_resolution": resolution,
+                  "in_channels": channels, "out_channels": channels,
+                  "label_dim": plain_value(record_arg(wrapper, "label_dim", 0)),
                   "augment_dim": 0,
-                  "logvar_channels": _plain(_arg(wrapper, "logvar_channels", 128))}
+                  "logvar_channels": plain_value(record_arg(wrapper, "logvar_channels", 128))}
     dataset = root.get("dataset_kwargs") if isinstance(root, dict) else None
     unet = wrapper.children.get("unet")
     return {
@@ -90,24 +92,11 @@ def edm2_config(wrapper: ModuleRecord, root, path: Path, source: str) -> dict:
         "official": {
             "file": path.name, "object": source, "precond_class": "Precond",
             "model_class": unet.class_name if isinstance(unet, ModuleRecord) else None,
-            "use_fp16": bool(_arg(wrapper, "use_fp16", True)),
-            "precond_kwargs": _plain(kwargs), "model_kwargs": net_kwargs,
-            "persistence_version": _plain(wrapper.version),
+            "use_fp16": bool(record_arg(wrapper, "use_fp16", True)),
+            "precond_kwargs": plain_value(kwargs), "model_kwargs": net_kwargs,
+            "persistence_version": plain_value(wrapper.version),
             "module_src_sha256": wrapper.source_sha256,
             "encoder": _encoder(root),
-            "dataset_kwargs": _plain(dataset) if isinstance(dataset, dict) else None,
+            "dataset_kwargs": plain_value(dataset) if isinstance(dataset, dict) else None,
         },
     }
-
-
-def read_official_edm2(path, *, max_params: int | None = None
-                       ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(EDM2Net state dict, config) of an NVlabs/edm2 snapshot, checked as every official file
-    is (config, network size, keys, shapes, dtypes, finite values) before it is returned."""
-    from .checkpoints import DEFAULT_MAX_PARAMS
-
-    state, config = _checked(Path(path), DEFAULT_MAX_PARAMS if max_params is None
-                             else max_params)
-    if config["net"]["arch"] != "edm2":
-        raise OfficialFormatError(f"{path} is an NVlabs/edm (EDM1) snapshot, not an EDM2 one")
-    return state, config

@@ -19,8 +19,8 @@ size, including the 2N batch of classifier-free guidance; with ``dynamic_batch=F
 fixed. ``dtype`` is the dtype of the *network* inside the graph (weights and activations):
 float32, or float16 (a half copy of F; the preconditioning and the graph's inputs/outputs stay
 float32, exactly as ``precond.Denoiser`` runs around a half network). Every file carries the
-``edm_fast.*`` metadata of ``export._metadata`` plus ``edm_fast.net_dtype``, ``edm_fast.opset``
-and ``edm_fast.exporter`` as ONNX ``metadata_props``.
+``edm_fast.*`` metadata of ``export.export_metadata`` plus ``edm_fast.net_dtype``,
+``edm_fast.opset`` and ``edm_fast.exporter`` as ONNX ``metadata_props``.
 
 **What is not exported.** The sampling loop: churn (Alg. 2 l.5-6), the Euler step and the Heun
 correction (l.7-11), and the guidance mix. They are a few element-wise ops per step that
@@ -57,8 +57,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .export import (ExportableDenoiser, _metadata, output_file, _prepare, _unwrap,
-                     require_exportable)
+from .export import (ExportableDenoiser, export_metadata, output_file, prepare_for_export,
+                     require_exportable, unwrap_guidance)
 from .files import atomic_write
 from ..precond import Denoiser
 
@@ -66,6 +66,7 @@ __all__ = [
     "CHECK_SIGMAS",
     "NET_DTYPES",
     "net_in_dtype",
+    "onnx_net_dtype",
     "OUTPUT_NAME",
     "TOLERANCE",
     "OnnxCheckError",
@@ -285,7 +286,7 @@ def net_in_dtype(denoiser, dtype: torch.dtype):
     return denoiser.with_net_dtype(dtype)
 
 
-def _net_dtype(dtype) -> torch.dtype:
+def onnx_net_dtype(dtype) -> torch.dtype:
     """The graph's network dtype from any ``net_dtype`` spelling (edm_fast.precision): float32
     or float16; bfloat16 is refused (ONNX Runtime has no bfloat16 convolutions: the openvino
     backend runs a float32 graph in bf16)."""
@@ -326,18 +327,18 @@ def export_onnx(denoiser, path: str | os.PathLike, *, sample_shape: Sequence[int
 
     Returns an ``OnnxExportReport`` (max relative error in ``report.max_rel_err``).
     """
-    path, dtype = output_file(path), _net_dtype(dtype)
+    path, dtype = output_file(path), onnx_net_dtype(dtype)
     if not OPSETS[0] <= opset <= OPSETS[1]:
         raise ValueError(f"opset must be in {OPSETS[0]}..{OPSETS[1]}, got {opset}")
-    denoiser = net_in_dtype(_unwrap(denoiser), dtype)
+    denoiser = net_in_dtype(unwrap_guidance(denoiser), dtype)
     min_batch = 2 if dynamic_batch else 1
-    module, args, label_dim, sample_shape, restore = _prepare(
+    module, args, label_dim, sample_shape, restore = prepare_for_export(
         denoiser, (int(batch), *sample_shape), label_dim, "cpu", torch.float32, min_batch)
     names = ["x", "sigma"] + (["class_labels"] if label_dim > 0 else [])
     try:
         start = time.perf_counter()
-        meta = _metadata(module, sample_shape, label_dim, torch.float32, "cpu", dynamic_batch,
-                         args[0].shape[0])
+        meta = export_metadata(module, sample_shape, label_dim, torch.float32, "cpu",
+                               dynamic_batch, args[0].shape[0])
         meta["edm_fast.net_dtype"] = str(dtype).removeprefix("torch.")
 
         reports = []

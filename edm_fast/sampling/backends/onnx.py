@@ -27,7 +27,8 @@ import weakref
 import torch
 
 from ...guidance import Guidance, one_hot_labels
-from ...io.onnx_export import OUTPUT_NAME, _net_dtype, export_onnx, make_session, read_onnx_metadata
+from ...io.onnx_export import OUTPUT_NAME, export_onnx, make_session, read_onnx_metadata
+from ...io.onnx_export import onnx_net_dtype
 from ...plan import SamplingPlan
 from .executor import SigmaVectorCache, run_program, unwrap_guided
 
@@ -171,7 +172,7 @@ class OnnxBackend:
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
         self.label_dim = int(denoiser.label_dim if label_dim is None else label_dim)
-        self.net_dtype = _net_dtype(_own_net_dtype(denoiser) if net_dtype is None else net_dtype)
+        self.net_dtype = onnx_net_dtype(_own_net_dtype(denoiser) if net_dtype is None else net_dtype)
         if self.plan.guidance is not None and self.label_dim <= 0 and guide is None:
             raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
         if dtype == torch.float64:
@@ -195,7 +196,7 @@ class OnnxBackend:
         self.guide = None
         if guide is not None:
             guide_path = os.path.splitext(self.model_path)[0] + "-guide.onnx"
-            guide_dtype = _net_dtype(_own_net_dtype(guide) if net_dtype is None else net_dtype)
+            guide_dtype = onnx_net_dtype(_own_net_dtype(guide) if net_dtype is None else net_dtype)
             self.guide_export_report = export_onnx(
                 guide, guide_path, sample_shape=self.batch_shape[1:], label_dim=self.label_dim,
                 opset=opset, dtype=guide_dtype, batch=self.batch_shape[0], check=check,

@@ -222,10 +222,10 @@ class OpenVinoBackend:
     def _from_torch(self, denoiser):
         import openvino as ov
 
-        from ...io.export import _prepare
+        from ...io.export import prepare_for_export
 
-        module, args, _, _, restore = _prepare(denoiser, self.batch_shape, self.label_dim,
-                                               "cpu", torch.float32, min_batch=2)
+        module, args, _, _, restore = prepare_for_export(
+            denoiser, self.batch_shape, self.label_dim, "cpu", torch.float32, min_batch=2)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
