@@ -86,7 +86,7 @@ def readme_example() -> list[str]:
                 "--sample-every", "0", "--no-progress", "--out", f"{tmp}/run", "--device", "cpu"]
         # the step only: the end-of-run sample grid (35 NFE of a 22M net) is switched off
         cmd = [sys.executable, "-c", "import sys, edm_fast.train.loop as t; from edm_fast.cli.main "
-               "import main; t._sample_grid = lambda *a, **k: None; "
+               "import main; t.sample_grid = lambda *a, **k: None; "
                "sys.exit(main(sys.argv[1:]))", *args]
         start = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)

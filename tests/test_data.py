@@ -9,7 +9,7 @@ import pytest
 import torch
 from data_fixtures import fake_mnist, idx_bytes, make_image_folder, write_mnist
 
-from edm_fast.train import data
+from edm_fast.train import data, datasets, image_folder
 
 #----------------------------------------------------------------------------
 # MNIST IDX files, written byte by byte by data_fixtures (independently of the parser).
@@ -172,14 +172,14 @@ def test_16bit_png_scaled_by_bit_depth_not_content(tmp_path):
         assert got == [round(v / 257) for v in levels] == [0, 1, 1, 100, 156, 255]
         assert all(ds.data[i].min() == ds.data[i].max() for i in range(len(levels)))
     dark = Image.fromarray(np.linspace(0, 1000, 64, dtype=np.uint16).reshape(8, 8))
-    assert np.asarray(data._to_mode(dark, 1)).max() == 4  # a dark image stays dark
+    assert np.asarray(image_folder.to_mode(dark, 1)).max() == 4  # a dark image stays dark
     as_int32 = Image.fromarray(np.full((8, 8), 257 * 100, np.int32))  # older Pillow: mode 'I'
-    assert as_int32.mode == "I" and np.asarray(data._to_mode(as_int32, 1)).max() == 100
+    assert as_int32.mode == "I" and np.asarray(image_folder.to_mode(as_int32, 1)).max() == 100
     keyed = np.zeros((8, 8), np.uint16)
     keyed[0] = 5
     Image.fromarray(keyed).save(tmp_path / "keyed.png", transparency=5)  # tRNS grey key
     with Image.open(tmp_path / "keyed.png") as im:
-        out = np.asarray(data._to_mode(im, 1))
+        out = np.asarray(image_folder.to_mode(im, 1))
     assert (out[0] == 255).all() and (out[1:] == 0).all()  # transparent -> white background
 
 
@@ -371,7 +371,7 @@ def _tiny_images(n=24):
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=gen)
     return data.ArrayDataset(x, torch.arange(n) % 3, name="tiny", class_names=["a", "b", "c"],
-                             transform=data._fitter(pad_to=None, resolution=6, channels=3))
+                             transform=datasets.fitter(pad_to=None, resolution=6, channels=3))
 
 
 def test_workers_leave_global_rng_alone_and_match_in_process():

@@ -84,7 +84,7 @@ def test_library_plots_leave_the_notebook_backend_alone(tmp_path, monkeypatch):
     cells = [
         "import matplotlib.pyplot as plt\nplt.plot([0, 1]); plt.show()",
         ("from pathlib import Path\nimport torch\nfrom edm_fast.io.samples import plot_toy\n"
-         "from edm_fast.train.loop import _plot_losses\n"
+         "from edm_fast.train.reporting import plot_losses as _plot_losses\n"
          f"_plot_losses(Path({str(tmp_path)!r}))\n"
          f"plot_toy(torch.randn(50, 2), Path({str(tmp_path / 'toy.png')!r}))"),
         "import matplotlib\nprint(matplotlib.get_backend())\nplt.plot([1, 0]); plt.show()",

@@ -378,13 +378,13 @@ def test_signals_that_are_ignored_or_come_after_the_last_step_do_not_stop(tmp_pa
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGINT) is previous
     monkeypatch.setattr(losses.EDMLoss, "__call__", real_loss)
-    real_grid = train_module._sample_grid
+    real_grid = train_module.sample_grid
 
     def grid_with_ctrl_c(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real_grid(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_sample_grid", grid_with_ctrl_c)
+    monkeypatch.setattr(train_module, "sample_grid", grid_with_ctrl_c)
     summary = train(_toy(tmp_path / "late", 4))
     assert summary["steps"] == 4 and summary["steps_this_run"] == 4
     assert signal.getsignal(signal.SIGINT) is previous
@@ -611,7 +611,7 @@ def test_batch_gpu_accumulates_the_full_batch_gradient(loss_name):
     float32 rounding (bound 1e-5 relative: only the summation order differs)."""
     from edm_fast.io.checkpoints import build_denoiser, net_spec
     from edm_fast.losses import make_loss
-    from edm_fast.train.loop import _accumulate_gradients
+    from edm_fast.train.step import accumulate_gradients as _accumulate_gradients
 
     torch.manual_seed(0)
     spec = net_spec("tiny", img_resolution=8, img_channels=1, label_dim=3)
@@ -633,7 +633,7 @@ def test_batch_gpu_accumulates_the_full_batch_gradient(loss_name):
 
 
 def test_xflip_mirrors_about_half_and_is_reproducible(tmp_path):
-    from edm_fast.train.loop import _mirror_half
+    from edm_fast.train.step import mirror_half as _mirror_half
 
     images = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 1, 6, 4).repeat(400, 1, 1, 1)
     out = _mirror_half(images, seed=0, step=7, rank=0)

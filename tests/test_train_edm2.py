@@ -31,7 +31,7 @@ def _no_sample_grid(patch):
     out where a test does not look at it; test_cli_edm2_training_options_... keeps it."""
     import edm_fast.train.loop as train_module
 
-    patch.setattr(train_module, "_sample_grid", lambda *args, **kwargs: None)
+    patch.setattr(train_module, "sample_grid", lambda *args, **kwargs: None)
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_nonfinite_gradient_entries_are_zeroed_and_the_step_taken(tmp_path, monk
     still updates the rest; the step counts in nonfinite_total."""
     import edm_fast.train.loop as train_module
 
-    original = train_module._accumulate_gradients
+    original = train_module.accumulate_gradients
     calls = []
 
     def with_a_nan(loss_fn, train_den, *args, **kwargs):
@@ -169,7 +169,7 @@ def test_nonfinite_gradient_entries_are_zeroed_and_the_step_taken(tmp_path, monk
             train_den.model.unet.out_gain.grad.fill_(math.nan)
         return loss
 
-    monkeypatch.setattr(train_module, "_accumulate_gradients", with_a_nan)
+    monkeypatch.setattr(train_module, "accumulate_gradients", with_a_nan)
     seen = []  # the weights after each optimizer step
     update = PowerEMATracker.update
 

@@ -1,4 +1,5 @@
-"""Multi-process helpers for ``torchrun``: rank discovery, seed sharding, rank-0-only I/O."""
+"""Multi-process helpers for ``torchrun``: rank discovery, seed sharding, rank-0-only I/O, and the
+training denoiser around DistributedDataParallel."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["world_info", "init_distributed", "close_distributed", "rank_device", "shard_seeds",
-           "is_main", "barrier"]
+           "is_main", "barrier", "data_parallel"]
 
 
 def world_info() -> tuple[int, int, int]:
@@ -79,3 +80,36 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def data_parallel(denoiser, device: torch.device, edm2: bool):
+    """The denoiser that training calls under torchrun: ``denoiser``'s network wrapped in
+    DistributedDataParallel (gradients all-reduced), in the same preconditioning."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ..precond import Denoiser
+
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = DDP(denoiser.model, device_ids=ids)
+    return (_ddp_edm2_denoiser(ddp, denoiser) if edm2 else
+            Denoiser(ddp, denoiser.precond, label_dim=denoiser.label_dim))
+
+
+def _ddp_edm2_denoiser(ddp, denoiser):
+    """The EDM2 denoiser around a DistributedDataParallel of its network: D through DDP's
+    forward; u(sigma) from the wrapped module's head, whose gradients DDP's hooks on the
+    parameters all-reduce with the rest."""
+    from ..nets.edm2_precond import EDM2Denoiser
+
+    class DDPEDM2Denoiser(EDM2Denoiser):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.model, self.precond = ddp, denoiser.precond
+            self.label_dim, self.net_dtype = denoiser.label_dim, denoiser.net_dtype
+
+        def logvar(self, sigma):
+            c_noise = self.precond.coefficients(torch.as_tensor(sigma).reshape(-1))[3]
+            return self.model.module.logvar(
+                c_noise.to(torch.promote_types(c_noise.dtype, torch.float32)))
+
+    return DDPEDM2Denoiser()

@@ -6,17 +6,22 @@ working set of the libraries, and (b) the activations autograd keeps for the bac
 pass, which grow linearly with the images in one forward pass. (b) is measured, not modelled:
 one forward pass of the loss on two images counts the bytes of every tensor autograd saves
 (``torch.autograd.graph.saved_tensors_hooks``, each storage once), so every architecture,
-resolution, dropout and augmentation setting is covered as it runs.
+resolution, dropout and augmentation setting is covered as it runs. ``images_per_pass`` picks
+a training run's micro-batch (--batch-gpu) from them.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MemoryEstimate", "available_bytes", "estimate_step_memory", "fitting_micro_batch"]
+__all__ = ["MemoryEstimate", "available_bytes", "estimate_step_memory", "fitting_micro_batch",
+           "images_per_pass"]
 
 STATE_COPIES = 6  # weights, gradients, Adam's m and v, EMA weights, Adam's foreach temporaries
 RUNTIME_BYTES = 200 * 2**20  # allocator and library working memory of a training step (CPU)
@@ -103,3 +108,49 @@ def fitting_micro_batch(estimate: MemoryEstimate, images_per_rank: int,
 
 def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB"
+
+
+def images_per_pass(run, cfg, state) -> int | None:
+    """cfg.batch_gpu, or when it is unset and this rank's batch would not fit in the memory
+    available, the largest micro-batch that does, with a one-line note. ``run``: the process
+    (run_folder.Run); ``state``: the run's TrainState, its loss_fn set. The estimate runs the
+    loss on random images under a forked RNG: training's random stream is untouched."""
+    per_rank = cfg.batch // run.world
+    if cfg.batch_gpu is not None:
+        return cfg.batch_gpu
+    shape = tuple(state.meta["sample_shape"])
+    denoiser, pipe, loss_fn = state.denoiser, state.augment, state.loss_fn
+
+    def loss_of_images(n):
+        images = torch.randn(n, *shape, device=run.device)
+        labels = (torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long),
+                                              denoiser.label_dim).float().to(run.device)
+                  if denoiser.label_dim else None)
+        aug = None
+        if pipe is not None:
+            images, aug = pipe(images)
+            aug = aug.to(run.device)
+        return loss_fn(denoiser, images, labels, aug).float().mean()
+
+    cuda = [run.device] if run.device.type == "cuda" else []
+    weights = copy.deepcopy(denoiser.model.state_dict())  # EDM2 nets renormalise them in place
+    with torch.random.fork_rng(devices=cuda):
+        estimate = estimate_step_memory(denoiser.model, loss_of_images)
+    denoiser.model.load_state_dict(weights)
+    denoiser.model.zero_grad(set_to_none=True)
+    if cfg.loss == "edm2":  # one EMA copy per tracked profile, where the estimate counts one
+        extra = (len(cfg.ema_sigma_rels) - 1) * sum(p.numel() * p.element_size()
+                                                    for p in denoiser.model.parameters())
+        estimate = dataclasses.replace(estimate, state_bytes=estimate.state_bytes + extra)
+    available = available_bytes(run.device)
+    try:
+        micro = fitting_micro_batch(estimate, per_rank, available)
+    except MemoryError as exc:
+        raise ValueError(f"{exc}") from None
+    if micro is not None and run.main:
+        warnings.warn(f"a batch of {per_rank} per device needs about "
+                      f"{estimate.step_bytes(per_rank) / 2**30:.1f} GB, "
+                      f"{available / 2**30:.1f} GB is available: training {micro} images per "
+                      "pass with gradient accumulation (--batch-gpu; the same result)",
+                      stacklevel=3)
+    return micro

@@ -123,7 +123,7 @@ def list_snapshots(folder, *, sigma_rels: Sequence[float] | None = None) -> list
 def _load(snapshot: SnapshotFile) -> tuple[dict[str, torch.Tensor], dict]:
     """(network tensors, config metadata) of a snapshot, checked before use."""
     if snapshot.official:
-        from ..io.official_edm2 import read_official_edm2
+        from ..io.official import read_official_edm2
 
         return read_official_edm2(snapshot.path)
     return read_inference_weights(snapshot.path, ema=True)
