@@ -61,7 +61,7 @@ _MOVED = {
     "phema": "train.phema", "phema_snapshots": "train.phema_snapshots", "compare": "eval.compare",
     "metrics": "eval.metrics", "trajectories": "eval.trajectories", "benchmark": "eval.benchmark",
     "fid": "eval.fid", "feature_nets": "eval.feature_nets", "metric_images": "eval.metric_images",
-    "cli_commands": "cli.commands", "cli_compare": "cli.compare", "cli_convert": "cli.convert",
+    "cli_compare": "cli.compare", "cli_convert": "cli.convert",
     "cli_export": "cli.export", "cli_metrics": "cli.metrics", "cli_phema": "cli.phema",
     "cli_sampling": "cli.sampling_options", "cli_serve": "cli.serve",
 }

@@ -16,6 +16,8 @@ _PACKAGES = {"sklearn": ("scikit-learn", "train"), "matplotlib": ("matplotlib", 
 class MissingDependency(ImportError):
     """An optional package is not installed; the message says how to install it."""
 
+    exit_code = 2  # the CLI prints the message as one line (edm_fast.errors)
+
 
 def require(module: str, purpose: str) -> ModuleType:
     """``import module`` or raise MissingDependency naming ``purpose`` and the pip command."""

@@ -232,4 +232,5 @@ def _export_openvino(args, denoiser, shape) -> str:
     return report.path
 
 
-_EXPORTERS = {"onnx": _export_onnx, "openvino": _export_openvino, "aoti": _export_torch, "torchscript": _export_torch}
+_EXPORTERS = {"onnx": _export_onnx, "openvino": _export_openvino, "aoti": _export_torch,
+              "torchscript": _export_torch}

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..noise import SeedNoise
+from ..noise import SeedNoise, parse_seeds
 from ..precond import DDPMPrecond
 from ..sampling.reference import sample_ddim, sample_ddpm, sample_edm, sample_euler
 from ..schedules import ddpm_sigmas, edm_sigmas
@@ -112,7 +112,7 @@ def sample_at_nfe(denoiser, sampler: str, nfe: int, seeds: Sequence[int], shape:
     steps = steps_for_nfe(sampler, nfe)
     sigmas = sigma_grid(sampler, denoiser, steps)
     fn, options = _sampler_call(sampler, CHURN if churn is None else churn)
-    seeds = [int(s) for s in seeds]
+    seeds = parse_seeds(seeds)
     labels = None if class_labels is None else torch.as_tensor(class_labels)
     out = []
     for start in range(0, len(seeds), batch):

@@ -88,6 +88,8 @@ DYNAMO_MIN_OPSET = 18  # the dynamo exporter's own opset; lower ones go through 
 class OnnxCheckError(RuntimeError):
     """ONNX Runtime does not reproduce PyTorch within the tolerance; ``.report`` has the cases."""
 
+    exit_code = 1  # the CLI prints the message as one line (edm_fast.errors)
+
     def __init__(self, message: str, report: OnnxExportReport):
         super().__init__(message)
         self.report = report

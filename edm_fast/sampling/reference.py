@@ -45,6 +45,8 @@ __all__ = [
 class NonFiniteError(FloatingPointError):
     """The denoiser produced NaN or Inf during sampling."""
 
+    exit_code = 1  # a run that failed on valid input: the CLI prints one line (edm_fast.errors)
+
 
 NONFINITE_SAMPLES = ("the sampled images contain NaN/Inf: the denoiser returned non-finite "
                      "values; check the checkpoint and inputs")

@@ -265,8 +265,6 @@ class Sampler:
                 raise ValueError("step_noise= goes with noise=; with seeds= the step noise "
                                  "comes from the seeds")
             seeds = parse_seeds(seeds)
-            if not seeds:
-                raise ValueError("seeds is empty: pass at least one seed")
             stream = SeedNoise(seeds, self.shape, device=self.device)
             return stream.draw(), stream.draw_many(k)
         noise = torch.as_tensor(noise)  # also a numpy array

@@ -59,33 +59,24 @@ OPENAPI_RESPONSES = {200: {"content": {"image/png": {}, "application/x-npy": {}}
 unprocessable = functools.partial(HTTPException, 422)  # a value out of range
 
 
-def _seed_count(spec: str) -> int:
-    """How many seeds a '0-7,9' string holds, counted before it is expanded ('b-a' too)."""
-    total = 0
-    for lo, sep, hi in (part.strip().partition("-") for part in spec.split(",")):
-        with contextlib.suppress(ValueError):  # malformed: noise.parse_seeds refuses it
-            total += abs(int(hi) - int(lo)) + 1 if sep else int(bool(lo))
-    return total
+# The answer to each problem of edm_fast.noise.parse_seeds: a string that is not a seed list is
+# malformed (400), the other problems are values out of range (422).
+SEED_ANSWERS = {"empty": (422, "'seeds' is empty"),
+                "range": (422, "seeds must be integers in [0, 2**64)"),
+                "count": (422, "too many seeds: at most {limit} per request")}
 
 
 def parse_seeds(spec, max_seeds: int) -> list[int]:
-    from ..noise import parse_seeds as expand
+    """The request's seeds (7, [1, 2] or "0-7,9") as a list, checked by noise.parse_seeds."""
+    from ..noise import SeedListError, parse_seeds as seed_list
 
-    if isinstance(spec, str):
-        if _seed_count(spec) > max_seeds:
-            raise unprocessable(f"too many seeds: at most {max_seeds} per request")
-        try:
-            spec = expand(spec)
-        except ValueError as exc:
+    try:
+        return seed_list(spec, max_seeds=max_seeds)
+    except SeedListError as exc:
+        if exc.problem not in SEED_ANSWERS:
             raise HTTPException(400, str(exc)) from None
-    seeds = [spec] if isinstance(spec, int) else list(spec)
-    if not seeds:
-        raise unprocessable("'seeds' is empty")
-    if len(seeds) > max_seeds:
-        raise unprocessable(f"too many seeds ({len(seeds)}): at most {max_seeds} per request")
-    if any(not 0 <= s < 2**64 for s in seeds):
-        raise unprocessable("seeds must be integers in [0, 2**64)")
-    return seeds
+        status, message = SEED_ANSWERS[exc.problem]
+        raise HTTPException(status, message.format(limit=exc.limit)) from None
 
 
 def parse_labels(spec, n: int, label_dim: int, names: list[str]) -> list[int | None]:
