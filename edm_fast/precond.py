@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .errors import EdmFastError
-from .guidance import one_hot_labels
+from .guidance import GuidedDenoiser, one_hot_labels
 
 __all__ = [
     "Precond", "EDMPrecond", "VPPrecond", "VEPrecond", "iDDPMPrecond", "DDPMPrecond",
     "Denoiser", "PRECONDS", "make_precond", "vp_sigma", "vp_sigma_inv", "ddpm_alpha_bars",
-    "NotADenoiserError", "require_denoiser",
+    "NotADenoiserError", "require_denoiser", "DenoiserModule",
 ]
 
 
@@ -257,6 +258,28 @@ def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(-1, *([1] * (ndim - 1)))
 
 
+@runtime_checkable
+class DenoiserModule(Protocol):
+    """The contract every evaluator, export and ``Sampler`` relies on: a module in NVlabs' form.
+
+    Required: ``forward(x, sigma, class_labels=None)`` returning D(x; sigma) with x (N, C, H, W)
+    (or (N, D)), sigma (N,) and class_labels (N, label_dim) float or None; ``label_dim`` (0:
+    unconditional), ``img_channels``, ``img_resolution``. Optional, with defaults: ``sigma_min``
+    and ``sigma_max`` (0.002 and 80, the range a sampler's grid spans), ``round_sigma``
+    (identity: a discrete-time net maps sigma to its nearest trained level, EDM Table 1), and
+    ``sample_shape`` for data that is not an image (the exact toy denoiser). ``Denoiser`` is
+    one such module; a user's NVlabs ``EDMPrecond`` satisfies it as it is. What only a model's
+    file knows travels beside it in a model card (``edm_fast.io.model_card``).
+    """
+
+    label_dim: int
+    img_channels: int
+    img_resolution: int
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor,
+                 class_labels: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 class Denoiser(nn.Module):
     """D(x; sigma, labels) = c_skip x + c_out F(c_in x; c_noise, labels) (EDM Eq. 7).
 
@@ -278,6 +301,15 @@ class Denoiser(nn.Module):
         self.precond = precond if precond is not None else EDMPrecond()
         self.label_dim = int(label_dim if label_dim is not None else getattr(model, "label_dim", 0))
         self.net_dtype = net_dtype
+
+    @property
+    def img_channels(self) -> int:
+        """The network's (DenoiserModule); an AttributeError for a vector network (nets.MLP)."""
+        return self.model.img_channels
+
+    @property
+    def img_resolution(self) -> int:
+        return self.model.img_resolution
 
     @property
     def sigma_data(self) -> float:
@@ -305,9 +337,6 @@ class Denoiser(nn.Module):
         model = copy.deepcopy(self.model).to(dtype)
         out = Denoiser(model, self.precond, label_dim=self.label_dim, net_dtype=dtype)
         out.train(self.training)
-        for name in ("checkpoint_meta", "sample_shape"):  # what loaders attach for callers
-            if hasattr(self, name):
-                setattr(out, name, getattr(self, name))
         return out
 
     def _model_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -349,7 +378,7 @@ def require_denoiser(model, purpose: str) -> None:
     if isinstance(model, Denoiser):
         return
     hint = ("unwrap GuidedDenoiser: guidance runs in the sampling loop"
-            if hasattr(model, "guidance") else
+            if isinstance(model, GuidedDenoiser) else
             "exact denoisers such as the toy models run on the 'reference' and 'compiled' "
             "backends")
     raise NotADenoiserError(f"{purpose} needs a network with EDM preconditioning "

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edm_fast.eval.metrics import DigitsClassifier
+from edm_fast.io.model_card import model_card
 from edm_fast.io.models import load_denoiser
 from edm_fast.sampling.sampler import Sampler
 
@@ -25,7 +26,7 @@ def test_bundled_models_load_with_their_config():
     for name, precond in (("default", "edm"), ("default-ddpm", "ddpm")):
         den = load_denoiser(name)
         assert den.precond.name == precond and den.label_dim == 10
-        assert den.sample_shape == (1, 16, 16)
+        assert model_card(den).sample_shape == (1, 16, 16)
         # the `tiny` preset (317,121 parameters) plus the 10-class label embedding (10 x 16 + 16)
         assert sum(p.numel() for p in den.model.parameters()) == 317_121 + 10 * 16 + 16
 

@@ -299,6 +299,7 @@ LOAD = '''
 import importlib.util, json, os, sys
 import torch
 from safetensors.torch import load_file, save_file
+from edm_fast.io.model_card import model_card
 from edm_fast.io.official import load_official, read_official
 
 out, names, evil = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
@@ -316,7 +317,7 @@ for name in names:
     with torch.no_grad():
         D = den(ref["x"], ref["sigma"], ref.get("labels"))
     report["configs"][name]["net_dtype"] = str(den.net_dtype)
-    report["configs"][name]["denoiser_sample_shape"] = list(den.sample_shape)
+    report["configs"][name]["denoiser_sample_shape"] = list(model_card(den).sample_shape)
     save_file({"D": D}, os.path.join(out, name + ".D.safetensors"))
 for name in evil:
     try:
@@ -473,6 +474,7 @@ def _convert(*argv: str) -> int:
 def test_convert_cli_round_trip(snapshots, tmp_path, name, capsys):
     """(e) convert writes ema.* + config; the .safetensors and the .pkl give the same D."""
     from edm_fast.io.checkpoints import read_checkpoint
+    from edm_fast.io.model_card import model_card
     from edm_fast.io.models import load_denoiser
 
     out, _ = snapshots
@@ -485,7 +487,7 @@ def test_convert_cli_round_trip(snapshots, tmp_path, name, capsys):
     with torch.no_grad():
         args = (ref["x"], ref["sigma"], ref.get("labels"))
         assert torch.equal(from_pkl(*args), from_st(*args))
-    assert from_st.sample_shape == from_pkl.sample_shape == (3, 8, 8)
+    assert model_card(from_st).sample_shape == model_card(from_pkl).sample_shape == (3, 8, 8)
     tensors, meta = read_checkpoint(dst)
     assert all(k.startswith("ema.") for k in tensors) and meta["converted_from"] == src.name
     assert _convert(str(src), "--out", str(half), "--dtype", "float16") == 0

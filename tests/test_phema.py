@@ -9,6 +9,7 @@ import torch
 from scipy.integrate import quad
 
 from edm_fast.errors import EdmFastError
+from edm_fast.io.model_card import model_card
 from edm_fast.train.phema import (
     MAX_SIGMA_REL,
     PowerEMA,
@@ -291,4 +292,4 @@ def test_power_ema_snapshots_of_a_network_load_as_checkpoints(tmp_path):
     den = load_denoiser(paths[0])
     beta = power_ema_beta(0.05, t=128, dt=64)  # one update after the copy at t = 0 .. 64
     assert den.model.unet.out_gain.item() == pytest.approx(1 - beta)  # 0 -> 1 averaged
-    assert "optimizer" not in den.checkpoint_meta
+    assert "optimizer" not in model_card(den).config

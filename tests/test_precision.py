@@ -21,6 +21,7 @@ import torch
 
 from edm_fast.errors import EdmFastError
 from edm_fast.precision import AUTO_CPU_MIN_GFLOP, parse_net_dtype, resolve_net_dtype
+from edm_fast.io.model_card import model_card
 from edm_fast.sampling.network_precision import network_in_dtype
 from edm_fast.sampling.sampler import Sampler
 
@@ -177,7 +178,7 @@ def test_the_users_network_is_not_changed():
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in den.model.parameters()} == {torch.float32}
     assert network_in_dtype(den, torch.float32) is den  # nothing to convert
-    assert half.checkpoint_meta is den.checkpoint_meta  # class names etc. still readable
+    assert model_card(half) is model_card(den)  # class names etc. still readable
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from edm_fast.errors import BadFileError
 from edm_fast.io.export import export_torchscript, read_metadata
 from edm_fast.io.exported import ExportedDenoiser
+from edm_fast.io.model_card import model_card
 from edm_fast.io.models import load_denoiser
 from edm_fast.io.trusted_exports import UntrustedExportError, check_trusted, file_digest, store_path
 
@@ -18,7 +19,7 @@ from edm_fast.io.trusted_exports import UntrustedExportError, check_trusted, fil
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     den = load_denoiser("default")
-    return export_torchscript(den, (2, *den.checkpoint_meta["sample_shape"]),
+    return export_torchscript(den, (2, *model_card(den).sample_shape),
                               path=tmp_path_factory.mktemp("trust") / "d.ts")
 
 

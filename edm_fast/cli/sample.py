@@ -70,9 +70,7 @@ def labels_for(args, seeds, sampler):
             raise ValueError("--class given, but the model is unconditional")
         return None
     if args.class_label is not None:
-        from ..io.models import class_names
-
-        index = class_index(str(args.class_label), label_dim, class_names(sampler.denoiser))
+        index = class_index(str(args.class_label), label_dim, sampler.class_names)
         return torch.full((len(seeds),), index, dtype=torch.long)
     return torch.tensor([s % label_dim for s in seeds], dtype=torch.long)
 

@@ -6,6 +6,7 @@
     official_pickle.py   the restricted unpickler: .pkl/.pt/.pth files read without running code
     official_records.py  what it builds (inert module/tensor/numpy records) and its cost bounds
     models.py            a model name or path -> a ready denoiser and its model card
+    model_card.py        the model card: what a model's file says, kept beside the module
     export.py            AOTInductor (.pt2) and TorchScript exports with their metadata
     onnx_export.py       ONNX export; onnx_check.py checks an ONNX file's external data
     openvino_export.py   OpenVINO IR export

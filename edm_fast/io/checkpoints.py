@@ -24,6 +24,7 @@ import torch
 
 from ..errors import BadFileError
 from .files import atomic_write
+from .model_card import ModelCard, model_card, record_card
 
 __all__ = [
     "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint", "class_names",
@@ -376,8 +377,7 @@ def read_inference_weights(path, *, ema: bool = True, max_params: int | None = N
 def class_names(denoiser) -> list[str]:
     """The class names a checkpoint stores (its data's folder names; '0'..'9' for the digits),
     index i naming label i; [] when it stores none."""
-    meta = getattr(denoiser, "checkpoint_meta", None) or {}
-    return [str(name) for name in meta.get("data", {}).get("class_names", [])]
+    return list(model_card(denoiser).class_names)
 
 
 def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True,
@@ -401,10 +401,8 @@ def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True,
     except (KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: weights do not match the network in its config: "
                               f"{_cut(str(exc), 300)}") from exc
-    denoiser.checkpoint_meta = meta
-    if "sample_shape" in meta:
-        denoiser.sample_shape = tuple(meta["sample_shape"])
-    return denoiser.to(device).eval().requires_grad_(False)
+    denoiser = denoiser.to(device).eval().requires_grad_(False)
+    return record_card(denoiser, ModelCard.from_config(meta, source=path))
 
 
 def export_inference_checkpoint(src, dst, *, dtype: torch.dtype | None = None,

@@ -46,7 +46,8 @@ from torch import nn
 
 from ..errors import BadFileError
 from .files import atomic_write
-from ..precond import Denoiser, NotADenoiserError
+from ..guidance import GuidedDenoiser
+from ..precond import Denoiser, DenoiserModule, NotADenoiserError
 from .trusted_exports import record_export
 
 __all__ = [
@@ -71,7 +72,7 @@ def is_nvlabs_denoiser(model) -> bool:
     the attributes ``label_dim``, ``img_channels`` and ``img_resolution``."""
     if not isinstance(model, nn.Module) or isinstance(model, Denoiser):
         return False
-    if not all(hasattr(model, name) for name in _NVLABS_ATTRIBUTES):
+    if not isinstance(model, DenoiserModule):  # the attributes of the contract
         return False
     try:
         params = inspect.signature(model.forward).parameters.values()
@@ -89,7 +90,7 @@ def require_exportable(model, purpose: str) -> None:
     if isinstance(model, Denoiser) or is_nvlabs_denoiser(model):
         return
     hint = ("unwrap GuidedDenoiser: guidance runs in the sampling loop"
-            if hasattr(model, "guidance") else
+            if isinstance(model, GuidedDenoiser) else
             "exact denoisers such as the toy models run on the 'reference' and 'compiled' "
             "backends")
     raise NotADenoiserError(

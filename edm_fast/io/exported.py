@@ -24,6 +24,7 @@ from torch import nn
 
 from .export import read_metadata
 from ..precond import make_precond
+from .model_card import ModelCard, record_card
 from .trusted_exports import check_trusted
 
 __all__ = ["ExportedDenoiser", "LOADABLE_SUFFIXES"]
@@ -60,8 +61,8 @@ class ExportedDenoiser(nn.Module):
         dynamic = meta.get("edm_fast.dynamic_batch", "1") == "1"
         self.static_batch = None if dynamic else int(meta.get("edm_fast.batch", "0"))
         names = json.loads(meta.get("edm_fast.class_names", "[]"))
-        # what models.class_names reads, as on a loaded checkpoint
-        self.checkpoint_meta = {"data": {"class_names": [str(n) for n in names]}}
+        record_card(self, ModelCard(source=self.path, sample_shape=self.sample_shape,
+                                    class_names=names, config=meta))
         precond = meta.get("edm_fast.precond", "")
         self._precond = (make_precond(json.loads(meta["edm_fast.precond_config"]))
                          if precond in ("ddpm", "iddpm") else None)

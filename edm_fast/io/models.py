@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from .checkpoints import class_names
+from .model_card import model_card, record_card
 from ..nets.toy import MIXTURES
 
-__all__ = ["load_denoiser", "MODEL_NAMES", "ASSETS", "bundled_path", "model_mixture",
+__all__ = ["load_denoiser", "load_model", "MODEL_NAMES", "ASSETS", "bundled_path", "model_mixture",
            "class_names", "exported_format"]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -47,8 +47,16 @@ def exported_format(path) -> str | None:
     return EXPORT_SUFFIXES.get(Path(path).suffix.lower())
 
 
+def load_model(spec, *, device="cpu", ema: bool = True):
+    """(denoiser, model card) of a name or path (see the module docstring): the module on
+    ``device`` in eval mode, and what its file says about it (``edm_fast.io.model_card``)."""
+    denoiser = load_denoiser(spec, device=device, ema=ema)
+    return denoiser, model_card(denoiser)
+
+
 def load_denoiser(spec, *, device="cpu", ema: bool = True):
-    """Load a denoiser by name or path (see the module docstring) onto ``device``, eval mode."""
+    """Load a denoiser by name or path (see the module docstring) onto ``device``, eval mode;
+    ``model_card(denoiser)`` (or ``load_model``) gives its card."""
     spec_str = str(spec)
     if spec_str in TOYS:
         return model_mixture(spec_str).as_denoiser()
@@ -82,7 +90,9 @@ def load_denoiser(spec, *, device="cpu", ema: bool = True):
 
 
 def _for_inference(denoiser):
-    """An EDM2 network gets its weight normalisation applied once here (edm_fast.nets.edm2)."""
+    """An EDM2 network gets its weight normalisation applied once here (edm_fast.nets.edm2);
+    the card stays with the module that is returned."""
     from ..nets.edm2_precond import bake_for_inference
 
-    return bake_for_inference(denoiser)
+    baked = bake_for_inference(denoiser)
+    return baked if baked is denoiser else record_card(baked, model_card(denoiser))

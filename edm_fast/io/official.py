@@ -29,6 +29,7 @@ import torch
 
 from .checkpoints import (DEFAULT_MAX_PARAMS, CheckpointError, build_denoiser, check_config,
                           check_finite, check_weights, save_checkpoint)
+from .model_card import ModelCard, record_card
 from .official_edm2 import edm2_config
 from .official_pickle import (RestrictedUnpickler, cut_text, file_error_message, one_line_error,
                               read_pickle_file, read_state_dict)
@@ -269,9 +270,8 @@ def load_official(path, *, device="cpu", use_fp16: bool | None = None,
     device = torch.device(device)
     fp16 = config["official"]["use_fp16"] if use_fp16 is None else use_fp16
     denoiser.net_dtype = torch.float16 if fp16 and device.type == "cuda" else None
-    denoiser.checkpoint_meta = config
-    denoiser.sample_shape = tuple(config["sample_shape"])
-    return denoiser.to(device).eval().requires_grad_(False)
+    denoiser = denoiser.to(device).eval().requires_grad_(False)
+    return record_card(denoiser, ModelCard.from_config(config, source=path))
 
 
 def convert_official(src, dst, *, dtype: torch.dtype | None = None,

@@ -60,6 +60,7 @@ import torch
 from .export import (ExportableDenoiser, export_metadata, output_file, prepare_for_export,
                      require_exportable, unwrap_guidance)
 from .files import atomic_write
+from .model_card import model_card, record_card
 from ..precond import Denoiser
 
 __all__ = [
@@ -285,7 +286,7 @@ def net_in_dtype(denoiser, dtype: torch.dtype):
             raise ValueError("a float16 network inside the graph needs an edm_fast Denoiser "
                              "(F and its preconditioning apart); export this module in float32")
         return denoiser
-    return denoiser.with_net_dtype(dtype)
+    return record_card(denoiser.with_net_dtype(dtype), model_card(denoiser))  # same card
 
 
 def onnx_net_dtype(dtype) -> torch.dtype:

@@ -8,6 +8,7 @@ import torch
 from ..errors import EdmFastError
 from ..io.export import read_metadata
 from ..io.exported import ExportedDenoiser
+from ..io.model_card import model_card, record_card
 from ..precision import parse_net_dtype, short_name
 from ..precond import Denoiser
 
@@ -21,8 +22,8 @@ def network_in_dtype(denoiser, dtype: torch.dtype | None):
     form, an exact toy denoiser) runs only in its own precision, and a reduced one is refused."""
     if dtype is None:
         return denoiser
-    if isinstance(denoiser, Denoiser):
-        return denoiser.with_net_dtype(dtype)
+    if isinstance(denoiser, Denoiser):  # a copy keeps the model card of its original
+        return record_card(denoiser.with_net_dtype(dtype), model_card(denoiser))
     if isinstance(denoiser, ExportedDenoiser):  # its metadata says what it was exported in
         exported = parse_net_dtype(read_metadata(denoiser.path).get("edm_fast.net_dtype",
                                                                     "float32"))

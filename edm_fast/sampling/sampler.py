@@ -22,7 +22,8 @@ import torch
 
 from .backends import auto_candidates, is_auto, resolve_backend, warn_fallback
 from ..device import resolve_device
-from ..guidance import one_hot_labels
+from ..guidance import GuidedDenoiser, one_hot_labels
+from ..io.model_card import ModelCard, model_card
 from ..noise import SeedNoise, parse_seeds
 from ..plan import SamplingPlan
 
@@ -105,9 +106,7 @@ class Sampler:
             raise ValueError("classifier-free guidance needs a class-conditional model; an "
                              "unconditional one is guided by a guide model (guide=, "
                              "--guide-ckpt: autoguidance)")
-        trained = (getattr(self.denoiser, "checkpoint_meta", None) or {}).get("train", {})
-        if self.guide is None and guidance not in (None, 1) \
-                and trained.get("label_dropout", None) == 0:
+        if self.guide is None and guidance not in (None, 1) and self.model_card.label_dropout == 0:
             warnings.warn("guidance mixes in the model's unconditional output, which this model "
                           "never learned (it was trained with label_dropout=0); expect worse "
                           "samples", stacklevel=2)
@@ -134,8 +133,7 @@ class Sampler:
         that the precision asked for runs emulated on this device."""
         from ..precision import gflop_per_image, resolve_net_dtype
 
-        inner = getattr(self.denoiser, "denoiser", None) if hasattr(self.denoiser, "guidance") \
-            else None
+        inner = self.denoiser.denoiser if isinstance(self.denoiser, GuidedDenoiser) else None
         network = inner if inner is not None else self.denoiser
         if net_dtype == "auto" and not _is_network(self.denoiser):
             return None  # an exact (toy) or exported denoiser runs in its own precision
@@ -177,13 +175,16 @@ class Sampler:
         raise RuntimeError("no sampler backend could be built")  # the reference always builds
 
     @property
+    def model_card(self) -> ModelCard:
+        """What the model's file says about it (``edm_fast.io.model_card``)."""
+        return model_card(self.denoiser)
+
+    @property
     def class_names(self) -> list[str]:
         """The class names the checkpoint stores, index i naming label i: an image folder's
         subfolder names, '0'..'9' for the digits; [] when it stores none (or is
         unconditional). ``class_labels`` takes these names as well as indices."""
-        from ..io.models import class_names
-
-        return class_names(self.denoiser)
+        return list(self.model_card.class_names)
 
     def class_index(self, name: str) -> int:
         """The label index of the class called ``name``; ValueError naming the valid names."""
@@ -334,7 +335,7 @@ def _check_guide(denoiser, guide, guidance) -> None:
     if guidance is None:
         raise ValueError("a guide model (autoguidance) needs a guidance weight (guidance=W, "
                          "--guidance W)")
-    if hasattr(denoiser, "guidance") and hasattr(denoiser, "denoiser"):
+    if isinstance(denoiser, GuidedDenoiser):
         raise ValueError("the model is a GuidedDenoiser (classifier-free guidance) and a guide "
                          "model is given (autoguidance): pass one kind of guidance")
     main_labels = int(getattr(denoiser, "label_dim", 0))
@@ -353,18 +354,11 @@ def _check_guide(denoiser, guide, guidance) -> None:
 
 
 def model_shape(denoiser) -> tuple[int, ...]:
-    """(C, H, W) or (D,) from the model's attributes."""
-    shape = getattr(denoiser, "sample_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    model = getattr(denoiser, "model", denoiser)
-    if getattr(model, "data_shape", None) is not None:
-        return tuple(model.data_shape)
-    res = getattr(model, "img_resolution", None)
-    chans = getattr(model, "img_channels", None)
-    if res is not None and chans is not None:
-        return (int(chans), int(res), int(res))
-    raise ValueError("cannot tell the sample shape from this model: pass shape=")
+    """(C, H, W) or (D,): what the model's card says (``edm_fast.io.model_card``)."""
+    shape = model_card(denoiser).sample_shape
+    if shape is None:
+        raise ValueError("cannot tell the sample shape from this model: pass shape=")
+    return shape
 
 
 def _check_shape(denoiser, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -441,5 +435,5 @@ def _is_network(denoiser) -> bool:
     """True for a Denoiser (network + preconditioning), also inside a GuidedDenoiser."""
     from ..precond import Denoiser
 
-    inner = getattr(denoiser, "denoiser", None) if hasattr(denoiser, "guidance") else None
+    inner = denoiser.denoiser if isinstance(denoiser, GuidedDenoiser) else None
     return isinstance(inner if inner is not None else denoiser, Denoiser)

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from ...guidance import Guidance
+from ...guidance import Guidance, GuidedDenoiser
 from ...program import EVAL, LATENTS, Program
 from ..reference import NonFiniteError
 
@@ -103,9 +103,9 @@ def run_program(program: Program, evaluate, latents, noise, labels, **options) -
 def unwrap_guided(denoiser, plan):
     """(inner denoiser, plan): a ``GuidedDenoiser`` passed as the model is taken apart, its
     weight moved into the plan (guidance is applied once, by the executor's ``Guidance``)."""
-    inner = getattr(denoiser, "denoiser", None)
-    if inner is None or not hasattr(denoiser, "guidance"):
+    if not isinstance(denoiser, GuidedDenoiser):
         return denoiser, plan
+    inner = denoiser.denoiser
     if plan.guidance is None:
         plan = dataclasses.replace(plan, guidance=float(denoiser.guidance))
     return inner, plan
