@@ -1,5 +1,6 @@
-"""edm_fast.serve: answers equal a direct Sampler call seed for seed, bad input gets 4xx, cost
-limits, Prometheus metrics, the fairness policy, deadlines, disconnects and shutdown.
+"""edm_fast.serve: answers equal a direct Sampler call seed for seed (also with a bf16 network
+and with autoguidance), bad input gets 4xx, cost limits, Prometheus metrics, the fairness
+policy, deadlines, disconnects and shutdown.
 
 Every server listens on 127.0.0.1 on an ephemeral port (uvicorn in a thread of this process)
 and every client call has a timeout. Images come from the bundled digits model at 4 steps;
@@ -460,6 +461,122 @@ def test_batch_rows_are_capped_by_max_cost():
 
     asyncio.run(scenario())
     assert sizes == [2, 1]
+
+
+#----------------------------------------------------------------------------
+# A reduced-precision network (net_dtype) and autoguidance (a guide model).
+
+def served_npy(engine, settings=None, **body):
+    """One /generate answer (npy) of a server over ``engine``, and its /healthz."""
+    server = Running(create_app(engine, settings or ServeSettings(max_batch=4,
+                                                                  default_steps=STEPS)))
+    try:
+        status, _, data = server.generate(format="npy", **body)
+        assert status == 200, data
+        return npy(data), json.loads(server.request(path="/healthz")[2])
+    finally:
+        server.stop()
+
+
+def perturbed(denoiser, seed: int = 1):
+    """A worse copy of ``denoiser`` (weights shrunk by 10% plus N(0, 0.02^2) noise): a guide of
+    the same task, as tests/test_autoguidance.py makes one."""
+    import copy
+
+    guide = copy.deepcopy(denoiser)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.mul_(0.9).add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return guide
+
+
+def test_bf16_network_answers_equal_the_sampler_in_bf16():
+    """--net-dtype bf16: a served answer equals Sampler(net_dtype="bf16") seed for seed.
+
+    Tolerance REL_TOL, as for float32: both runs evaluate the same bf16 copy of the network on
+    the same float32 state, and the Sampler runs at the server's bucket (4 rows), so the same
+    kernels run on the same shapes (bit-identical where measured); only the batch's company
+    could change rounding. That is far below the bf16-vs-fp32 gap (~1.5e-2 here), which the
+    test also checks, so the network did run in bf16."""
+    engine = Engine("default", device="cpu", backend="reference", batch_sizes=[1, 2, 4],
+                    net_dtype="bf16")
+    assert engine.net_dtype == torch.bfloat16
+    got, health = served_npy(engine, seeds="3-5", **{"class": [1, 2, 9]})
+    assert health["net_dtype"] == "bf16" and health["guidance"] == "classifier-free"
+    labels = torch.tensor([1, 2, 9])
+    want = Sampler("default", num_steps=STEPS, batch_size=4, device="cpu", backend="reference",
+                   net_dtype="bf16")(seeds=[3, 4, 5], class_labels=labels)
+    assert_close(got, want)
+    fp32 = Sampler("default", num_steps=STEPS, batch_size=4, device="cpu",
+                   backend="reference")(seeds=[3, 4, 5], class_labels=labels).numpy()
+    assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) > 1e-3
+
+
+def test_net_dtype_auto_says_what_it_chose():
+    with pytest.warns(UserWarning, match="net_dtype auto: "):
+        engine = Engine("default", device="cpu", backend="reference", batch_sizes=[1],
+                        net_dtype="auto")
+    assert engine.net_dtype in (torch.float32, torch.bfloat16)
+
+
+def test_autoguided_answers_equal_the_sampler_and_cost_twice():
+    """With a guide, a guided request is D_g + w (D - D_g), equal to Sampler(guide=,
+    guidance=w) seed for seed (REL_TOL: float32, batch rounding only), with or without a class;
+    it costs two rows per evaluation, as classifier-free guidance does."""
+    from edm_fast.io.models import load_denoiser
+
+    main = load_denoiser("default")
+    guide = perturbed(main)
+    engine = Engine(main, device="cpu", backend="reference", batch_sizes=[1, 2, 4], guide=guide)
+    assert set(engine.eval_seconds) == set(engine.guide_seconds) == {1, 2, 4}  # no 2N rows
+    plain, guided = engine.plan("heun", STEPS, None), engine.plan("heun", STEPS, 2.0)
+    assert guided.cost == 2 * plain.cost == 14  # 4 Heun steps: 7 evaluations
+    settings = ServeSettings(max_batch=4, default_steps=STEPS, max_cost=100)
+    got, health = served_npy(engine, settings, seeds="3-5", guidance=2.0,
+                             **{"class": [1, None, 9]})
+    assert health["guidance"] == "autoguidance" and health["net_dtype"] == "model"
+    sampler = Sampler(main, guide=guide, guidance=2.0, num_steps=STEPS, batch_size=4,
+                      device="cpu", backend="reference")
+    assert_close(got[[0, 2]], sampler(seeds=[3, 5], class_labels=torch.tensor([1, 9])))
+    assert_close(got[1], sampler(seeds=[4])[0])  # no class: zero labels, as the Sampler's
+    server = Running(create_app(engine, settings))
+    try:  # 8 seeds x 14 rows = 112 > 100; unguided 8 x 7 = 56 fits
+        status, _, body = server.generate(seeds="0-7", guidance=2.0, format="npy")
+        assert status == 422 and "x 14 denoiser rows" in json.loads(body)["error"]
+    finally:
+        server.stop()
+
+
+def test_unconditional_model_is_autoguided():
+    """An unconditional model has no classifier-free guidance, but a guide guides it: the
+    exact ring mixture guided by a wider ring, served, equals Sampler(guide=)."""
+    from edm_fast.nets.toy import ring_mixture_2d
+
+    main, guide = ring_mixture_2d().as_denoiser(), ring_mixture_2d(std=0.15).as_denoiser()
+    engine = Engine(main, device="cpu", backend="reference", batch_sizes=[1, 2, 4], guide=guide)
+    got, health = served_npy(engine, seeds="0-3", guidance=3.0)
+    assert health["guidance"] == "autoguidance"
+    want = Sampler(main, guide=guide, guidance=3.0, num_steps=STEPS, batch_size=4,
+                   device="cpu", backend="reference")(seeds=range(4))
+    assert_close(got, want)
+    with pytest.raises(ValueError, match="guidance needs a class-conditional model, or a guide"):
+        Engine(main, device="cpu", backend="reference", batch_sizes=[1]).plan("heun", 4, 3.0)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ckpt", "toy-gmm", "--net-dtype", "bf16"], "needs an edm_fast Denoiser"),
+    (["--backend", "onnx", "--net-dtype", "bf16"], "no bf16 convolutions"),
+    (["--guide-ckpt", "toy-gmm"], "guide model takes label_dim=0 but the main model takes 10"),
+    (["--ckpt", "toy-gmm", "--guide-ckpt", "toy-gmm1d"], "guide model makes samples of shape"),
+])
+def test_cli_serve_refuses_a_precision_or_guide_it_cannot_run_in_one_line(args, words, capsys):
+    from edm_fast.cli.main import main
+
+    rc = main(["serve", "--device", "cpu", "--port", "0", "--batch-sizes", "1", "--max-batch",
+               "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
 
 
 #----------------------------------------------------------------------------

@@ -3,6 +3,8 @@
     edm-fast serve                                   # bundled digits model on 127.0.0.1:8000
     edm-fast serve --ckpt run/ --port 8080 --max-batch 64 --max-wait-ms 10 --steps 18
     edm-fast serve --ray --replicas 2                # the same app on Ray Serve (pip: [ray])
+    edm-fast serve --net-dtype bf16                  # the network in bf16, the sampler in fp32
+    edm-fast serve --ckpt run/ --guide-ckpt early-run/ --guidance 2   # autoguided requests
     curl -s -X POST localhost:8000/generate -d '{"seeds": 7, "class": 3}' -o seed7.png
     curl -s -X POST localhost:8000/generate -d '{"seeds": "0-7", "solver": "dpmpp_2m",
          "steps": 10, "format": "npy"}' -o x.npy
@@ -34,7 +36,8 @@ def add_serve_command(sub, formatter) -> None:
         help="HTTP inference server that batches concurrent requests",
         description=__doc__ + "\nPOST /generate takes {\"seeds\", \"class\", \"steps\", "
         "\"solver\", \"guidance\", \"format\"}; --steps, --solver and --guidance are the "
-        "defaults of requests that give none. GET /healthz (backend, warm-up time, limits), "
+        "defaults of requests that give none. GET /healthz (backend, network precision, kind "
+        "of guidance, warm-up time, limits), "
         "GET /metrics, GET /docs. Every batch size is warmed before the port opens. "
         f"{POLICY} SIGINT/SIGTERM answer the "
         "requests in flight, then stop. See docs/SERVING.md.")
@@ -43,8 +46,16 @@ def add_serve_command(sub, formatter) -> None:
                    ".pt) or a model name: default, default-ddpm, toy-gmm (= toy-gmm2d), "
                    "toy-gmm1d")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
-                   help="default classifier-free guidance weight of requests, in [-100, 100] "
-                   "(1 = conditional)")
+                   help="default guidance weight of requests, in [-100, 100]: classifier-free "
+                   "D_u + w (D_c - D_u) (1 = conditional only), or with --guide-ckpt "
+                   "autoguidance D_g + w (D - D_g) (1 = the main model alone)")
+    p.add_argument("--guide-ckpt", "--gnet", dest="guide_ckpt", default=None,
+                   metavar="PATH|NAME",
+                   help="autoguidance (Karras et al. 2024, arXiv 2406.02507): the guide model, "
+                   "a smaller or less-trained model of the same task (same sample shape and "
+                   "classes, or both unconditional), loaded like --ckpt and run in --net-dtype; "
+                   "requests with a guidance weight are then guided by it instead of by "
+                   "classifier-free guidance (and need no class)")
     add_sampling_options(p, threads=True)
     p.add_argument("--backend", choices=["auto", "onnx", "compiled", "reference"],
                    default="auto", help="evaluator of D shared by every request's plan; auto: "
@@ -139,7 +150,7 @@ def serve_config(args) -> dict:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
     engine = dict(model=args.ckpt, device=args.device, backend=args.backend,
                   batch_sizes=_batch_sizes(args.batch_sizes, args.max_batch),
-                  dtype=getattr(torch, args.dtype), **options)
+                  dtype=getattr(torch, args.dtype), guide=args.guide_ckpt, **options)
     return {"engine": engine, "settings": settings, "limits": limits}
 
 
@@ -175,7 +186,11 @@ def cmd_serve(args) -> int:
     app = create_app(engine, config["settings"])
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
+    from ..precision import short_name
+
+    guided = f", autoguided by {args.guide_ckpt}" if engine.guide is not None else ""
     print(f"edm-fast serve: {args.ckpt} on http://{host}:{port} (backend {engine.backend_name}, "
-          f"{engine.device}, warm-up {engine.warmup_seconds:.1f} s); Ctrl-C stops", flush=True)
+          f"{engine.device}, network {short_name(engine.net_dtype)}{guided}, warm-up "
+          f"{engine.warmup_seconds:.1f} s); Ctrl-C stops", flush=True)
     run(app, sock, config["limits"], args.log_level)
     return 0

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from ..solvers import SOLVERS
+from ..precision import short_name
 from .batcher import Batcher, BatchFailed, Busy, Job
 from .metrics import GuardMiddleware, ServerMetrics, error_response
 from .render import render
@@ -48,7 +49,8 @@ class GenerateBody(BaseModel):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     solver: Literal[tuple(SOLVERS)] | None = None
     guidance: float | None = Field(None, ge=-MAX_GUIDANCE, le=MAX_GUIDANCE, allow_inf_nan=False,
-                                   description="classifier-free guidance weight w (null: off)")
+                                   description="guidance weight w (null: off): classifier-free, "
+                                   "or autoguidance where the server has a guide model")
     format: Literal[FORMATS] | None = Field(None, description="default png (json for "
                                             "non-image samples)")
 
@@ -151,6 +153,7 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
             "error": f"internal error: the batcher stopped ({failure})"}
         body = {"status": "error" if error else "ok", "backend": engine.backend_name,
                 "warmup_s": round(engine.warmup_seconds, 3), "device": str(engine.device),
+                "net_dtype": short_name(engine.net_dtype), "guidance": engine.guidance_kind,
                 "model": {"shape": list(engine.shape), "label_dim": engine.label_dim,
                           "class_names": engine.class_names},
                 "limits": {**dataclasses.asdict(s), "steps": [1, MAX_STEPS],
@@ -176,8 +179,8 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
         fmt = body.format or ("png" if image else "json")
         if fmt == "png" and not image:
             raise unprocessable("format 'png' needs image samples (C, H, W); use npy or json")
-        if guidance is not None and None in labels:
-            raise unprocessable("guidance needs a class for every seed")
+        if guidance is not None and engine.guide is None and None in labels:
+            raise unprocessable("classifier-free guidance needs a class for every seed")
         try:
             served = engine.plan(solver, steps, guidance)
         except ValueError as exc:

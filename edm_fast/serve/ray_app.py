@@ -44,10 +44,12 @@ def deployment(engine: dict, settings: ServeSettings, *, replicas: int | None = 
 
 def build(args: dict):
     """Application builder for ``serve run edm_fast.serve.ray_app:build key=value ...``: keys
-    model, device, backend, replicas, cpus, gpus, and any ServeSettings field."""
+    model, device, backend, guide, net_dtype, replicas, cpus, gpus, and any ServeSettings
+    field."""
     names = {f.name for f in dataclasses.fields(ServeSettings)}
     settings = ServeSettings(**{k: v for k, v in args.items() if k in names})  # "32" -> 32
-    engine = {k: v for k, v in args.items() if k in ("model", "device", "backend")}
+    engine = {k: v for k, v in args.items()
+              if k in ("model", "device", "backend", "guide", "net_dtype")}
     return deployment(engine, settings, replicas=int(args.get("replicas", 1)),
                       cpus=float(args.get("cpus", 1)), gpus=float(args.get("gpus", 0)))
 
