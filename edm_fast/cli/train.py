@@ -1,5 +1,5 @@
 """``edm-fast train``: its options are generated from the fields of
-``edm_fast.train.loop.TrainConfig`` (name, type, default); the table ``OPTIONS`` adds each one's
+``edm_fast.train.config.TrainConfig`` (name, type, default); the table ``OPTIONS`` adds each one's
 flag, help text and valid range, which the parser checks as it reads the value."""
 
 from __future__ import annotations
