@@ -26,11 +26,12 @@ import weakref
 
 import torch
 
-from ...guidance import Guidance, one_hot_labels
+from ...guidance import Guidance
 from ...io.onnx_export import OUTPUT_NAME, export_onnx, make_session, read_onnx_metadata
 from ...io.onnx_export import onnx_net_dtype
 from ...plan import SamplingPlan
-from .executor import SigmaVectorCache, run_program, unwrap_guided
+from .executor import SigmaVectorCache, unwrap_guided
+from .host_loop import HostLoopBackend
 
 __all__ = ["OnnxBackend"]
 
@@ -122,7 +123,7 @@ def _own_net_dtype(denoiser) -> torch.dtype:
     return torch.float32 if dtype is None else dtype
 
 
-class OnnxBackend:
+class OnnxBackend(HostLoopBackend):
     """Run a SamplingPlan with ONNX Runtime evaluating D.
 
     Args:
@@ -223,56 +224,3 @@ class OnnxBackend:
                 and meta.get("edm_fast.sample_shape") == ",".join(map(str, self.batch_shape[1:]))
                 and meta.get("edm_fast.net_dtype") == str(self.net_dtype).removeprefix("torch.")
                 and meta.get("edm_fast.dynamic_batch") == "1")
-
-    @torch.no_grad()
-    def _warmup(self) -> None:
-        """One evaluation at the run's batch (ORT allocates and, on CUDA, picks kernels)."""
-        n = self.batch_shape[0]
-        for evaluate in (self.evaluate, self.guide):
-            if evaluate is not None:
-                evaluate(torch.zeros(self.batch_shape, device=self.device),
-                         torch.ones(n, device=self.device), None)
-
-    def _labels(self, class_labels, n: int) -> torch.Tensor | None:
-        """(N, L) float32 one-hot or given labels on the device; None when unconditional."""
-        if self.label_dim <= 0:
-            if class_labels is not None:
-                raise ValueError("this denoiser is unconditional; class_labels must be None")
-            return None
-        return one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
-                              dtype=torch.float32)
-
-    # -- public ---------------------------------------------------------------------------------
-    def evaluation(self, x, sigma, class_labels=None):
-        """A zero-argument callable that runs one denoiser evaluation D(x; sigma) exactly as
-        the loop runs it (guided when the plan has guidance), with its inputs prepared
-        beforehand (for benchmarks: t_F)."""
-        x = x.to(self.device, self.dtype)
-        n = x.shape[0]
-        labels = self._labels(class_labels, n)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.device)
-        sigma = sigma.reshape(-1).expand(n).contiguous()
-
-        @torch.no_grad()
-        def evaluate():
-            return self.guidance(self.evaluate, x, sigma, labels).to(self.dtype)
-        return evaluate
-
-    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
-        """One denoiser evaluation D(x; sigma) as the loop runs it."""
-        return self.evaluation(x, sigma, class_labels)().clone()
-
-    @torch.no_grad()
-    def run(self, latents: torch.Tensor, noise: torch.Tensor | None = None,
-            class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``plan.program`` from ``latents`` (N, *sample_shape) with its injected draws
-        ``noise`` (K, N, *sample_shape), K = plan.num_noise (None when 0), and class_labels
-        (N, label_dim) float, (N,) int, or None (zeros). Returns (N, *sample_shape) in the
-        backend's dtype on its device."""
-        latents = latents.to(self.device, self.dtype)
-        noise = None if noise is None else noise.to(self.device, self.dtype)
-        labels = self._labels(class_labels, latents.shape[0])
-        return run_program(self.plan.program, self.evaluate, latents, noise, labels,
-                           guidance=self.guidance, sigmas=self.sigmas(latents.shape[0]))
-
-    __call__ = run

@@ -33,9 +33,10 @@ import warnings
 import torch
 
 from ...errors import BadFileError, EdmFastError
-from ...guidance import Guidance, one_hot_labels
+from ...guidance import Guidance
 from ...plan import SamplingPlan
-from .executor import SigmaVectorCache, run_program, unwrap_guided
+from .executor import SigmaVectorCache, unwrap_guided
+from .host_loop import HostLoopBackend
 
 __all__ = ["OpenVinoBackend", "OpenVinoEvaluator", "compile_for_cpu"]
 
@@ -105,7 +106,7 @@ class OpenVinoEvaluator:
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(HostLoopBackend):
     """Run a SamplingPlan with OpenVINO evaluating D (see the module docstring).
 
     Args:
@@ -236,51 +237,3 @@ class OpenVinoBackend:
         model.reshape({inp: ov.PartialShape([batch, *list(inp.get_partial_shape())[1:]])
                        for inp in model.inputs})
         return model
-
-    @torch.no_grad()
-    def _warmup(self) -> None:
-        """One evaluation at the run's batch (OpenVINO allocates and picks kernels)."""
-        n = self.batch_shape[0]
-        for evaluate in (self.evaluate, self.guide):
-            if evaluate is not None:
-                evaluate(torch.zeros(self.batch_shape), torch.ones(n), None)
-
-    def _labels(self, class_labels, n: int) -> torch.Tensor | None:
-        if self.label_dim <= 0:
-            if class_labels is not None:
-                raise ValueError("this denoiser is unconditional; class_labels must be None")
-            return None
-        return one_hot_labels(class_labels, self.label_dim, batch=n, device=self.device,
-                              dtype=torch.float32)
-
-    # -- public ---------------------------------------------------------------------------------
-    def evaluation(self, x, sigma, class_labels=None):
-        """A zero-argument callable that runs one denoiser evaluation D(x; sigma) exactly as
-        the loop runs it (guided when the plan has guidance), inputs prepared beforehand."""
-        x = x.to(self.device, self.dtype)
-        n = x.shape[0]
-        labels = self._labels(class_labels, n)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(n).contiguous()
-
-        @torch.no_grad()
-        def evaluate():
-            return self.guidance(self.evaluate, x, sigma, labels).to(self.dtype)
-        return evaluate
-
-    def evaluate_once(self, x, sigma, class_labels=None) -> torch.Tensor:
-        """One denoiser evaluation D(x; sigma) as the loop runs it."""
-        return self.evaluation(x, sigma, class_labels)().clone()
-
-    @torch.no_grad()
-    def run(self, latents: torch.Tensor, noise: torch.Tensor | None = None,
-            class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """``plan.program`` from ``latents`` (N, *sample_shape) with its injected draws
-        ``noise`` (K, N, *sample_shape) or None, and class_labels (N, label_dim) float, (N,)
-        int, or None. Returns (N, *sample_shape) in the backend's dtype."""
-        latents = latents.to(self.device, self.dtype)
-        noise = None if noise is None else noise.to(self.device, self.dtype)
-        labels = self._labels(class_labels, latents.shape[0])
-        return run_program(self.plan.program, self.evaluate, latents, noise, labels,
-                           guidance=self.guidance, sigmas=self.sigmas(latents.shape[0]))
-
-    __call__ = run
