@@ -31,6 +31,8 @@ import os
 import time
 from pathlib import Path
 
+from .sampling_options import add_model_option
+
 __all__ = ["SUFFIXES", "add_export_command", "check_out_file"]
 
 FORMATS = ("onnx", "openvino", "aoti", "torchscript", "safetensors")
@@ -46,8 +48,7 @@ def add_export_command(sub, formatter) -> None:
     p = sub.add_parser(
         "export", formatter_class=formatter, help="export a model for deployment",
         description=__doc__)
-    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
-                   help="checkpoint, run folder or bundled model name ('default')")
+    add_model_option(p, "checkpoint, run folder or bundled model name ('default')")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file, ending in the suffix of --format (not added for you): "

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .sampling_options import add_sampling_options, sampling_options
+from .sampling_options import add_model_option, add_sampling_options, sampling_options
 
 __all__ = ["add_plan_command", "cmd_plan"]
 
@@ -16,8 +16,7 @@ def add_plan_command(sub, formatter) -> None:
         "text file (edm_fast.io.program_file), which the standalone C++ binary runs: "
         "edm_fast_sample --model MODEL.pt2 --plan FILE. The plan takes the model's sigma range "
         "and its rounding to trained levels (DDPM, iDDPM), as `edm-fast sample` does.")
-    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
-                   help="checkpoint, run folder or bundled model name (for its sigma range)")
+    add_model_option(p, "checkpoint, run folder or bundled model name (for its sigma range)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight (the binary then needs --class)")
     p.add_argument("--out", required=True, metavar="FILE", help="the plan file to write")

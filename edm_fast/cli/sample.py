@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .sampling_options import add_sampling_options, sampling_options
+from .sampling_options import (add_guide_option, add_model_option, add_sampling_options,
+                               sampling_options)
 
 __all__ = ["add_sample_command", "cmd_sample"]
 
@@ -17,10 +18,7 @@ def add_sample_command(sub, formatter) -> None:
                        description="Generate samples: EDM's Heun sampler (Algorithm 2) by "
                        "default, or any solver of --solver. Each image depends only on its "
                        "seed, whatever the batch or device.")
-    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
-                   help="checkpoint (.safetensors, run folder, official .pkl or training-state "
-                   ".pt) or a model name: default, default-ddpm, toy-gmm (= toy-gmm2d), "
-                   "toy-gmm1d")
+    add_model_option(p)
     p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9")
     p.add_argument("--class", dest="class_label", default=None, metavar="K|NAME",
                    help="class to generate, by index or by the name it had in the training "
@@ -30,13 +28,8 @@ def add_sample_command(sub, formatter) -> None:
                    help="guidance weight w: classifier-free D_u + w (D_c - D_u) (1 = conditional "
                    "only), or with --guide-ckpt autoguidance D_g + w (D - D_g) (1 = the main "
                    "model alone); --guidance-interval limits either to a range of noise levels")
-    p.add_argument("--guide-ckpt", "--gnet", dest="guide_ckpt", default=None,
-                   metavar="PATH|NAME",
-                   help="autoguidance (Karras et al. 2024, arXiv 2406.02507): the guide model, "
-                   "a smaller or less-trained model of the same task (same sample shape and "
-                   "classes, or both unconditional), loaded like --ckpt and run in --net-dtype; "
-                   "it gets the same labels and replaces classifier-free guidance; needs "
-                   "--guidance; every backend but cpp")
+    add_guide_option(p, "it gets the same labels and replaces classifier-free guidance; "
+                     "needs --guidance; every backend but cpp")
     p.add_argument("--out", default="samples.png",
                    help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot. "
                    "Under torchrun every rank writes its own seeds: into the shared folder, or "

@@ -26,6 +26,27 @@ def _sigma_list(text: str) -> list[float]:
                                          f"{text!r}") from None
 
 
+MODEL_HELP = ("checkpoint (.safetensors, run folder, official .pkl or training-state .pt) or a "
+              "model name: default, default-ddpm, toy-gmm (= toy-gmm2d), toy-gmm1d")
+
+
+def add_model_option(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
+    """--ckpt (alias --model): the model, a path or a name (edm_fast.io.models)."""
+    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
+                   help=model_help)
+
+
+def add_guide_option(p: argparse.ArgumentParser, effect: str) -> None:
+    """--guide-ckpt (alias --gnet): autoguidance's guide model, loaded like --ckpt; ``effect``
+    says what the guide does for this command."""
+    p.add_argument("--guide-ckpt", "--gnet", dest="guide_ckpt", default=None,
+                   metavar="PATH|NAME",
+                   help="autoguidance (Karras et al. 2024, arXiv 2406.02507): the guide model, "
+                   "a smaller or less-trained model of the same task (same sample shape and "
+                   "classes, or both unconditional), loaded like --ckpt and run in --net-dtype; "
+                   + effect)
+
+
 def add_sampling_options(p: argparse.ArgumentParser, execution: bool = True,
                          threads: bool = False) -> None:
     """The options of ``edm_fast.plan.SamplingOptions`` (generated from its fields; guidance is

@@ -28,7 +28,7 @@ POLICY = (
 
 def add_serve_command(sub, formatter) -> None:
     """Register ``serve`` on the subparsers ``sub`` (the sampling options shared with sample)."""
-    from .sampling_options import add_sampling_options
+    from .sampling_options import add_guide_option, add_model_option, add_sampling_options
     from ..serve.limits import DEFAULT_MAX_COST, MAX_STEPS
 
     p = sub.add_parser(
@@ -41,21 +41,13 @@ def add_serve_command(sub, formatter) -> None:
         "GET /metrics, GET /docs. Every batch size is warmed before the port opens. "
         f"{POLICY} SIGINT/SIGTERM answer the "
         "requests in flight, then stop. See docs/SERVING.md.")
-    p.add_argument("--ckpt", "--model", dest="ckpt", default="default", metavar="PATH|NAME",
-                   help="checkpoint (.safetensors, run folder, official .pkl or training-state "
-                   ".pt) or a model name: default, default-ddpm, toy-gmm (= toy-gmm2d), "
-                   "toy-gmm1d")
+    add_model_option(p)
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="default guidance weight of requests, in [-100, 100]: classifier-free "
                    "D_u + w (D_c - D_u) (1 = conditional only), or with --guide-ckpt "
                    "autoguidance D_g + w (D - D_g) (1 = the main model alone)")
-    p.add_argument("--guide-ckpt", "--gnet", dest="guide_ckpt", default=None,
-                   metavar="PATH|NAME",
-                   help="autoguidance (Karras et al. 2024, arXiv 2406.02507): the guide model, "
-                   "a smaller or less-trained model of the same task (same sample shape and "
-                   "classes, or both unconditional), loaded like --ckpt and run in --net-dtype; "
-                   "requests with a guidance weight are then guided by it instead of by "
-                   "classifier-free guidance (and need no class)")
+    add_guide_option(p, "requests with a guidance weight are then guided by it instead of "
+                     "by classifier-free guidance (and need no class)")
     add_sampling_options(p, threads=True)
     p.add_argument("--backend", choices=["auto", "onnx", "compiled", "reference"],
                    default="auto", help="evaluator of D shared by every request's plan; auto: "

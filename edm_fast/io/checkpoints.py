@@ -28,7 +28,7 @@ from .model_card import ModelCard, model_card, record_card
 
 __all__ = [
     "save_checkpoint", "read_checkpoint", "CheckpointError", "latest_checkpoint", "class_names",
-    "list_checkpoints", "remove_stale_temporaries", "UnreadableCheckpointError",
+    "list_checkpoints", "remove_stale_temporaries", "checkpoint_file", "UnreadableCheckpointError",
     "build_denoiser", "load_denoiser_checkpoint", "net_spec",
     "export_inference_checkpoint", "check_config", "check_weights", "read_inference_weights",
     "FORMAT_VERSION", "DEFAULT_MAX_PARAMS", "MAX_SAMPLE_VALUES", "max_params_limit",
@@ -380,6 +380,17 @@ def class_names(denoiser) -> list[str]:
     return list(model_card(denoiser).class_names)
 
 
+def checkpoint_file(path) -> Path:
+    """``path`` itself, or for a run folder its latest checkpoint (CheckpointError if none)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no ckpt-*.safetensors in {path}")
+    return latest
+
+
 def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True,
                              max_params: int | None = None):
     """The Denoiser stored in a checkpoint file (or a run folder's latest), in eval mode.
@@ -388,12 +399,7 @@ def load_denoiser_checkpoint(path, *, device="cpu", ema: bool = True,
     when the file has no EMA. Everything is checked before the network is built (see
     ``read_inference_weights``); ``max_params`` bounds the network's size.
     """
-    path = Path(path)
-    if path.is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"no ckpt-*.safetensors in {path}")
-        path = latest
+    path = checkpoint_file(path)
     state, meta = read_inference_weights(path, ema=ema, max_params=max_params)
     try:
         denoiser = build_denoiser(meta)
@@ -414,12 +420,7 @@ def export_inference_checkpoint(src, dst, *, dtype: torch.dtype | None = None,
     or data-stream state. ``dtype`` (e.g. torch.float16) shrinks the file. The source is
     checked as ``load_denoiser_checkpoint`` checks it; nothing is written unless it passes.
     """
-    src = Path(src)
-    if src.is_dir():
-        latest = latest_checkpoint(src)
-        if latest is None:
-            raise CheckpointError(f"no ckpt-*.safetensors in {src}")
-        src = latest
+    src = checkpoint_file(src)
     state, meta = read_inference_weights(src, ema=True, max_params=max_params)
     keep = {f"ema.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
             for k, v in state.items()}

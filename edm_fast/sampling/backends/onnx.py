@@ -173,7 +173,8 @@ class OnnxBackend(HostLoopBackend):
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
         self.label_dim = int(denoiser.label_dim if label_dim is None else label_dim)
-        self.net_dtype = onnx_net_dtype(_own_net_dtype(denoiser) if net_dtype is None else net_dtype)
+        self.net_dtype = onnx_net_dtype(_own_net_dtype(denoiser) if net_dtype is None
+                                        else net_dtype)
         if self.plan.guidance is not None and self.label_dim <= 0 and guide is None:
             raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
         if dtype == torch.float64:
