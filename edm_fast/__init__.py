@@ -90,10 +90,11 @@ class _MovedModule(types.ModuleType):
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         new = _new_location(fullname)
-        if new is None or importlib.util.find_spec(new) is None:
+        target = None if new is None else importlib.util.find_spec(new)
+        if target is None:
             return None
-        is_package = importlib.util.find_spec(new).submodule_search_locations is not None
-        return importlib.util.spec_from_loader(fullname, self, is_package=is_package)
+        return importlib.util.spec_from_loader(
+            fullname, self, is_package=target.submodule_search_locations is not None)
 
     def create_module(self, spec):
         return _MovedModule(spec.name)
