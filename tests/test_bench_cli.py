@@ -207,3 +207,37 @@ def test_setup_note():
     assert device_mod.setup_note(50.0, "reference", "cpu") is None
     assert device_mod.setup_note(50.0, "compiled", "cuda") is None
     assert "export" in device_mod.setup_note(11.0, "onnx", "cpu")
+
+
+def test_train_and_compare_take_threads(monkeypatch, keep_threads, capsys, tmp_path):
+    """train and compare apply --threads before their work starts (checked where it would
+    begin), refuse 0 by name, and give the loaded-machine note only without --threads."""
+    import edm_fast.cli.compare as compare_cli
+    import edm_fast.train.loop as train_loop
+
+    seen = []
+
+    def stop(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise _Stop("stop here")
+
+    monkeypatch.setattr(train_loop, "train", stop)
+    monkeypatch.setattr(compare_cli, "_load_models", stop)
+    run = str(tmp_path / "run")
+    report = str(tmp_path / "report")
+    assert main(["train", "--threads", "1", "--out", run]) == 2
+    assert main(["compare", "--threads", "1", "--out", report]) == 2
+    assert seen == [1, 1]
+    for command in (["train", "--out", run], ["compare", "--out", report]):
+        assert main([*command, "--threads", "0"]) == 2
+        assert "--threads must be >= 1" in capsys.readouterr().err
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    torch.set_num_threads(2)
+    assert main(["train", "--out", run]) == 2
+    assert capsys.readouterr().err.count("note: this machine is loaded") == 1
+    assert main(["train", "--threads", "2", "--out", run]) == 2
+    assert "note:" not in capsys.readouterr().err
+    torch.set_num_threads(2)
+    assert main(["compare", "--out", report]) == 2
+    assert capsys.readouterr().err.count("note: this machine is loaded") == 1

@@ -16,6 +16,8 @@ dominated by small-sample bias (a warning, also in the report).
 
 from __future__ import annotations
 
+import sys
+
 __all__ = ["add_compare_command"]
 
 # (net, sampler, NFEs) rows; --full adds DDPM's 1000-step row (slow on a CPU)
@@ -39,6 +41,9 @@ def add_compare_command(sub, formatter) -> None:
     p.add_argument("--repeats", type=int, default=2, help="seed sets per row (for the SE)")
     p.add_argument("--full", action="store_true", help="also DDPM at 1000 steps")
     p.add_argument("--out", default="compare-out", help="folder for the table, plot and JSON")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of torch (default: torch's, one per core); on a loaded or "
+                   "shared CPU, 1 can be several times faster")
     p.set_defaults(func=_cmd_compare)
 
 
@@ -116,9 +121,14 @@ def _bias_warning(scorer, args) -> str:
 
 
 def _cmd_compare(args) -> int:
+    from ..device import busy_cpu_note, set_threads
     from ..eval.compare import compare, reference_row, runs_for, write_report
 
     _check_args(args)
+    set_threads(args.threads)
+    note = None if args.threads else busy_cpu_note()
+    if note:
+        print(note, file=sys.stderr)
     models = _load_models(args)
     scorer = _scorer(args, models)
     runs = []

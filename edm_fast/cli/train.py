@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import MISSING, dataclass, fields
 from typing import Callable
 
@@ -121,6 +122,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
                          "the run allows (lr, EMA, lengths, checkpoint periods); a different "
                          "data, loss, batch, seed or network option is refused by name"),
         "device": Option("auto, cpu, cuda, cuda:N or mps"),
+        "threads": Option("CPU threads of torch (default: torch's, one per core); on a loaded "
+                          "or shared CPU, 1 can be several times faster", metavar="N",
+                          range=AT_LEAST_ONE),
         "workers": Option("data loader processes", range=NON_NEGATIVE),
         "ckpt_every_kimg": Option("checkpoint period in kimg", flags=("--ckpt-every",),
                                   range=POSITIVE),
@@ -138,8 +142,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
 
 # TrainConfig fields that the command line does not set (the library's defaults hold).
 NOT_OPTIONS = ("ema_rampup_ratio", "keep_ckpts", "log_every", "max_nonfinite", "net_overrides")
-# Flags of the command that are no TrainConfig field.
-COMMAND_FLAGS = ("resume",)
+# Flags of the command that are no TrainConfig field: a switch, or an int option with a default.
+COMMAND_FLAGS = {"resume": bool, "threads": int}
 
 
 def _checked(kind: type, name: str, flag: str, valid: Range | None) -> Callable[[str], object]:
@@ -194,8 +198,13 @@ def add_train_command(sub, formatter) -> None:
         g = p.add_argument_group(title)
         for name, option in options.items():
             flags = option.flags or ("--" + name.replace("_", "-"),)
-            if name in COMMAND_FLAGS:
+            if COMMAND_FLAGS.get(name) is bool:
                 g.add_argument(*flags, action="store_true", help=option.help)
+                continue
+            if name in COMMAND_FLAGS:
+                g.add_argument(*flags, dest=name, default=None, metavar=option.metavar,
+                               help=option.help, type=_checked(COMMAND_FLAGS[name], name,
+                                                               flags[0], option.range))
                 continue
             field = config_fields[name]
             default = field.default if field.default is not MISSING else field.default_factory()
@@ -242,8 +251,14 @@ def interrupted_note(args, exc: KeyboardInterrupt) -> str:
 
 
 def cmd_train(args) -> int:
+    from ..device import busy_cpu_note, set_threads
     from ..train.config import TrainConfig, resumed_config
     from ..train.loop import train
+
+    set_threads(args.threads)
+    note = None if args.threads else busy_cpu_note(None if args.device == "auto" else args.device)
+    if note:
+        print(note, file=sys.stderr)
 
     config_fields = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in config_fields})
