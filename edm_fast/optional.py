@@ -10,7 +10,8 @@ from types import ModuleType
 __all__ = ["Figures", "MissingDependency", "figures", "pyplot", "require"]
 
 # import name -> (pip name, extra of edm-fast that installs it)
-_PACKAGES = {"sklearn": ("scikit-learn", "train"), "matplotlib": ("matplotlib", "train")}
+_PACKAGES = {"sklearn": ("scikit-learn", "train"), "matplotlib": ("matplotlib", "train"),
+             "diffusers": ("diffusers", "vae")}
 
 
 class MissingDependency(ImportError):

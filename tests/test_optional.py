@@ -82,7 +82,7 @@ def test_sampling_cli_runs_without_the_serve_and_openvino_extras(tmp_path):
     import subprocess
 
     blocked = ["fastapi", "uvicorn", "pydantic", "prometheus_client", "ray", "openvino",
-               "onnxruntime", "starlette"]
+               "onnxruntime", "starlette", "diffusers"]
     code = ("import sys\n"
             f"for name in {blocked!r}: sys.modules[name] = None\n"
             "from edm_fast.cli.main import main\n"

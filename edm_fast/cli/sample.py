@@ -1,5 +1,6 @@
 """``edm-fast sample``: generate samples with EDM's Heun sampler (EDM Algorithm 2) or any solver
-of --solver, one image per seed, into a grid PNG, a folder of PNGs or an .npz."""
+of --solver, one image per seed, into a grid PNG, a folder of PNGs or an .npz. The latents of
+official EDM2 img512 models are decoded to RGB images with --vae (edm_fast.io.latents)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,29 @@ def add_sample_command(sub, formatter) -> None:
                    help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot. "
                    "Under torchrun every rank writes its own seeds: into the shared folder, or "
                    "to NAME.rank<R>.png / .npz")
+    p.add_argument("--vae", default=None, metavar="DIR",
+                   help="decode the latents of an official EDM2 img512 model into RGB images "
+                   "before writing them, with this Stable Diffusion VAE: a local diffusers "
+                   "AutoencoderKL folder (config.json and diffusion_pytorch_model.safetensors, "
+                   "e.g. a copy of stabilityai/sd-vae-ft-mse; never downloaded). Needs diffusers: "
+                   "python -m pip install \"edm-fast[vae]\". Without --vae such models write "
+                   "their 4-channel latents to an .npz only")
+    p.add_argument("--vae-batch", type=_positive_int, default=None, metavar="N",
+                   help="latents per VAE decode (default: the model's encoder record, else 8)")
     add_sampling_options(p, threads=True)
     p.set_defaults(func=cmd_sample)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def class_index(value: str, label_dim: int, names: list[str]) -> int:
@@ -80,6 +102,25 @@ def rank_path(out: str, rank: int) -> str:
     return out  # a folder: every rank writes its own seeds' files into it
 
 
+def check_channels(args, sampler, vae, out: str) -> None:
+    """With --vae: the model records a VAE encoder whose channels match the VAE's; without it,
+    a PNG (a grid or a folder) needs 1 or 3 channels. One-line errors, before any sampling."""
+    from ..io.latents import check_vae, encoder_record
+    from ..io.samples import output_kind
+
+    if vae is not None:
+        check_vae(vae, sampler.model_card, sampler.shape[0])
+        return
+    channels = sampler.shape[0]
+    if len(sampler.shape) == 3 and channels not in (1, 3) and output_kind(out) != ".npz":
+        record = encoder_record(sampler.model_card)
+        vae_name = record.get("vae_name") if record else None
+        what = f"latents of the VAE {vae_name}" if vae_name else "samples"
+        raise ValueError(f"a PNG needs 1 or 3 channels, but {args.ckpt} generates "
+                         f"{channels}-channel {what}: decode latents into images with --vae DIR "
+                         "(a local diffusers AutoencoderKL folder), or write an .npz")
+
+
 def cmd_sample(args) -> int:
     from pathlib import Path
 
@@ -106,6 +147,11 @@ def cmd_sample(args) -> int:
         print(f"edm-fast sample: {note}", file=sys.stderr)
     out = args.out if world == 1 else rank_path(args.out, rank)
     check_output(out)  # before loading the model: the file kinds and a writable folder
+    vae = None
+    if args.vae is not None:  # before the model, too: no diffusers or a bad folder fails early
+        from ..io.latents import decode_latents, load_vae
+
+        vae = load_vae(args.vae, device=device, dtype=getattr(torch, args.dtype))
     sampler = Sampler(args.ckpt, batch_size=min(args.batch, len(seeds)),
                       **sampling_options(args), guidance=args.guidance,
                       guide=args.guide_ckpt, dtype=getattr(torch, args.dtype), device=device,
@@ -117,17 +163,23 @@ def cmd_sample(args) -> int:
     if note and rank == 0:
         print(f"edm-fast sample: {note}", file=sys.stderr)
     check_output(out, toy=len(sampler.shape) == 1)  # toy vectors: a .png plot or an .npz only
+    check_channels(args, sampler, vae, out)
     labels = labels_for(args, seeds, sampler)
     # a folder gets each batch's files as soon as it is sampled: an interrupted run keeps them
     per_seed_files = output_kind(out) == ""
-    seconds, chunks = 0.0, []
+    seconds, decode_seconds, chunks = 0.0, 0.0, []
     batches = range(0, len(seeds), sampler.batch_size)
     for lo in tqdm(batches, desc="sampling", unit="batch", disable=len(batches) < 2 or rank > 0):
         part = seeds[lo:lo + sampler.batch_size]
         start = time.perf_counter()
         images = sampler(seeds=part, class_labels=None if labels is None
-                         else labels[lo:lo + sampler.batch_size]).cpu()
+                         else labels[lo:lo + sampler.batch_size])
         seconds += time.perf_counter() - start
+        if vae is not None:  # on the sampler's device, in its dtype
+            start = time.perf_counter()
+            images = decode_latents(images, vae, sampler.model_card, batch_size=args.vae_batch)
+            decode_seconds += time.perf_counter() - start
+        images = images.cpu()
         if per_seed_files:
             save_per_seed(images, part, out)
         else:
@@ -141,6 +193,7 @@ def cmd_sample(args) -> int:
         nfe = sampler.num_evals
         print(f"{total} samples ({nfe} NFE each) with the '{sampler.backend_name}' "
               f"backend on {sampler.device}: {seconds:.2f} s sampling, "
-              f"{sampler.warmup_seconds:.2f} s set-up -> {path}"
+              + (f"{decode_seconds:.2f} s VAE decoding, " if vae is not None else "")
+              + f"{sampler.warmup_seconds:.2f} s set-up -> {path}"
               + (" (rank 0)" if world > 1 else ""))
     return 0

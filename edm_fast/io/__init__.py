@@ -14,6 +14,7 @@
     trusted_exports.py   the record of exports this user wrote (loading one runs it)
     program_file.py      a sampling program as a text file (the standalone binary's --plan)
     samples.py           writing samples: grids, per-seed PNGs, .npz, plots
+    latents.py           EDM2 img512 latents decoded to images with a user's diffusers VAE
     files.py             the one atomic file writer
 
 May import: the core (top-level modules of ``edm_fast``) and ``nets``. Never imports

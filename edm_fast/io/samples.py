@@ -92,12 +92,20 @@ def save_figure(fig, path) -> Path:
 MAX_GRID_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: larger PNGs do not open
 
 
+def _check_png_channels(images: torch.Tensor) -> None:
+    """A PNG holds grey or RGB images: other channel counts (EDM2 latents) are refused."""
+    if images.ndim == 4 and images.shape[1] not in (1, 3):
+        raise ValueError(f"a PNG needs 1 or 3 channels, got {images.shape[1]}: write an .npz "
+                         "(latents: decode them first, edm_fast.io.latents)")
+
+
 def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: int = 1,
               scale: int | None = None) -> Path:
     """Tile (N, C, H, W) images into one PNG, nrow per row (default: a square-ish grid), on
     black padding."""
     path = Path(path)
     n = len(images)
+    _check_png_channels(images)
     nrow = nrow or math.ceil(math.sqrt(n))
     grid = to_uint8(tile_images(images, nrow, padding=padding)[None])[0]
     h, w = images.shape[-2:]
@@ -115,6 +123,7 @@ def save_grid(images: torch.Tensor, path, *, nrow: int | None = None, padding: i
 
 def save_per_seed(images: torch.Tensor, seeds, folder) -> list[Path]:
     """One PNG per sample, named seed<seed:06d>.png."""
+    _check_png_channels(images)
     folder = Path(folder)
     paths = []
     for array, seed in zip(to_uint8(images), seeds):
