@@ -75,8 +75,8 @@ _COMMON = ("--preset", "tiny", "--loss", "edm", "--cond", "--label-dropout", "0.
 _SMALL = tuple("small" if option == "tiny" else option for option in _COMMON)
 RECIPES = (
     Recipe("10min", 15, _COMMON + ("--lr-rampup-kimg", "1", "--ema-kimg", "1.5"), (15,)),
-    Recipe("1hour", 90, _COMMON + ("--lr-rampup-kimg", "2", "--ema-kimg", "8"), (15, 45, 90),
-           ckpt_every=15),
+    Recipe("1hour", 90, _COMMON + ("--lr-rampup-kimg", "2", "--ema-kimg", "8"), (60, 90),
+           ckpt_every=15),  # a run keeps its last 3 checkpoints: 60, 75 and 90 kimg
     Recipe("1hour-small", 21, _SMALL + ("--lr-rampup-kimg", "1", "--ema-kimg", "2"), (21,)),
 )
 QUICK = (
@@ -101,10 +101,14 @@ def _train(recipe: Recipe, data: str, out: Path, threads: int) -> float:
 
 
 def _checkpoint_at(run: Path, kimg: float, batch: int) -> Path:
-    """The checkpoint of `run` nearest to `kimg` thousand images."""
+    """The checkpoint of `run` at `kimg` thousand images (within one batch)."""
     def images(path: Path) -> int:
         return int(path.stem.split("-")[-1]) * batch
-    return min(list_checkpoints(run), key=lambda path: abs(images(path) - 1000 * kimg))
+    found = [path for path in list_checkpoints(run) if abs(images(path) - 1000 * kimg) <= batch]
+    if not found:
+        sys.exit(f"error: {run} has no checkpoint at {kimg:g} kimg (it keeps "
+                 f"{', '.join(p.name for p in list_checkpoints(run))})")
+    return found[0]
 
 
 def main(argv=None) -> int:
