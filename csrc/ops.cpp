@@ -34,6 +34,9 @@ TORCH_LIBRARY(edm_fast, m) {
 
   m.class_<Sampler>("Sampler")
       .def(torch::init<std::string, std::string, std::string>())
+      .def("load_guide", &Sampler::load_guide)
+      .def("has_guide", &Sampler::has_guide)
+      .def("guide_path", &Sampler::guide_path)
       .def("run_program", &Sampler::run_program)
       .def("sample_seeds", &Sampler::sample_seeds)
       .def("denoise", &Sampler::denoise)

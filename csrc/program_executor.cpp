@@ -103,6 +103,28 @@ at::Tensor sigma_table(const std::vector<double>& values, int64_t batch,
 
 }  // namespace
 
+void check_guide(const DenoiserRunner& denoiser, const DenoiserRunner& guide) {
+  const ModelInfo &main = denoiser.info(), &info = guide.info();  // main model, guide
+  TORCH_CHECK(same_device(denoiser.device(), guide.device()), "the guide '", info.path,
+              "' was loaded for ", guide.device(), " but the main model '", main.path, "' for ",
+              denoiser.device(), "; load both for one device");
+  TORCH_CHECK(!main.dtype || !info.dtype || *main.dtype == *info.dtype, "the guide '", info.path,
+              "' was exported for ", info.dtype ? c10::toString(*info.dtype) : "", " but the main "
+              "model '", main.path, "' for ", main.dtype ? c10::toString(*main.dtype) : "",
+              "; export the guide with the main model's dtype");
+  TORCH_CHECK(main.sample_shape.empty() || info.sample_shape.empty() ||
+                  main.sample_shape == info.sample_shape,
+              "the guide '", info.path, "' makes samples of shape ",
+              c10::IntArrayRef(info.sample_shape), " but the main model '", main.path, "' ",
+              c10::IntArrayRef(main.sample_shape), ": autoguidance needs a guide of the same "
+              "task");
+  // a conditional guide is given the main model's labels (autoguidance, arXiv 2406.02507)
+  TORCH_CHECK(main.label_dim < 0 || info.label_dim < 0 || main.label_dim == info.label_dim,
+              "the guide '", info.path, "' takes label_dim = ", info.label_dim, " but the main "
+              "model '", main.path, "' takes ", main.label_dim, ": autoguidance needs a guide of "
+              "the same task (same classes, or both unconditional)");
+}
+
 int64_t ProgramArrays::num_evals() const {
   return std::count(kinds.begin(), kinds.end(), kEval);
 }
@@ -169,9 +191,13 @@ void ProgramArrays::validate() const {
 at::Tensor run_program(DenoiserRunner& denoiser, const ProgramArrays& program,
                        const at::Tensor& latents, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& class_labels,
-                       std::optional<double> guidance) {
+                       std::optional<double> guidance, DenoiserRunner* guide) {
   program.validate();
   check_latents(denoiser, latents);
+  if (guide != nullptr) {
+    check_guide(denoiser, *guide);
+    check_latents(*guide, latents);
+  }
   TORCH_CHECK(!guidance || std::isfinite(*guidance), "the guidance weight must be finite, got ",
               *guidance);
   c10::DeviceGuard device_guard(latents.device());
@@ -183,12 +209,15 @@ at::Tensor run_program(DenoiserRunner& denoiser, const ProgramArrays& program,
   const at::Tensor x0 = latents.contiguous();
   const at::Tensor eps = prepare_noise(program, x0, noise);  // (K, N, ...)
   const at::Tensor labels = prepare_labels(denoiser, x0, class_labels);
-  TORCH_CHECK(!guidance || labels.defined(), "classifier-free guidance needs a "
+  // autoguidance needs no labels (an unconditional model can be autoguided)
+  const bool autoguided = guidance.has_value() && guide != nullptr;
+  TORCH_CHECK(!guidance || autoguided || labels.defined(), "classifier-free guidance needs a "
               "class-conditional model, but the model '", info.path, "' has label_dim = ",
               info.label_dim, info.label_dim < 0 ? " (unknown: pass class_labels)" : "",
               "; drop the guidance weight");
 
-  // Which evaluations run guided (a batch of 2N), and their sigma vectors, row by row.
+  // Which evaluations run guided (classifier-free: a batch of 2N; autoguidance: the main model
+  // and the guide at N each), and their sigma vectors, row by row.
   std::vector<bool> guided_eval(num_ops, false);
   std::vector<int64_t> row(num_ops, -1);
   std::vector<double> plain_sigmas, guided_sigmas;
@@ -199,25 +228,34 @@ at::Tensor run_program(DenoiserRunner& denoiser, const ProgramArrays& program,
     row[i] = static_cast<int64_t>(table.size());
     table.push_back(program.sigmas[i]);
   }
+  const int64_t guided_batch = autoguided ? N : 2 * N;
   for (const auto& [count, B] : {std::pair{plain_sigmas.size(), N},
-                                 std::pair{guided_sigmas.size(), 2 * N}}) {
+                                 std::pair{guided_sigmas.size(), guided_batch}}) {
     TORCH_CHECK(count == 0 || info.static_batch < 0 || info.static_batch == B,
                 "the model '", info.path, "' was exported with a static batch of ",
                 info.static_batch, " (dynamic_batch=False) but this run needs batch ", B,
                 B == 2 * N ? " (2N for guidance)" : "", "; re-export with a dynamic batch "
                 "(edm-fast export without --batch; dynamic_batch=True in Python)");
   }
+  if (autoguided) {
+    const ModelInfo& guide_info = guide->info();
+    TORCH_CHECK(guided_sigmas.empty() || guide_info.static_batch < 0 ||
+                    guide_info.static_batch == N,
+                "the guide '", guide_info.path, "' was exported with a static batch of ",
+                guide_info.static_batch, " (dynamic_batch=False) but this run needs batch ", N,
+                "; re-export it with a dynamic batch or batch ", N);
+  }
 
   // Everything the program needs is allocated here, before the first op.
   const at::Tensor plain_vecs = sigma_table(plain_sigmas, N, opts);       // (evals, N)
-  const at::Tensor guided_vecs = sigma_table(guided_sigmas, 2 * N, opts);  // (evals, 2N)
+  const at::Tensor guided_vecs = sigma_table(guided_sigmas, guided_batch, opts);  // (evals, B)
   std::vector<at::Tensor> regs;
   for (int64_t r = 0; r < program.num_registers; ++r) {
     regs.push_back(at::empty_like(x0));
   }
   at::Tensor scratch = at::empty_like(x0);  // a LIN writing over one of its sources
   at::Tensor x_both, labels_both;           // [x; x] and [labels; zeros] for the 2N batch
-  if (!guided_sigmas.empty()) {
+  if (!guided_sigmas.empty() && !autoguided) {
     x_both = at::empty(with_batch(2 * N, x0.sizes().slice(1)), opts);
     labels_both = at::cat({labels, at::zeros_like(labels)});
   }
@@ -248,6 +286,11 @@ at::Tensor run_program(DenoiserRunner& denoiser, const ProgramArrays& program,
     const at::Tensor& x = input(program.srcs[begin]);
     if (!guided_eval[i]) {
       dst.copy_(denoiser(x, plain_vecs.select(0, row[i]), labels));
+    } else if (autoguided) {  // D_g + w (D - D_g), arXiv 2406.02507 Eq. 1, same labels
+      const at::Tensor& sigma = guided_vecs.select(0, row[i]);
+      const at::Tensor d_main = denoiser(x, sigma, labels).to(x0.scalar_type());
+      const at::Tensor d_guide = (*guide)(x, sigma, labels).to(x0.scalar_type());
+      at::sub_out(dst, d_main, d_guide).mul_(*guidance).add_(d_guide);
     } else {  // D_u + w (D_c - D_u) from one batch of 2N
       x_both.narrow(0, 0, N).copy_(x);
       x_both.narrow(0, N, N).copy_(x);
@@ -270,12 +313,12 @@ at::Tensor run_program_from_seeds(DenoiserRunner& denoiser, const ProgramArrays&
                                   const std::vector<int64_t>& sample_shape,
                                   const at::TensorOptions& options,
                                   const std::optional<at::Tensor>& class_labels,
-                                  std::optional<double> guidance) {
+                                  std::optional<double> guidance, DenoiserRunner* guide) {
   program.validate();
   SeedNoise noise(seeds, sample_shape);
   const at::Tensor latents = noise.draw().to(options);                       // (N, *shape)
   const at::Tensor eps = noise.draw_many(program.num_noise).to(options);     // (K, N, *shape)
-  return run_program(denoiser, program, latents, eps, class_labels, guidance);
+  return run_program(denoiser, program, latents, eps, class_labels, guidance, guide);
 }
 
 }  // namespace edm_fast

@@ -52,14 +52,20 @@ struct ProgramArrays {
 //   noise:        (K, N, *shape) with K = program.num_noise, the k-th slice being source -2 - k.
 //                 May be omitted when K = 0.
 //   class_labels: (N, label_dim) floats (one-hot); omitted for a conditional model = zeros.
-//   guidance:     weight w of classifier-free guidance at the EVALs flagged guided: one batch
-//                 of 2N (labels, then zero labels), D = D_u + w (D_c - D_u).
+//   guidance:     the guidance weight w, applied at the EVALs flagged guided. Without a guide:
+//                 classifier-free guidance from one batch of 2N (labels, then zero labels),
+//                 D = D_u + w (D_c - D_u).
+//   guide:        autoguidance's guide D_g (Karras et al. 2024, arXiv 2406.02507), or null.
+//                 With one, a guided EVAL runs the main model and the guide each on the N
+//                 samples with the same labels (none for an unconditional model) and mixes
+//                 D = D_g + w (D - D_g) (Eq. 1); it must take the latents' shape, dtype and
+//                 device and the main model's label_dim. Without a weight it is not evaluated.
 // Registers and sigma vectors are allocated before the first op; no host-device
 // synchronisation until the end, where one check raises if any D held NaN/Inf.
 at::Tensor run_program(DenoiserRunner& denoiser, const ProgramArrays& program,
                        const at::Tensor& latents, const std::optional<at::Tensor>& noise,
                        const std::optional<at::Tensor>& class_labels,
-                       std::optional<double> guidance);
+                       std::optional<double> guidance, DenoiserRunner* guide = nullptr);
 
 // Everything in C++: per-seed latents and noise draws exactly like edm_fast.noise.SeedNoise
 // (latent first, then program.num_noise draws), moved to `options`' device and dtype, then
@@ -69,6 +75,11 @@ at::Tensor run_program_from_seeds(DenoiserRunner& denoiser, const ProgramArrays&
                                   const std::vector<int64_t>& sample_shape,
                                   const at::TensorOptions& options,
                                   const std::optional<at::Tensor>& class_labels,
-                                  std::optional<double> guidance);
+                                  std::optional<double> guidance,
+                                  DenoiserRunner* guide = nullptr);
+
+// Throws c10::Error unless `guide` can guide `denoiser` (autoguidance): both exported for the
+// same device type, dtype, sample shape and label_dim, where their metadata say.
+void check_guide(const DenoiserRunner& denoiser, const DenoiserRunner& guide);
 
 }  // namespace edm_fast

@@ -1,5 +1,5 @@
-// A loaded denoiser plus the program executor, registered for Python as
-// torch.classes.edm_fast.Sampler (csrc/ops.cpp).
+// A loaded denoiser (and optionally autoguidance's guide) plus the program executor, registered
+// for Python as torch.classes.edm_fast.Sampler (csrc/ops.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +22,13 @@ namespace edm_fast {
 class Sampler : public torch::CustomClassHolder {
  public:
   Sampler(const std::string& model_path, const std::string& kind, const std::string& device);
+
+  // Load autoguidance's guide (Karras et al. 2024, arXiv 2406.02507): a second exported
+  // denoiser of the same task (AOTInductor .pt2 or TorchScript; kind as for the main model),
+  // loaded for the main model's device, with its dtype, sample shape and label_dim. From then
+  // on the guided evaluations of run_program / sample_seeds mix D_g + w (D - D_g) (Eq. 1)
+  // instead of classifier-free guidance. Loading another guide replaces it.
+  void load_guide(const std::string& guide_path, const std::string& kind);
 
   // run_program (program_executor.h) on a program given as its flat arrays.
   at::Tensor run_program(const at::Tensor& latents, std::vector<int64_t> kinds,
@@ -52,9 +59,13 @@ class Sampler : public torch::CustomClassHolder {
   std::string device() const { return runner_->device().str(); }
   std::string kind() const { return runner_->info().kind; }
   std::string path() const { return runner_->info().path; }
+  // Whether a guide is loaded, and its file ("" without one); under the mutex, as load_guide.
+  bool has_guide();
+  std::string guide_path();
 
  private:
   std::unique_ptr<DenoiserRunner> runner_;
+  std::unique_ptr<DenoiserRunner> guide_;  // autoguidance's guide, null = classifier-free
   std::mutex mutex_;
 };
 

@@ -6,19 +6,24 @@ unconditional case uses the exact denoisers of the 2-D ring mixture, the guide b
 with wider modes, as in the paper's toy.
 
 Tolerances: float64 runs are compared to 1e-10 (relative 2-norm): the same operations in
-another order only. Float32 backends follow test_backends.py's rule,
+another order only. Float32 backends (the cpp one included) follow test_backends.py's rule,
     rel_err(backend32, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64)),
 the network's own float32 rounding being what the float32 reference shows.
+
+The cpp tests skip without the C++ extension unless EDM_FAST_REQUIRE_CPP=1 (CI), as in
+test_cpp.py; they export TorchScript (seconds), each model once per module.
 """
 
 import copy
 import itertools
+import os
 
 import pytest
 import torch
+from torch import nn
 
+from edm_fast.sampling import cpp_extension as ops
 from edm_fast.sampling.backends import available_backends
-from edm_fast.errors import EdmFastError
 from edm_fast.guidance import Guidance
 from edm_fast.io.models import bundled_path, load_denoiser
 from edm_fast.noise import SeedNoise
@@ -27,6 +32,10 @@ from edm_fast.nets.toy import ring_mixture_2d
 
 SEEDS, LABELS = [3, 11], torch.tensor([2, 7])
 STEPS = 4
+
+REQUIRE_CPP = os.environ.get("EDM_FAST_REQUIRE_CPP", "0") == "1"
+needs_cpp = pytest.mark.skipif(not ops._load() and not REQUIRE_CPP,
+                               reason=f"edm_fast._C not built ({ops.load_error()})")
 
 
 def rel_err(a, b):
@@ -188,8 +197,8 @@ def test_unconditional_network_autoguided_on_onnx():
 
 
 def test_mismatched_or_incomplete_guides_are_refused(main_net):
-    """A guide of another task, a guide without a weight, or a guide on the cpp backend: one
-    clear error each, before any sampling."""
+    """A guide of another task or a guide without a weight (also given to the cpp backend
+    directly): one clear error each, before any sampling."""
     toy2d, toy1d = ring_mixture_2d().as_denoiser(), load_denoiser("toy-gmm1d")
     with pytest.raises(ValueError, match="guide model takes label_dim=0 but the main model "
                                          "takes 10"):
@@ -204,20 +213,20 @@ def test_mismatched_or_incomplete_guides_are_refused(main_net):
     from edm_fast.sampling.backends.cpp import CppBackend
     from edm_fast.plan import SamplingPlan
 
-    with pytest.raises(EdmFastError, match="reference, compiled, onnx and openvino"):
-        CppBackend(main_net, SamplingPlan.build(num_steps=2, guidance=2.0), (1, 1, 16, 16),
-                   device="cpu", guide=perturbed(main_net))
+    with pytest.raises(ValueError, match="needs a guidance weight"):  # checked before export
+        CppBackend(main_net, SamplingPlan.build(num_steps=2), (1, 1, 16, 16), device="cpu",
+                   guide=perturbed(main_net))
 
 
-def test_auto_skips_the_cpp_backend_for_a_guide():
-    """'auto' does not try the one-network C++ executor for an autoguided run, and says why."""
+def test_auto_tries_every_backend_for_a_guide():
+    """Every backend runs a guide, the cpp one included: 'auto' tries the same backends for an
+    autoguided run as for a plain one."""
     from edm_fast.sampling.backends import auto_candidates
 
     plain, _ = auto_candidates(torch.device("cpu"))
     guided, skipped = auto_candidates(torch.device("cpu"), guide=True)
-    assert "cpp" not in [c.name for c in guided]
-    assert any(name == "cpp" and "guide" in why for name, why in skipped)
-    assert [c.name for c in guided] == [c.name for c in plain if c.name != "cpp"]
+    assert [c.name for c in guided] == [c.name for c in plain]
+    assert not any("guide" in why for _, why in skipped)
 
 
 def test_guide_sigma_range_limits_the_grid(main_net):
@@ -300,3 +309,145 @@ def test_compiled_cuda_graph_runs_the_guide(main_net, guide_net, no_tf32):
     out = cuda(SEEDS, LABELS).cpu()
     assert rel_err(out, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
 
+
+
+# ------------------------------------------------------------------------------------------
+# The cpp backend: the guide exported next to the main model and run by the C++ executor.
+
+CHURN = {"S_churn": 10.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.007}
+
+
+@pytest.fixture
+def cpp_on(monkeypatch):
+    monkeypatch.delenv("EDM_FAST_DISABLE_CPP", raising=False)
+
+
+@pytest.fixture(scope="module")
+def cpp_dir(tmp_path_factory):
+    """Where the cpp tests' exports live: each model is traced once, later backends reuse it."""
+    return tmp_path_factory.mktemp("autoguidance_cpp")
+
+
+def cpp_options(folder, name):
+    """backend_options of a cpp backend reusing ``folder/name.ts`` (and its ``.guide.ts``)."""
+    return {"kind": "torchscript", "model_path": str(folder / f"{name}.ts"),
+            "reuse_model": True}
+
+
+@needs_cpp
+@pytest.mark.usefixtures("cpp_on")
+@pytest.mark.parametrize("case", [{}, {"guidance_interval": (0.3, 20.0)},
+                                  {"guidance_interval": (0.3, 20.0), **CHURN}],
+                         ids=["heun", "heun-interval", "heun-interval-churn"])
+def test_cpp_backend_agrees_with_the_reference(main_net, guide_net, cpp_dir, case):
+    """The C++ executor's autoguided Heun run (conditional digits model, a perturbed copy as the
+    guide, same labels) against the float64 reference (test_backends.py's rule); without the
+    guide the same exported main model samples something else, so the guide was run."""
+    opts = {"guidance": 2.0, "num_steps": STEPS, "batch_size": 2, "device": "cpu", **case}
+    ref64 = Sampler(main_net, guide=guide_net, dtype=torch.float64, backend="reference",
+                    **opts)(SEEDS, LABELS)
+    ref32 = Sampler(main_net, guide=guide_net, backend="reference", **opts)(SEEDS, LABELS)
+    sampler = Sampler(main_net, guide=guide_net, backend="cpp",
+                      backend_options=cpp_options(cpp_dir, "digits"), **opts)
+    assert sampler.backend.guide_path == str(cpp_dir / "digits.guide.ts")
+    assert sampler.backend.sampler.guide_path() == sampler.backend.guide_path
+    out = sampler(SEEDS, LABELS)
+    assert rel_err(out, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
+    unguided = Sampler(main_net, backend="cpp", backend_options=cpp_options(cpp_dir, "digits"),
+                       **{**opts, "guidance": None, "guidance_interval": None})(SEEDS, LABELS)
+    assert rel_err(out, unguided) > 1e-3
+
+
+@needs_cpp
+@pytest.mark.usefixtures("cpp_on")
+def test_cpp_backend_in_float64_is_the_reference(main_net, guide_net, cpp_dir):
+    """In float64 the C++ executor runs the reference's operations (Heun, churn, an interval)
+    on float64 exports of both networks: 1e-10."""
+    opts = {"guide": guide_net, "guidance": 2.0, "guidance_interval": (0.3, 20.0),
+            "num_steps": STEPS, "batch_size": 2, "device": "cpu", "dtype": torch.float64, **CHURN}
+    ref64 = Sampler(main_net, backend="reference", **opts)(SEEDS, LABELS)
+    out = Sampler(main_net, backend="cpp", backend_options=cpp_options(cpp_dir, "digits64"),
+                  **opts)(SEEDS, LABELS)
+    assert out.dtype == torch.float64 and rel_err(out, ref64) <= 1e-10
+
+
+@needs_cpp
+@pytest.mark.usefixtures("cpp_on")
+def test_cpp_backend_takes_an_exported_guide(main_net, guide_net, cpp_dir):
+    """An ExportedDenoiser as the guide: its file is loaded as it is, and samples what the guide
+    module exported to that file samples (the same files: bit for bit)."""
+    from edm_fast.io.exported import ExportedDenoiser
+
+    opts = {"guidance": 2.0, "num_steps": STEPS, "batch_size": 2, "device": "cpu",
+            "backend": "cpp", "backend_options": cpp_options(cpp_dir, "digits")}
+    from_module = Sampler(main_net, guide=guide_net, **opts)
+    guide_file = ExportedDenoiser(from_module.backend.guide_path)
+    from_file = Sampler(main_net, guide=guide_file, **opts)
+    assert from_file.backend.guide_path == guide_file.path
+    assert torch.equal(from_file(SEEDS, LABELS), from_module(SEEDS, LABELS))
+
+
+@needs_cpp
+@pytest.mark.usefixtures("cpp_on")
+def test_cpp_backend_autoguides_an_unconditional_network(cpp_dir):
+    """An unconditional UNet (no labels input) and a worse copy as guide on the cpp backend,
+    against the float64 reference; sample_seeds (the seeds drawn in C++) runs the same
+    float32 operations on the same latents and agrees bit for bit."""
+    from edm_fast.nets import build_net
+    from edm_fast.precond import Denoiser, EDMPrecond
+
+    torch.manual_seed(0)
+    main = Denoiser(build_net("tiny", label_dim=0), EDMPrecond()).eval()
+    guide = perturbed(main, seed=2)
+    opts = {"guide": guide, "guidance": 2.0, "num_steps": 3, "batch_size": 2, "device": "cpu"}
+    ref64 = Sampler(main, dtype=torch.float64, backend="reference", **opts)(SEEDS)
+    ref32 = Sampler(main, backend="reference", **opts)(SEEDS)
+    sampler = Sampler(main, backend="cpp", backend_options=cpp_options(cpp_dir, "uncond"),
+                      **opts)
+    out = sampler(SEEDS)
+    assert rel_err(out, ref64) <= max(1e-5, 2 * rel_err(ref32, ref64))
+    seeded = sampler.backend.sampler.sample_seeds(
+        SEEDS, *ops.program_args(sampler.plan.program), None, 2.0)
+    assert torch.equal(seeded, out)
+
+
+class ConvNet(nn.Module):
+    """F(x, c_noise, labels): one convolution plus a noise (and label) bias; enough to export."""
+
+    def __init__(self, label_dim: int = 0):
+        super().__init__()
+        self.label_dim = label_dim
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.map_label = nn.Linear(label_dim, 1) if label_dim else None
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        bias = noise_labels.reshape(-1, 1)
+        if self.map_label is not None:
+            bias = bias + self.map_label(class_labels)
+        return self.conv(x) + bias[:, :, None, None]
+
+
+@needs_cpp
+@pytest.mark.usefixtures("cpp_on")
+def test_cpp_refuses_a_guide_of_another_task(cpp_dir):
+    """load_guide checks the guide against the main model: another label_dim, sample shape or
+    dtype is one RuntimeError naming both files; the main model still runs afterwards."""
+    from edm_fast.io.export import export_torchscript
+    from edm_fast.precond import Denoiser, EDMPrecond
+
+    def export(name, label_dim=3, shape=(1, 16, 16), dtype=torch.float32):
+        torch.manual_seed(len(name))
+        den = Denoiser(ConvNet(label_dim), EDMPrecond()).to(dtype).eval()
+        return export_torchscript(den, (2, *shape), dtype=dtype, path=cpp_dir / f"{name}.ts")
+
+    sampler = ops.load_sampler(export("conv-main"))
+    cases = [(export("conv-labels", label_dim=0), r"takes label_dim = 0 but the main model"),
+             (export("conv-shape", shape=(1, 8, 8)), r"makes samples of shape \[1, 8, 8\] but "
+                                                     r"the main model"),
+             (export("conv-double", dtype=torch.float64), "exported for Double but the main")]
+    for path, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            sampler.load_guide(path, "auto")
+        assert not sampler.has_guide()
+    assert sampler.denoise(torch.zeros(1, 1, 16, 16), torch.ones(1), torch.zeros(1, 3)).shape \
+        == (1, 1, 16, 16)

@@ -30,7 +30,7 @@ def add_sample_command(sub, formatter) -> None:
                    "only), or with --guide-ckpt autoguidance D_g + w (D - D_g) (1 = the main "
                    "model alone); --guidance-interval limits either to a range of noise levels")
     add_guide_option(p, "it gets the same labels and replaces classifier-free guidance; "
-                     "needs --guidance; every backend but cpp")
+                     "needs --guidance; runs on every backend")
     p.add_argument("--out", default="samples.png",
                    help="grid.png, a folder (one PNG per seed) or file.npz; toy models: a plot. "
                    "Under torchrun every rank writes its own seeds: into the shared folder, or "

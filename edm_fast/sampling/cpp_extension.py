@@ -1,7 +1,8 @@
 """Thin Python side of the C++ extension ``edm_fast._C`` (csrc/): lazy loading and wrappers.
 
 The extension registers ``torch.ops.edm_fast.seed_noise`` (schema in csrc/ops.cpp) and the class
-``torch.classes.edm_fast.Sampler`` (the program executor over an exported denoiser). Nothing here
+``torch.classes.edm_fast.Sampler`` (the program executor over an exported denoiser, and
+optionally an exported autoguidance guide). Nothing here
 is loaded at ``import edm_fast``; the first call of ``cpp_available()`` or of a wrapper loads it.
 
 ``EDM_FAST_DISABLE_CPP=1`` makes ``cpp_available()`` return False (the fallback is the pure
@@ -90,16 +91,24 @@ def program_args(program) -> tuple:
 
 
 def load_sampler(model_path: str | os.PathLike, *, kind: str = "auto",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", guide: str | os.PathLike | None = None,
+                 guide_kind: str = "auto"):
     """Load an exported denoiser into ``torch.classes.edm_fast.Sampler``.
 
     kind: 'aoti' (.pt2 from ``export.export_aoti``), 'torchscript' (``export_torchscript``) or
-    'auto' (by the file suffix). Methods of the returned object:
+    'auto' (by the file suffix). guide: an exported autoguidance guide (Karras et al. 2024,
+    arXiv 2406.02507) of the same task, loaded with ``load_guide(guide, guide_kind)``.
+    Methods of the returned object:
 
     - ``run_program(latents (N, *shape), *program_args(program), noise (K, N, *shape) | None,
       class_labels (N, label_dim) float | None, guidance float | None) -> (N, *shape)``: the
       program (``edm_fast.program``) through the C++ executor (csrc/program_executor.h), with
-      K = program.num_noise and guidance at the evaluations the program flags guided;
+      K = program.num_noise and guidance at the evaluations the program flags guided:
+      classifier-free (one batch of 2N, labels then zero labels), or with a guide loaded
+      autoguidance D_g + w (D - D_g) (Eq. 1; both networks on the N samples, same labels);
+    - ``load_guide(path, kind)``: load the guide (same device; the same dtype, sample shape and
+      label_dim as the model, else a RuntimeError naming what differs); replaces an earlier one;
+    - ``has_guide()``, ``guide_path()`` ('' without a guide);
     - ``sample_seeds(seeds, *program_args(program), class_labels | None, guidance | None)
       -> (N, *shape)``: seed noise (latent, then K draws per seed) and program all in C++, as
       the standalone ``edm_fast_sample`` binary runs them (seeds 0 .. 2^63 - 1, TorchScript
@@ -110,4 +119,8 @@ def load_sampler(model_path: str | os.PathLike, *, kind: str = "auto",
     Calls on one Sampler are serialised by a mutex (thread-safe, not concurrent).
     """
     require_cpp()
-    return torch.classes.edm_fast.Sampler(os.fspath(model_path), kind, str(torch.device(device)))
+    sampler = torch.classes.edm_fast.Sampler(os.fspath(model_path), kind,
+                                             str(torch.device(device)))
+    if guide is not None:
+        sampler.load_guide(os.fspath(guide), guide_kind)
+    return sampler

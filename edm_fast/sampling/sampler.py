@@ -59,8 +59,8 @@ class Sampler:
             same labels (label_dim) as ``model``, and cover the plan's noise levels; it runs in
             ``net_dtype`` too. A conditional guide gets the same labels as the main model and
             replaces the unconditional branch (no classifier-free guidance on top); an
-            unconditional main model can be autoguided. Needs ``guidance``; every backend but
-            'cpp' runs it.
+            unconditional main model can be autoguided. Needs ``guidance``; every backend
+            runs it.
         guidance_interval: (sigma_lo, sigma_hi): guidance only at those noise levels
             (Kynkaanniemi et al. 2024), the plain main D elsewhere (the guide is not evaluated
             there).

@@ -6,7 +6,7 @@ Each backend is a class ``Backend(denoiser, plan, batch_shape, *, dtype, device,
 ``net_dtype`` (None: the network as it is, or torch.float32 / bfloat16 / float16: the network's
 precision, which every backend honours or refuses with an EdmFastError; edm_fast.precision)
 and ``guide`` (autoguidance's guide denoiser, evaluated with the same machinery as the main
-net; every backend but cpp, which refuses it) with ``run(latents (N, ...), churn_noise
+net, on every backend) with ``run(latents (N, ...), churn_noise
 (K, N, ...) | None, class_labels (N, L) | None)`` and a
 ``warmup_seconds`` attribute. ``reference`` (sampling/reference.py) is always available and is the
 ground truth; the others are imported lazily so that a missing compiler, extension or
@@ -103,8 +103,6 @@ def _unsuitable(name: str, device: torch.device, dtype: torch.dtype,
     """Why 'auto' must not pick ``name`` for this job even though it loads, or None."""
     if name in ("onnx", "openvino") and dtype != torch.float32:
         return f"{name}: runs the network in float32, and dtype {dtype} was asked for"
-    if name == "cpp" and guide:
-        return "cpp: its C++ executor runs one network, and autoguidance needs a guide network"
     return None
 
 

@@ -3,8 +3,11 @@
 At construction the denoiser D(x; sigma, labels) is exported once (AOTInductor .pt2 by default,
 or TorchScript) and loaded into ``torch.classes.edm_fast.Sampler``; the export time is reported
 as ``warmup_seconds``. ``run`` then executes ``plan.program`` entirely in C++: registers and
-sigma vectors are preallocated, and classifier-free guidance runs conditional + unconditional as
-one batch of 2N at the evaluations the program flags guided.
+sigma vectors are preallocated, and at the evaluations the program flags guided either
+classifier-free guidance runs conditional + unconditional as one batch of 2N, or, with an
+autoguidance ``guide`` (Karras et al. 2024, arXiv 2406.02507), the guide is exported the same way
+into a second file that the Sampler loads next to the main model, and each guided evaluation runs
+both networks on the N samples with the same labels: D_g + w (D - D_g) (Eq. 1).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import weakref
 import torch
 
 from .. import cpp_extension as ops
-from ...errors import EdmFastError
 from ...io.export import export_aoti, export_torchscript, read_metadata
 from ...guidance import one_hot_labels
 from ...plan import SamplingPlan
@@ -59,8 +61,12 @@ class CppBackend:
         kind: 'aoti' (torch.export + AOTInductor) or 'torchscript' (torch.jit.trace).
         net_dtype: the network's precision inside the export (None: the network's own); an
             exported file passed as the model must already be in it.
-        guide: refused (EdmFastError): the C++ executor runs one network, and autoguidance
-            needs a second one; the reference, compiled, onnx and openvino backends run it.
+        guide: autoguidance's guide denoiser (needs a guidance weight): a module, exported
+            like the main one (same kind, dtype, net_dtype and batch shape, its own label_dim,
+            which must equal the main one's) to ``<model_path without suffix>.guide.pt2``
+            (``.guide.ts`` for kind 'torchscript'), reused under ``reuse_model`` as the main
+            file is; or an ``ExportedDenoiser``, whose file is loaded as it is (exported for
+            the main model's device type and dtype).
     """
 
     name = "cpp"
@@ -69,61 +75,76 @@ class CppBackend:
                  dtype: torch.dtype = torch.float32, device="cpu", label_dim: int | None = None,
                  model_path: str | os.PathLike | None = None, kind: str = "aoti",
                  reuse_model: bool = False, net_dtype=None, guide=None):
-        from ..network_precision import network_in_dtype
-
-        if guide is not None:
-            raise EdmFastError("autoguidance (a guide model) runs on the reference, compiled, "
-                               "onnx and openvino backends; the cpp backend's C++ executor runs "
-                               "one network")
-        ops.require_cpp()
         if kind not in _SUFFIX:
             raise ValueError(f"kind must be 'aoti' or 'torchscript', got {kind!r}")
         denoiser, plan = unwrap_guided(denoiser, plan)
-        denoiser = network_in_dtype(denoiser, net_dtype)
-        self.net_dtype = _net_dtype_name(denoiser)
+        if guide is not None and plan.guidance is None:
+            raise ValueError("a guide model (autoguidance) needs a guidance weight")
+        ops.require_cpp()
         self.plan = plan
         self.batch_shape = tuple(int(n) for n in batch_shape)
         self.dtype, self.device = dtype, torch.device(device)
         self.label_dim = int(denoiser.label_dim if label_dim is None else label_dim)
         self.kind = kind
-        if plan.guidance is not None and self.label_dim <= 0:
-            raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0)")
+        if guide is not None and int(getattr(guide, "label_dim", 0)) != self.label_dim:
+            raise ValueError(f"the guide model takes label_dim="
+                             f"{int(getattr(guide, 'label_dim', 0))} but the main model takes "
+                             f"{self.label_dim}: autoguidance needs a guide of the same task")
+        if plan.guidance is not None and self.label_dim <= 0 and guide is None:
+            raise ValueError("guidance needs a class-conditional denoiser (label_dim > 0), or "
+                             "a guide model (autoguidance)")
         if model_path is None:
             workdir = tempfile.mkdtemp(prefix="edm_fast_cpp_")
             self._cleanup = weakref.finalize(self, shutil.rmtree, workdir, ignore_errors=True)
             model_path = os.path.join(workdir, "denoiser" + _SUFFIX[kind])
         self.model_path = os.fspath(model_path)
 
-        start = time.perf_counter()
-        from ...io.exported import ExportedDenoiser
+        # the guide's file goes next to the main one's (not next to an ExportedDenoiser's file)
+        guide_stem = os.path.splitext(self.model_path)[0] + ".guide"
 
+        start = time.perf_counter()
+        self.model_path, self.kind, self.net_dtype = self._exported(denoiser, self.model_path,
+                                                                    net_dtype, reuse_model)
+        self.sampler = ops.load_sampler(self.model_path, kind=self.kind, device=self.device)
+        self.guide_path = None
+        if guide is not None:
+            self.guide_path, guide_kind, _ = self._exported(
+                guide, guide_stem + _SUFFIX[self.kind], net_dtype, reuse_model)
+            self.sampler.load_guide(self.guide_path, guide_kind)
+        self._program = ops.program_args(plan.program)
+        self.warmup_seconds = time.perf_counter() - start
+
+    def _exported(self, denoiser, path: str, net_dtype, reuse_model: bool):
+        """(path, kind, net dtype name) of the file the C++ runner loads for ``denoiser``: an
+        ``ExportedDenoiser``'s own file, else ``denoiser`` (its network in ``net_dtype``)
+        exported to ``path`` in the backend's kind, or the file already there under
+        ``reuse_model`` when its metadata match."""
+        from ...io.exported import ExportedDenoiser
+        from ..network_precision import network_in_dtype
+
+        denoiser = network_in_dtype(denoiser, net_dtype)
         if isinstance(denoiser, ExportedDenoiser):  # already a file the C++ runner loads
             if denoiser.export_device.type != self.device.type:
                 raise ValueError(f"{denoiser.path} was exported for {denoiser.export_device}, "
                                  f"not {self.device}")
-            self.model_path, self.kind = denoiser.path, denoiser.kind
-            self.sampler = ops.load_sampler(self.model_path, kind=self.kind, device=self.device)
-            self._program = ops.program_args(plan.program)
-            self.warmup_seconds = time.perf_counter() - start
-            return
-        if reuse_model and os.path.exists(self.model_path):
+            return denoiser.path, denoiser.kind, _net_dtype_name(denoiser)
+        net_name = _net_dtype_name(denoiser)
+        if reuse_model and os.path.exists(path):
             from ...io.trusted_exports import check_trusted
 
-            check_trusted(self.model_path)  # a program: reuse only what edm-fast wrote
-        if not (reuse_model and os.path.exists(self.model_path)
-                and self._metadata_matches(read_metadata(self.model_path))):
-            export = export_aoti if kind == "aoti" else export_torchscript
+            check_trusted(path)  # a program: reuse only what edm-fast wrote
+        if not (reuse_model and os.path.exists(path)
+                and self._metadata_matches(read_metadata(path), net_name)):
+            export = export_aoti if self.kind == "aoti" else export_torchscript
             export(denoiser, self.batch_shape, label_dim=self.label_dim, device=self.device,
-                   dtype=dtype, path=self.model_path)
-        self.sampler = ops.load_sampler(self.model_path, kind=kind, device=self.device)
-        self._program = ops.program_args(plan.program)
-        self.warmup_seconds = time.perf_counter() - start
+                   dtype=self.dtype, path=path)
+        return path, self.kind, net_name
 
-    def _metadata_matches(self, meta: dict) -> bool:
+    def _metadata_matches(self, meta: dict, net_dtype: str) -> bool:
         return (meta.get("edm_fast.label_dim") == str(self.label_dim)
                 and meta.get("edm_fast.sample_shape") == ",".join(map(str, self.batch_shape[1:]))
                 and meta.get("edm_fast.dtype") == str(self.dtype).removeprefix("torch.")
-                and meta.get("edm_fast.net_dtype", "float32") == self.net_dtype
+                and meta.get("edm_fast.net_dtype", "float32") == net_dtype
                 and meta.get("edm_fast.device") == self.device.type)
 
     def run(self, latents: torch.Tensor, noise: torch.Tensor | None = None,
