@@ -128,6 +128,14 @@ def test_notebook_runs_on_a_users_data(tmp_path, monkeypatch, source):
         run = out / f"train-{loss}"
         assert _trained_on(run) == (shape, classes, net)
         assert len(list(run.glob("ckpt-*.safetensors"))) == 1
+        # own data on a CPU: the CPU recipe's batch and budget-sized schedule (OWN_PICTURES.md)
+        train_options = json.loads((run / "config.json").read_text())["train"]
+        if resolve_device("auto").type == "cpu":
+            assert train_options["batch"] == 32
+            assert train_options["ema_halflife_kimg"] == pytest.approx(
+                train_options["kimg"] / 10)
+        else:
+            assert train_options["batch"] == 128
     assert any("scoring classifier: accuracy" in text for text in texts)
     assert (out / "quality.png").exists()  # scored by a classifier of this data
     assert (out / "grid.png").exists()  # the sampling cell drew from the fresh nets
