@@ -57,17 +57,24 @@ from edm_fast.sampling.sampler import Sampler
 from edm_fast.train.loop import TrainConfig, train
 
 
+TINY_CHANNELS = 16  # the base channel count of the `tiny` preset (the bundled model's net)
+
+
 def parse_floats(text: str) -> list[float]:
     """'1.2,1.5,2' -> [1.2, 1.5, 2.0] (empty text: [])."""
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def train_guide(out: Path, kimg: float, seed: int, batch: int) -> tuple[float, dict]:
-    """Train (or continue, or reuse) the guide: the bundled model's recipe at ``kimg``;
+def train_guide(out: Path, kimg: float, seed: int, batch: int,
+                channels: int = TINY_CHANNELS) -> tuple[float, dict]:
+    """Train (or continue, or reuse) the guide: the bundled model's recipe at ``kimg``, its
+    net ``tiny`` with ``channels`` base channels (a smaller guide below 16);
     (wall seconds of this call, training summary)."""
+    overrides = {} if channels == TINY_CHANNELS else {"model_channels": channels}
     cfg = TrainConfig(out=str(out), data="digits", preset="tiny", loss="edm", cond=True,
                       label_dropout=0.1, batch=batch, kimg=kimg, seed=seed, progress=False,
-                      sample_every_kimg=0, ckpt_every_kimg=max(kimg / 4, 1), log_every=10)
+                      sample_every_kimg=0, ckpt_every_kimg=max(kimg / 4, 1), log_every=10,
+                      net_overrides=overrides)
     start = time.perf_counter()
     summary = train(cfg, resume=latest_checkpoint(cfg.out) is not None)
     seconds = time.perf_counter() - start
@@ -127,6 +134,10 @@ def main(argv=None) -> int:
     p.add_argument("--guide-kimg", type=float, default=64.0,
                    help="training length of the guide (the bundled model has 256)")
     p.add_argument("--guide-seed", type=int, default=1, help="the guide run's seed")
+    p.add_argument("--guide-channels", type=int, default=TINY_CHANNELS,
+                   help="base channels of the guide's net (the bundled model's `tiny` has 16; "
+                        "8 gives a guide with about a quarter of its parameters, as the paper "
+                        "guides EDM2-S with the smaller XS)"),
     p.add_argument("--batch", type=int, default=128, help="the guide run's batch")
     p.add_argument("--weights", default="1.2,1.5,2",
                    help="guidance weights w for both guidances (1: no guidance)")
@@ -160,18 +171,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
 
-    guide_dir = out / f"guide-{args.guide_kimg:g}kimg"
+    small = "" if args.guide_channels == TINY_CHANNELS else f"-{args.guide_channels}ch"
+    guide_dir = out / f"guide-{args.guide_kimg:g}kimg{small}"
     guide_seconds, guide_summary = train_guide(guide_dir, args.guide_kimg, args.guide_seed,
-                                               args.batch)
+                                               args.batch, args.guide_channels)
     main_model = load_denoiser(args.model)
     guide_model = load_denoiser_checkpoint(guide_dir)
     main_kimg = model_card(main_model).config.get("kimg")
     params = sum(q.numel() for q in main_model.parameters())
+    guide_params = sum(q.numel() for q in guide_model.parameters())
 
     steps = (args.nfe + 1) // 2
     common = dict(solver="heun", num_steps=steps, batch_size=args.sample_batch,
                   device="cpu", backend=args.backend)
-    guide_label = f"guide ({args.guide_kimg:g} kimg)"
+    guide_label = f"guide ({args.guide_kimg:g} kimg, {guide_params:,} params)"
     variants = [("unguided", dict()), (f"{guide_label} alone", dict(model=guide_model))]
     variants += [(f"CFG w={w:g}", dict(guidance=w)) for w in weights if not args.no_cfg]
     variants += [(f"autoguidance w={w:g}", dict(guide=guide_model, guidance=w))
@@ -200,7 +213,8 @@ def main(argv=None) -> int:
     header = (
         f"# Autoguidance on the 16x16 digits\n\n"
         f"Main net: '{args.model}' ({params:,} parameters, {main_kimg} kimg). Guide: the same "
-        f"recipe (tiny, EDM loss, class-conditional, label dropout 0.1) trained "
+        f"recipe (tiny with {args.guide_channels} base channels, {guide_params:,} parameters; "
+        f"EDM loss, class-conditional, label dropout 0.1) trained "
         f"{args.guide_kimg:g} kimg at batch {args.batch}, seed {args.guide_seed} "
         f"({guide_seconds:.0f} s of training in this call). Heun at {args.nfe} NFE "
         f"({steps} steps); guided rows evaluate two networks per step. {args.repeats} x "
