@@ -140,7 +140,10 @@ class CppBackend:
                    dtype=self.dtype, path=path)
         return path, self.kind, net_name
 
-    def _metadata_matches(self, meta: dict, net_dtype: str) -> bool:
+    def _metadata_matches(self, meta: dict, net_dtype: str | None = None) -> bool:
+        """Whether an existing export's metadata fits this backend (the main model's net dtype
+        unless ``net_dtype`` names the guide's)."""
+        net_dtype = self.net_dtype if net_dtype is None else net_dtype
         return (meta.get("edm_fast.label_dim") == str(self.label_dim)
                 and meta.get("edm_fast.sample_shape") == ",".join(map(str, self.batch_shape[1:]))
                 and meta.get("edm_fast.dtype") == str(self.dtype).removeprefix("torch.")
