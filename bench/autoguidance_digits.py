@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from edm_fast.eval.compare import (
     format_table,
     paired_difference,
     reference_row,
+    strict_json,
 )
 from edm_fast.io.checkpoints import latest_checkpoint, load_denoiser_checkpoint
 from edm_fast.io.model_card import model_card
@@ -100,17 +100,6 @@ def score_sampler(name: str, sampler: Sampler, scorer: DigitsScorer, nfe: int, *
     scores = ", ".join(f"{m} {format_score(*row.stat(m))}" for m in scorer.metrics)
     print(f"{name}: {scores} ({row.seconds:.0f} s)", file=sys.stderr, flush=True)
     return row
-
-
-def strict_json(value):
-    """NaN (an SE of one value) -> None, recursively, so the JSON is strict."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def difference_table(rows: list[Row], baseline: Row, metrics) -> str:

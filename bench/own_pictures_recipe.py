@@ -29,13 +29,19 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edm_fast.eval.compare import LabelledDataScorer, compare, format_table, reference_row, runs_for
-from edm_fast.eval.compare import sample_at_nfe
+from edm_fast.eval.compare import (
+    LabelledDataScorer,
+    compare,
+    format_table,
+    reference_row,
+    runs_for,
+    sample_at_nfe,
+)
 from edm_fast.io.checkpoints import list_checkpoints, load_denoiser_checkpoint
 from edm_fast.io.samples import save_grid
 from edm_fast.train.data import load_dataset
@@ -54,7 +60,7 @@ class Recipe:
     kimg: float
     options: tuple[str, ...]
     score_kimg: tuple[float, ...]
-    ckpt_every: float = field(default=0.0)
+    ckpt_every: float = 0.0  # 0: one checkpoint, at the end
 
     def command(self, data: str, out: Path, threads: int) -> list[str]:
         return ["edm-fast", "train", "--data", data, "--kimg", f"{self.kimg:g}",
@@ -104,10 +110,11 @@ def _checkpoint_at(run: Path, kimg: float, batch: int) -> Path:
     """The checkpoint of `run` at `kimg` thousand images (within one batch)."""
     def images(path: Path) -> int:
         return int(path.stem.split("-")[-1]) * batch
-    found = [path for path in list_checkpoints(run) if abs(images(path) - 1000 * kimg) <= batch]
+    kept = list_checkpoints(run)
+    found = [path for path in kept if abs(images(path) - 1000 * kimg) <= batch]
     if not found:
         sys.exit(f"error: {run} has no checkpoint at {kimg:g} kimg (it keeps "
-                 f"{', '.join(p.name for p in list_checkpoints(run))})")
+                 f"{', '.join(p.name for p in kept)})")
     return found[0]
 
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 from torch import nn
 
+from guide_fixtures import perturbed
+
 from edm_fast.sampling import cpp_extension as ops
 from edm_fast.sampling.backends import available_backends
 from edm_fast.guidance import Guidance
@@ -42,14 +44,17 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def perturbed(denoiser, seed: int = 1):
-    """A worse copy of ``denoiser``: weights shrunk by 10% plus N(0, 0.02^2) noise."""
-    guide = copy.deepcopy(denoiser)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in guide.parameters():
-            p.mul_(0.9).add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return guide
+def unconditional_pair():
+    """An unconditional UNet (the digits model's net without labels, random weights), a worse
+    copy as its guide, and the Sampler options of the autoguided runs that compare them."""
+    from edm_fast.nets import build_net
+    from edm_fast.precond import Denoiser, EDMPrecond
+
+    torch.manual_seed(0)
+    main = Denoiser(build_net("tiny", label_dim=0), EDMPrecond()).eval()
+    guide = perturbed(main, seed=2)
+    opts = {"guide": guide, "guidance": 2.0, "num_steps": 3, "batch_size": 2, "device": "cpu"}
+    return main, guide, opts
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +188,7 @@ def test_unconditional_main_is_autoguided_by_an_exact_toy():
 def test_unconditional_network_autoguided_on_onnx():
     """An unconditional UNet (the digits model's net without labels, random weights) and a
     worse copy as guide: the onnx backend agrees with the float64 reference."""
-    from edm_fast.nets import build_net
-    from edm_fast.precond import Denoiser, EDMPrecond
-
-    torch.manual_seed(0)
-    main = Denoiser(build_net("tiny", label_dim=0), EDMPrecond()).eval()
-    guide = perturbed(main, seed=2)
-    opts = {"guide": guide, "guidance": 2.0, "num_steps": 3, "batch_size": 2, "device": "cpu"}
+    main, guide, opts = unconditional_pair()
     ref64 = Sampler(main, dtype=torch.float64, backend="reference", **opts)(SEEDS)
     ref32 = Sampler(main, backend="reference", **opts)(SEEDS)
     out = Sampler(main, backend="onnx", **opts)(SEEDS)
@@ -393,13 +392,7 @@ def test_cpp_backend_autoguides_an_unconditional_network(cpp_dir):
     """An unconditional UNet (no labels input) and a worse copy as guide on the cpp backend,
     against the float64 reference; sample_seeds (the seeds drawn in C++) runs the same
     float32 operations on the same latents and agrees bit for bit."""
-    from edm_fast.nets import build_net
-    from edm_fast.precond import Denoiser, EDMPrecond
-
-    torch.manual_seed(0)
-    main = Denoiser(build_net("tiny", label_dim=0), EDMPrecond()).eval()
-    guide = perturbed(main, seed=2)
-    opts = {"guide": guide, "guidance": 2.0, "num_steps": 3, "batch_size": 2, "device": "cpu"}
+    main, guide, opts = unconditional_pair()
     ref64 = Sampler(main, dtype=torch.float64, backend="reference", **opts)(SEEDS)
     ref32 = Sampler(main, backend="reference", **opts)(SEEDS)
     sampler = Sampler(main, backend="cpp", backend_options=cpp_options(cpp_dir, "uncond"),

@@ -32,6 +32,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
+from guide_fixtures import perturbed
+
 from edm_fast.io.samples import to_uint8
 from edm_fast.sampling.sampler import Sampler
 from edm_fast.serve import Engine, ServeSettings, UvicornLimits, create_app
@@ -476,19 +478,6 @@ def served_npy(engine, settings=None, **body):
         return npy(data), json.loads(server.request(path="/healthz")[2])
     finally:
         server.stop()
-
-
-def perturbed(denoiser, seed: int = 1):
-    """A worse copy of ``denoiser`` (weights shrunk by 10% plus N(0, 0.02^2) noise): a guide of
-    the same task, as tests/test_autoguidance.py makes one."""
-    import copy
-
-    guide = copy.deepcopy(denoiser)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in guide.parameters():
-            p.mul_(0.9).add_(0.02 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return guide
 
 
 def test_bf16_network_answers_equal_the_sampler_in_bf16():

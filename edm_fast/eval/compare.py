@@ -88,6 +88,7 @@ __all__ = [
     "sample_at_nfe",
     "sigma_grid",
     "steps_for_nfe",
+    "strict_json",
     "write_report",
 ]
 
@@ -162,14 +163,14 @@ def check_report_folder(out, prefix: str | None = None) -> Path:
 
 
 
-def _no_nan(value):
+def strict_json(value):
     """NaN -> None, recursively, so the JSON is strict (NaN is not JSON)."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_no_nan(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
@@ -188,5 +189,5 @@ def write_report(rows: Sequence[Row], scorer: Scorer, out, prefix: str, *, refer
     plot_sample_sheet(rows, paths["samples"], mixture=mixture)
     data = {"scorer": scorer.name, "rows": [r.to_json() for r in rows],
             "reference": reference, "notes": notes}
-    paths["json"].write_text(json.dumps(_no_nan(data), indent=1))
+    paths["json"].write_text(json.dumps(strict_json(data), indent=1))
     return paths
