@@ -104,7 +104,9 @@ def new_server(max_batch, steps, ray=False):
             "--steps", str(steps), "--max-batch", str(max_batch), "--timeout", "120"]
     if ray:
         argv += ["--ray", "--replicas", "2", "--replica-cpus", "0.5", "--port", "8765"]
-    return Server(argv)
+    server = Server(argv)
+    server.one_engine = not ray  # behind Ray's proxy, /metrics is one replica's
+    return server
 
 
 def legacy_server(rev, max_batch, steps):
@@ -151,8 +153,8 @@ def load(port, clients, requests, time_limit, seed_base):
 def reference_images(seeds, steps):
     import torch
 
-    from edm_fast.images import to_uint8
-    from edm_fast.sampler import Sampler
+    from edm_fast.io.samples import to_uint8
+    from edm_fast.sampling.sampler import Sampler
 
     torch.set_grad_enabled(False)
     sampler = Sampler("default", num_steps=steps, batch_size=64, device="cpu",
@@ -168,7 +170,12 @@ def run(name, server, clients, args, refs, seed_base):
     from PIL import Image
 
     load(server.port, clients, clients, args.time_limit, 0)  # warm-up, not counted
+    # (seeds, batches) and (seconds, batches) of the engine; None: no Prometheus /metrics of one
+    # engine (the previous server; Ray's replicas)
+    counted = getattr(server, "one_engine", True) and batch_sizes(server.port) is not None
+    before = (batch_sizes(server.port), batch_seconds(server.port)) if counted else None
     records, wall = load(server.port, clients, args.requests, args.time_limit, seed_base)
+    after = (batch_sizes(server.port), batch_seconds(server.port)) if counted else None
     ok = [r for r in records if r[1] == 200]
     mismatch = 0
     for seed, _, data, _ in ok:
@@ -177,20 +184,38 @@ def run(name, server, clients, args, refs, seed_base):
     lat = np.array([r[3] for r in records] or [0.0]) * 1e3
     row = {"server": name, "clients": clients, "ok": len(ok), "sent": len(records),
            "failed": len(records) - len(ok), "mismatch": mismatch, "img_s": len(ok) / wall,
-           "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+           "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+           "mean_batch": None, "busy": None}
+    if counted:  # seeds per batch, and the share of the wall time the engine was sampling
+        seeds, batches = (a - b for a, b in zip(after[0], before[0]))
+        row.update(mean_batch=seeds / max(batches, 1), busy=(after[1][0] - before[1][0]) / wall)
     print(row, flush=True)
     return row
 
 
-def batch_seconds(port) -> tuple[float, float]:
-    """(sum, count) of the server's edm_fast_batch_seconds histogram."""
+def histogram(port, name) -> tuple[float, float] | None:
+    """(sum, count) of one of the server's Prometheus histograms; None where the server has no
+    Prometheus /metrics (the previous server)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    if resp.status != 200 or "text/plain" not in (resp.getheader("Content-Type") or ""):
+        return None
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return values["edm_fast_batch_seconds_sum"], values["edm_fast_batch_seconds_count"]
+    return values[f"{name}_sum"], values[f"{name}_count"]
+
+
+def batch_seconds(port) -> tuple[float, float]:
+    """(sum, count) of the server's edm_fast_batch_seconds histogram."""
+    return histogram(port, "edm_fast_batch_seconds")
+
+
+def batch_sizes(port) -> tuple[float, float] | None:
+    """(seeds, batches) so far, from the edm_fast_batch_size histogram (None: no /metrics)."""
+    return histogram(port, "edm_fast_batch_size")
 
 
 def fairness(server, steps):
@@ -258,11 +283,13 @@ def main(argv=None) -> int:
         rss.append((name, server.rss_start, server.rss_end))
     base = next(r["img_s"] for r in rows if r["server"] == "previous, batching on")
     lines = [("| server | clients | ok / sent | failed | >1 level off | img/s | p50 ms | p99 ms "
-              "| vs previous (32 clients) |"), "|---" * 9 + "|"]
+              "| seeds per batch | engine busy | vs previous (32 clients) |"), "|---" * 11 + "|"]
     for r in rows:
+        per_batch = "–" if r["mean_batch"] is None else f"{r['mean_batch']:.1f}"
+        busy = "–" if r["busy"] is None else f"{r['busy']:.0%}"
         lines.append(f"| {r['server']} | {r['clients']} | {r['ok']} / {r['sent']} | "
                      f"{r['failed']} | {r['mismatch']} | {r['img_s']:.1f} | {r['p50']:.0f} | "
-                     f"{r['p99']:.0f} | {r['img_s'] / base:.2f}x |")
+                     f"{r['p99']:.0f} | {per_batch} | {busy} | {r['img_s'] / base:.2f}x |")
     lines += ["", ("| server | start-up s (load + warm-up) | RSS before MiB | RSS after MiB | "
                    "growth |"), "|---|---|---|---|---|"]
     for (name, before, after), (_, up) in zip(rss, startup):

@@ -575,6 +575,11 @@ def test_auto_engine_on_the_cpu_is_onnx_and_equals_the_sampler():
     pytest.importorskip("onnxruntime")
     engine = Engine("default", device="cpu", backend="auto", batch_sizes=[1, 2, 4])
     assert engine.backend_name == "onnx" and set(engine.eval_seconds) == {1, 2, 4, 8}
+    # ONNX Runtime takes any batch: no padding to a bucket, only to a multiple of 8 above 8
+    assert [engine.rows_for(n) for n in (3, 8, 9, 17, 64)] == [3, 8, 16, 24, 64]
+    engine.backend_name = "compiled"  # static shapes: the next bucket (beyond the last: n)
+    assert [engine.rows_for(n) for n in (1, 3, 4, 5)] == [1, 4, 4, 5]
+    engine.backend_name = "onnx"
     reference = Sampler("default", num_steps=STEPS, batch_size=4, device="cpu",
                         backend="reference")
     seeds, labels = [3, 4, 5], [1, None, 9]

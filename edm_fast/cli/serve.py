@@ -62,7 +62,8 @@ def add_serve_command(sub, formatter) -> None:
     g.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
                    help="how long the oldest request waits for its batch to fill, 0 to 60000")
     g.add_argument("--batch-sizes", default=None, metavar="B1,B2,...",
-                   help="row counts a batch is padded to, each warmed at start-up (default: "
+                   help="row counts warmed at start-up; the compiled backend pads a batch "
+                   "to the next of them, onnx and reference only to a multiple of 8 (default: "
                    "powers of two up to --max-batch)")
     g.add_argument("--max-seeds", type=int, default=256, metavar="N", help="most seeds per request")
     g.add_argument("--max-cost", type=int, default=DEFAULT_MAX_COST, metavar="C",

@@ -111,7 +111,8 @@ class Engine:
         model: a model name or checkpoint path (``models.load_denoiser``), or a denoiser module.
         device: 'auto', 'cpu', 'cuda', 'cuda:1', ...
         backend: one of EVALUATORS ('auto': the first of SERVER_ORDER that builds).
-        batch_sizes: the row counts (buckets) a batch is padded to; each is warmed at start-up.
+        batch_sizes: the row counts (buckets) each warmed at start-up; the compiled
+            evaluator pads a batch to its bucket, the others less (``rows_for``).
         dtype: the sampler state's dtype (float32, or float64).
         net_dtype: the network's precision, as ``Sampler(net_dtype=)`` takes it ('fp32',
             'bf16', 'fp16', 'auto'; None: the network as loaded); EdmFastError (one line) for
@@ -296,13 +297,24 @@ class Engine:
         return self.eval_seconds[2 * b if self.label_dim else b]
 
     # -- sampling -------------------------------------------------------------------------------
+    def rows_for(self, n: int) -> int:
+        """The row count a batch of n seeds runs at. The compiled evaluator has static shapes
+        (a graph per row count), so n is padded to its bucket. ONNX Runtime and eager PyTorch
+        take any batch: n is rounded up to a multiple of 8 only (above 8), which bounds the
+        number of row counts (and ONNX Runtime's bound buffers) without paying for a bucket's
+        padding, e.g. 17 seeds run as 24 rows, not 32."""
+        if self.backend_name == "compiled":
+            return next((b for b in self.batch_sizes if b >= n), n)
+        return n if n <= 8 else -(-n // 8) * 8
+
     @torch.no_grad()
     def sample(self, served: ServedPlan, seeds: list[int],
                labels: list[int | None]) -> torch.Tensor:
-        """(N, *shape) float32 CPU rows for ``seeds`` under the plan, padded to a bucket; per-seed
-        noise (noise.SeedNoise), so a row does not depend on the rest of its batch."""
+        """(N, *shape) float32 CPU rows for ``seeds`` under the plan, padded to ``rows_for(N)``
+        rows; per-seed noise (noise.SeedNoise), so a row does not depend on the rest of its
+        batch."""
         plan, n = served.plan, len(seeds)
-        size = next((b for b in self.batch_sizes if b >= n), n)  # the bucket
+        size = self.rows_for(n)
         stream = SeedNoise(seeds + seeds[:1] * (size - n), self.shape, device=self.device,
                            dtype=self.dtype)
         latents, draws = stream.draw(), stream.draw_many(plan.num_noise)
