@@ -8,6 +8,7 @@ XXL costs no memory.
 
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -508,14 +509,18 @@ def test_official_edm2_hostile_variants_are_refused(tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("bake", [True, False])
 def test_onnx_export_of_tiny_edm2(tmp_path, bake):
     """ONNX Runtime against PyTorch on the export's own check cases (tolerance: the exporter's
-    float32 default, 1e-4 relative)."""
+    float32 default, 1e-4 relative). 'auto' goes straight to the dynamo exporter (the
+    TorchScript one cannot export EDM2's convolutions), without a warning."""
     pytest.importorskip("onnxruntime")
     from edm_fast.io.onnx_export import export_onnx
 
     den = EDM2Denoiser(_tiny()).eval()
     if bake:
         bake_for_inference(den)
-    report = export_onnx(den, tmp_path / "tiny-edm2.onnx", sample_shape=(1, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = export_onnx(den, tmp_path / "tiny-edm2.onnx", sample_shape=(1, 16, 16))
+    assert report.exporter == "dynamo" and report.opset >= 18
     assert report.checks and report.max_rel_err <= report.tolerance
 
 

@@ -35,7 +35,8 @@ down with the ONNX version converter) writes an invalid DhariwalUNet graph (a ``
 opset-18 ``num_outputs`` attribute); the TorchScript exporter emits any opset 13..21 natively,
 needs no onnxscript (absent from the GPU images), and takes 0.2-1 s instead of 4-9 s for the tiny
 nets. It is deprecated upstream, so 'auto' falls back to the dynamo exporter (at opset >= 18,
-with a warning) when it fails or is gone. ``exporter='dynamo'`` asks for it directly.
+with a warning) when it fails or is gone; EDM2 nets, whose convolutions it cannot export, go to
+the dynamo exporter directly. ``exporter='dynamo'`` asks for it directly.
 
 **Check.** With ``check=True`` ONNX Runtime (CPU execution provider unless ``providers`` says
 otherwise) evaluates the file on random inputs at every sigma of ``CHECK_SIGMAS`` and batch
@@ -191,6 +192,16 @@ def _export_dynamo(module, args, path: str, names, opset: int, dynamic_batch: bo
     return opset
 
 
+def _torchscript_exports(module) -> bool:
+    """False for a module holding an EDM2 U-Net: the TorchScript exporter refuses its
+    convolutions ("kernel of unknown shape", baked weights or not), so 'auto'
+    exports it with the dynamo exporter, at opset >= 18, without trying and warning."""
+    from ..nets.edm2 import UNet as EDM2UNet
+
+    modules = module.modules() if isinstance(module, torch.nn.Module) else ()
+    return not any(isinstance(m, EDM2UNet) for m in modules)
+
+
 def _run_exporter(exporter: str, module, args, path, names, opset, dynamic_batch):
     """(exporter used, opset written); 'auto' = TorchScript, dynamo if that fails (but not
     when the file cannot be written: an OSError is raised as it is)."""
@@ -198,6 +209,9 @@ def _run_exporter(exporter: str, module, args, path, names, opset, dynamic_batch
         raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}")
     if exporter == "dynamo":
         return "dynamo", _export_dynamo(module, args, path, names, opset, dynamic_batch)
+    if exporter == "auto" and not _torchscript_exports(module):
+        return "dynamo", _export_dynamo(module, args, path, names, max(opset, DYNAMO_MIN_OPSET),
+                                        dynamic_batch)
     try:
         return "torchscript", _export_torchscript(module, args, path, names, opset,
                                                   dynamic_batch)
@@ -206,8 +220,9 @@ def _run_exporter(exporter: str, module, args, path, names, opset, dynamic_batch
     except Exception as exc:
         if exporter == "torchscript":
             raise
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]  # not the whole graph
         warnings.warn(f"edm-fast: the TorchScript ONNX exporter failed ({type(exc).__name__}: "
-                      f"{exc}); using the dynamo exporter", RuntimeWarning, stacklevel=3)
+                      f"{first_line}); using the dynamo exporter", RuntimeWarning, stacklevel=3)
         return "dynamo", _export_dynamo(module, args, path, names, opset, dynamic_batch)
 
 
