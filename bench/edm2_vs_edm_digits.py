@@ -61,10 +61,12 @@ def _train(name: str, cfg: TrainConfig) -> tuple[float, dict]:
     return seconds, summary
 
 
-def checkpoints(run: Path, batch: int) -> list[tuple[float, Path]]:
-    """(kimg, file) of every checkpoint in a run folder (``ckpt-<step>.safetensors``), in order."""
-    files = sorted(run.glob("ckpt-*.safetensors"))
-    return [(int(f.stem.split("-")[1]) * batch / 1000, f) for f in files]
+def checkpoints(run: Path, batch: int, every: int) -> list[tuple[float, Path]]:
+    """(kimg, file) of the run folder's checkpoints at multiples of ``every`` steps, in order
+    (``ckpt-<step>.safetensors``; one written when a run was interrupted is left out)."""
+    steps = sorted(int(f.stem.split("-")[1]) for f in run.glob("ckpt-*.safetensors"))
+    return [(step * batch / 1000, run / f"ckpt-{step:08d}.safetensors")
+            for step in steps if step % every == 0]
 
 
 def curve_name(net: str, kimg: float) -> str:
@@ -195,9 +197,10 @@ def main(argv=None) -> int:
         models[f"edm2 post-hoc {sigma_rel:.3f}"] = load_denoiser_checkpoint(path)
     params = {name: sum(p.numel() for p in den.model.parameters())
               for name, den in models.items()}
+    every = max(1, round(common["ckpt_every_kimg"] * 1000 / args.batch))  # as train() does
     curve = {} if args.no_curve else {
         (net, kimg): load_denoiser_checkpoint(path)
-        for net in ("edm", "edm2") for kimg, path in checkpoints(out / net, args.batch)[:-1]}
+        for net in ("edm", "edm2") for kimg, path in checkpoints(out / net, args.batch, every)[:-1]}
     models.update({curve_name(net, kimg): den for (net, kimg), den in curve.items()})
 
     scorer = DigitsScorer()
