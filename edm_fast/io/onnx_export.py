@@ -50,6 +50,7 @@ for float32, 1e-2 for float16; measured on the tiny test nets: <= 1.2e-6 and <= 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -185,9 +186,20 @@ def _export_dynamo(module, args, path: str, names, opset: int, dynamic_batch: bo
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         shapes = tuple({0: batch} for _ in args)
-    program = torch.onnx.export(module, args, dynamo=True, input_names=list(names),
-                                output_names=[OUTPUT_NAME], opset_version=opset,
-                                dynamic_shapes=shapes, verbose=False)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    try:  # the exporter's notes that are not about this model: optional torchvision ops, the
+        # axis-name reuse of a shared batch dimension, torch's own pytree deprecation
+        registration.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec",
+                                    category=FutureWarning)
+            program = torch.onnx.export(module, args, dynamo=True, input_names=list(names),
+                                        output_names=[OUTPUT_NAME], opset_version=opset,
+                                        dynamic_shapes=shapes, verbose=False)
+    finally:
+        registration.setLevel(level)
     program.save(path)
     return opset
 
