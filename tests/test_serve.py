@@ -465,6 +465,25 @@ def test_batch_rows_are_capped_by_max_cost():
     assert sizes == [2, 1]
 
 
+def test_serving_shortens_the_gil_switch_interval_and_restores_it(monkeypatch):
+    """While run() serves, the batch worker gets the GIL back quickly between network calls
+    (SWITCH_INTERVAL_S); the process's own interval is back when it returns."""
+    from edm_fast.serve import server as server_module
+    from edm_fast.serve.settings import SWITCH_INTERVAL_S
+
+    seen = []
+
+    class Recorder:
+        def run(self, sockets):
+            seen.append(sys.getswitchinterval())
+
+    monkeypatch.setattr(server_module, "make_server", lambda *args, **kwargs: Recorder())
+    before = sys.getswitchinterval()
+    server_module.run(None, None)
+    assert before > SWITCH_INTERVAL_S and seen == [pytest.approx(SWITCH_INTERVAL_S)]
+    assert sys.getswitchinterval() == pytest.approx(before)
+
+
 #----------------------------------------------------------------------------
 # A reduced-precision network (net_dtype) and autoguidance (a guide model).
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import threading
 
 from ray import serve
 
 from .app import create_app
 from .engine import Engine
-from .settings import ServeSettings
+from .settings import SWITCH_INTERVAL_S, ServeSettings
 
 __all__ = ["EdmFastDeployment", "build", "deployment", "run_ray"]
 
@@ -25,6 +26,7 @@ __all__ = ["EdmFastDeployment", "build", "deployment", "run_ray"]
 @serve.ingress()
 class EdmFastDeployment:
     def __init__(self, engine: dict, settings: ServeSettings):
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # a replica is a serving process (settings)
         self.engine, self.settings = Engine(**engine), settings
 
     def __serve_build_asgi_app__(self):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import socket
 
-from .settings import UvicornLimits
+from .settings import SWITCH_INTERVAL_S, UvicornLimits
 
 __all__ = ["bind", "make_server", "run"]
 
@@ -52,12 +52,17 @@ def make_server(app, limits: UvicornLimits | None = None, log_level: str = "warn
 def run(app, sock: socket.socket, limits: UvicornLimits | None = None,
         log_level: str = "warning") -> None:
     """Serve ``app`` on ``sock`` (``bind``) until SIGINT/SIGTERM, then shut down gracefully and
-    return (uvicorn re-raises the signal it caught: absorbed here, so the exit status is 0)."""
+    return (uvicorn re-raises the signal it caught: absorbed here, so the exit status is 0).
+    Meanwhile the process's GIL switch interval is ``SWITCH_INTERVAL_S``."""
     import signal
+    import sys
 
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))  # see settings.SWITCH_INTERVAL_S
     try:
         make_server(app, limits, log_level).run(sockets=[sock])
     finally:
+        sys.setswitchinterval(interval)
         for s, handler in previous.items():
             signal.signal(s, handler)

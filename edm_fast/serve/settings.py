@@ -11,6 +11,12 @@ from pydantic.dataclasses import dataclass
 from ..solvers import SOLVERS
 from .limits import DEFAULT_MAX_COST, MAX_GUIDANCE, MAX_STEPS
 
+# The batch worker drops the GIL in each network call and needs it back for the step math while
+# the event loop's thread answers requests; with Python's default switch interval (5 ms) each
+# hand-back can wait that long, once per evaluation. A serving process (server.run, a Ray
+# replica) runs with this interval instead.
+SWITCH_INTERVAL_S = 0.0005
+
 __all__ = ["DEFAULT_MAX_COST", "MAX_GUIDANCE", "MAX_STEPS", "ServeSettings", "UvicornLimits",
            "checked"]
 
