@@ -1,6 +1,8 @@
 """Power-function EMA and post-hoc reconstruction (edm_fast.train.phema) against closed forms."""
 
 import math
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -162,19 +164,22 @@ def test_parse_sigma_rels():
 # ------------------------------------------------------------------------------------------
 # Snapshot files and `edm-fast phema`.
 
-def _tracked_run(folder, steps=40, dt=64, every=5):
+def _tracked_run(folder, steps=40, dt=64, every=5, label_dim=0, data=None):
     """A synthetic tiny-edm2 run: weights drifting smoothly plus noise, power EMAs tracked at
-    0.05 and 0.10 (saved every ``every`` steps) and at 0.07 (the reference, not saved)."""
+    0.05 and 0.10 (saved every ``every`` steps) and at 0.07 (the reference, not saved);
+    ``data``: the data name its metadata gives (none by default)."""
     from edm_fast.io.checkpoints import net_spec
     from edm_fast.nets import build_net
     from edm_fast.train.phema_snapshots import save_snapshot
     from edm_fast.precond import EDMPrecond
 
     torch.manual_seed(0)
-    base = build_net("tiny-edm2").state_dict()
+    base = build_net("tiny-edm2", label_dim=label_dim).state_dict()
     direction = {k: torch.randn_like(v) for k, v in base.items()}
-    meta = {"net": net_spec("tiny-edm2", img_resolution=16, img_channels=1),
+    meta = {"net": net_spec("tiny-edm2", img_resolution=16, img_channels=1, label_dim=label_dim),
             "precond": EDMPrecond().config(), "sample_shape": [1, 16, 16]}
+    if data is not None:
+        meta["data"] = {"name": data, "spec": data, "num_classes": label_dim}
     ema = PowerEMA(base, sigma_rels=(0.05, 0.10, 0.07))
     for k in range(1, steps + 1):
         theta = {n: v + math.sin(k / 8) * direction[n] + 0.1 * torch.randn_like(v)
@@ -226,6 +231,8 @@ def test_phema_cli_reconstructs_a_run(tmp_path, capsys):
     (["--ckpt", "{run}", "--sigma-rel", "0.1,0.2", "--out", "{tmp}/one.safetensors"],
      "one file"),
     (["--ckpt", "{run}", "--sigma-rel", "0.1", "--out", "{run}"], "snapshot folder"),
+    (["--ckpt", "{run}", "--sigma-rel", "0.1", "--sweep"], "needs a run on the digits data"),
+    (["--ckpt", "{run}", "--sigma-rel", "0.1", "--sweep", "--sweep-nfe", "4"], "must be odd"),
 ])
 def test_phema_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     from edm_fast.cli.main import main
@@ -239,6 +246,25 @@ def test_phema_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main(["phema", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_phema_sweep_scores_each_reconstruction_and_names_the_lowest_fd(tmp_path, capsys):
+    """--sweep on a digits run (synthetic class-conditional tiny-edm2 weights): a score line per
+    sigma_rel, and the best named is the one of lowest FD."""
+    from edm_fast.cli.main import main
+
+    run = tmp_path / "run"
+    _tracked_run(run, steps=10, every=5, label_dim=10, data="digits")
+    with warnings.catch_warnings():  # 8 samples per set: the FD's small-sample-bias warning
+        warnings.simplefilter("ignore")
+        assert main(["phema", "--ckpt", str(run), "--sigma-rel", "0.05,0.1", "--out",
+                     str(tmp_path / "out"), "--sweep", "--sweep-samples", "8",
+                     "--sweep-repeats", "1", "--sweep-nfe", "3"]) == 0
+    out = capsys.readouterr().out
+    fds = {float(s): float(fd) for s, fd in re.findall(r"sigma_rel (\S+): FD (\S+),", out)}
+    best = float(re.search(r"best sigma_rel \(lowest FD\): (\S+)", out).group(1))
+    assert set(fds) == {0.05, 0.1} and all(math.isfinite(v) for v in fds.values())
+    assert fds[best] == min(fds.values())
 
 
 def test_phema_reads_nvlabs_raw_snapshots(tmp_path, monkeypatch):
