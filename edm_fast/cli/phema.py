@@ -77,11 +77,17 @@ def cmd_phema(args) -> int:
     for sigma_rel, path in zip(sigma_rels, paths):
         print(f"sigma_rel {sigma_rel:.3f} -> {path}")
     if args.sweep:
+        import sys
+
         from ..eval.compare import format_score
         from ..eval.phema_sweep import sweep_sigma_rel
 
+        def progress(line):  # one line per sigma_rel as it is scored (minutes each on a CPU)
+            print(line, file=sys.stderr, flush=True)
+
         rows, best = sweep_sigma_rel(paths, sigma_rels, samples=args.sweep_samples,
-                                     repeats=args.sweep_repeats, nfe=args.sweep_nfe, log=None)
+                                     repeats=args.sweep_repeats, nfe=args.sweep_nfe,
+                                     log=progress)
         for sigma_rel, row in zip(sigma_rels, rows):
             print(f"sigma_rel {sigma_rel:.3f}: FD {format_score(*row.stat('fd'))}, accuracy "
                   f"{format_score(*row.stat('acc'))}")
