@@ -72,6 +72,13 @@ def cmd_phema(args) -> int:
         files = list_snapshots(args.ckpt, sigma_rels=in_sigma_rels)
         exact = [s.nimg for s in files if s.nimg // 1000 == args.kimg]
         nimg = max(exact) if exact else kimg_to_nimg(args.kimg)
+    if args.sweep:  # refused before reconstructing, from the first snapshot's metadata
+        from ..eval.phema_sweep import require_digits
+        from ..io.checkpoints import read_checkpoint
+
+        first = list_snapshots(args.ckpt, sigma_rels=in_sigma_rels)[0]  # (none: it raises)
+        meta = {} if first.official else read_checkpoint(first.path, prefixes=("\0",))[1]
+        require_digits((meta.get("data") or {}).get("name"))
     paths = reconstruct_snapshots(args.ckpt, sigma_rels, args.out, nimg=nimg,
                                   in_sigma_rels=in_sigma_rels, dtype=getattr(torch, args.dtype))
     for sigma_rel, path in zip(sigma_rels, paths):

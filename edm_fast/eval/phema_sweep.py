@@ -19,7 +19,15 @@ from .compare import compare, runs_for
 from .comparison_rows import Row
 from .scorers import DigitsScorer
 
-__all__ = ["sweep_sigma_rel"]
+__all__ = ["require_digits", "sweep_sigma_rel"]
+
+
+def require_digits(data_name: str | None) -> None:
+    """EdmFastError (one line) unless a run's data (its metadata's data name) is the digits."""
+    if data_name != "digits":
+        raise EdmFastError(f"--sweep scores with the digits classifier (feature FD, accuracy), "
+                           f"so it needs a run on the digits data; this run's data is "
+                           f"{data_name!r}")
 
 
 def sweep_sigma_rel(paths: Sequence, sigma_rels: Sequence[float], *, samples: int = 200,
@@ -36,10 +44,7 @@ def sweep_sigma_rel(paths: Sequence, sigma_rels: Sequence[float], *, samples: in
     models = {f"sigma_rel {s:.3f}": load_denoiser_checkpoint(p)
               for s, p in zip(sigma_rels, paths)}
     card = model_card(next(iter(models.values())))
-    data = (card.config.get("data") or {}).get("name")
-    if data != "digits":
-        raise EdmFastError(f"--sweep scores with the digits classifier (feature FD, accuracy), "
-                           f"so it needs a run on the digits data; this run's data is {data!r}")
+    require_digits((card.config.get("data") or {}).get("name"))
     scorer = DigitsScorer(resolution=int(card.sample_shape[-1]))
     runs = [spec for name in models for spec in runs_for(name, "edm_heun", [nfe])]
     rows = compare(models, runs, scorer, samples=samples, repeats=repeats, log=log)
