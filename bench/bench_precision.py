@@ -208,6 +208,17 @@ def bench_forward(args) -> str:
 # ------------------------------------------------------------------------------------------
 # Quality on the bundled digits model.
 
+def score_seed_sets(scorer, x, labels, n: int, sets: int) -> tuple[list[float], list[float]]:
+    """(FD per seed set, accuracy per seed set) of ``sets`` consecutive sets of ``n`` samples."""
+    fd, acc = [], []
+    for r in range(sets):
+        part = slice(r * n, (r + 1) * n)
+        score = scorer(x[part], labels[part], r)
+        fd.append(score["fd"])
+        acc.append(score["acc"])
+    return fd, acc
+
+
 def bench_quality(args) -> str:
     from edm_fast.eval.compare import DigitsScorer
     from edm_fast.eval.metrics import mean_and_se
@@ -230,12 +241,7 @@ def bench_quality(args) -> str:
         start = time.perf_counter()
         sampler = _sampler(den, model_shape(den), n, backend, net_dtype)
         x = sampler(seeds=seeds, class_labels=labels)
-        fd, acc = [], []
-        for r in range(sets):
-            sl = slice(r * n, (r + 1) * n)
-            score = scorer(x[sl], labels[sl], r)
-            fd.append(score["fd"])
-            acc.append(score["acc"])
+        fd, acc = score_seed_sets(scorer, x, labels, n, sets)
         if ref is None:
             ref = x
         per_image = (x - ref).abs().flatten(1).amax(1)

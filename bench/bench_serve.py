@@ -172,8 +172,9 @@ def run(name, server, clients, args, refs, seed_base):
     load(server.port, clients, clients, args.time_limit, 0)  # warm-up, not counted
     # (seeds, batches) and (seconds, batches) of the engine; None: no Prometheus /metrics of one
     # engine (the previous server; Ray's replicas)
-    counted = getattr(server, "one_engine", True) and batch_sizes(server.port) is not None
-    before = (batch_sizes(server.port), batch_seconds(server.port)) if counted else None
+    sizes = batch_sizes(server.port) if getattr(server, "one_engine", True) else None
+    counted = sizes is not None
+    before = (sizes, batch_seconds(server.port)) if counted else None
     records, wall = load(server.port, clients, args.requests, args.time_limit, seed_base)
     after = (batch_sizes(server.port), batch_seconds(server.port)) if counted else None
     ok = [r for r in records if r[1] == 200]

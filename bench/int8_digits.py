@@ -64,8 +64,10 @@ from edm_fast.sampling.backends.onnx import OrtEvaluator
 from edm_fast.sampling.sampler import Sampler, model_shape
 
 try:
+    from bench.bench_precision import score_seed_sets
     from bench.results import append_results, command_line
 except ImportError:
+    from bench_precision import score_seed_sets
     from results import append_results, command_line
 
 CPU = torch.device("cpu")
@@ -287,12 +289,7 @@ def quality(den: Denoiser, engines: dict, args) -> tuple[str, dict]:
         start = time.perf_counter()
         with torch.no_grad():
             x = sampler_for(model, n)(seeds=seeds, class_labels=labels)
-        fd, acc = [], []
-        for r in range(sets):
-            sl = slice(r * n, (r + 1) * n)
-            score = scorer(x[sl], labels[sl], r)
-            fd.append(score["fd"])
-            acc.append(score["acc"])
+        fd, acc = score_seed_sets(scorer, x, labels, n, sets)
         (fd_m, fd_se), (acc_m, acc_se) = mean_and_se(fd), mean_and_se(acc)
         if ref is None:
             ref = (x, fd_m, fd_se, acc_m)
